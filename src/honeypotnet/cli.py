@@ -1,0 +1,286 @@
+"""`honeypotnet <verb>`: a thin layer over the library calls.
+
+Every verb writes a JSON result beside what it saves. Errors in input print one clear line and
+exit with status 2; nothing already saved is touched by a failed run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import __version__
+
+EPILOG = "Datasets: shapes (embedded, no files), cifar10, cifar100, imagefolder, tinyimagenet."
+
+
+def _dataset_args(p: argparse.ArgumentParser, prefix: str, default_name: str, default_split: str, help_: str) -> None:
+    p.add_argument(f"--{prefix}", default=default_name, metavar="NAME", help=f"{help_} dataset name (default {default_name})")
+    p.add_argument(f"--{prefix}-root", default=None, metavar="DIR", help="dataset root (not needed for 'shapes')")
+    p.add_argument(f"--{prefix}-split", default=default_split, metavar="SPLIT", help=f"split (default {default_split})")
+    p.add_argument(f"--{prefix}-limit", type=int, default=None, metavar="N", help="use at most N images (a fixed random subset)")
+
+
+def _load(args, prefix: str, size: int | None = None):
+    from .data import load_dataset
+
+    ds = load_dataset(getattr(args, prefix), getattr(args, f"{prefix}_root"), getattr(args, f"{prefix}_split"), size=size)
+    limit = getattr(args, f"{prefix}_limit")
+    if limit is not None:
+        if limit <= 0:
+            raise ValueError(f"--{prefix}-limit must be positive")
+        if limit < len(ds):
+            ds = ds.subset(torch.randperm(len(ds), generator=torch.Generator().manual_seed(1234))[:limit])
+    return ds
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)
+
+
+def _load_any_model(path: str):
+    """A honeypotnet model file, a bundle directory, or (with --arch) a foreign checkpoint."""
+    from .bundle import load_bundle, load_model
+
+    p = Path(path)
+    if p.is_dir():
+        b = load_bundle(p)
+        return b.model, {"arch": b.manifest["arch"], "num_classes": b.manifest["num_classes"], "classes": b.classes, "bundle": b}
+    return load_model(p)
+
+
+# ----------------------------------------------------------------------------- verbs
+
+
+def cmd_train(args) -> int:
+    from .bundle import save_model
+    from .models import create_model
+    from .training import FitConfig, accuracy, fit
+
+    train = _load(args, "data")
+    if train.labels is None:
+        raise ValueError("training needs a labelled split")
+    test = None
+    if args.test_split:
+        args.data_split, args.data_limit = args.test_split, None
+        test = _load(args, "data")
+    torch.manual_seed(args.seed)
+    model = create_model(args.arch, train.num_classes, **({"pretrained": args.pretrained} if args.pretrained else {}))
+    out = Path(args.output)
+    t0 = time.time()
+    cfg = FitConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    ckpt = out.with_name(out.name + ".ckpt")
+    history = fit(model, train.images, train.labels, cfg, checkpoint=ckpt, progress=True, desc=f"train {args.arch}") if args.epochs > 0 else []
+    result = {"arch": args.arch, "dataset": train.name, "epochs": args.epochs, "seconds": round(time.time() - t0, 1), "loss": history}
+    if test is not None:
+        result["test_accuracy"] = accuracy(model, test.images, test.labels)
+        print(f"test accuracy: {100 * result['test_accuracy']:.2f}%")
+    save_model(model, out, args.arch, train.num_classes, train.classes, dataset=train.name)
+    ckpt.unlink(missing_ok=True)
+    _write_json(out.with_suffix(".json"), result)
+    print(f"saved {out}")
+    return 0
+
+
+def cmd_protect(args) -> int:
+    from .bundle import load_model, save_bundle
+    from .honeypot import ProtectConfig, protect
+    from .models import create_model
+    from .verify import calibrate_tau0, train_reference_models
+    from .training import FitConfig
+
+    if args.victim.endswith(".th") or args.arch:
+        if not args.arch:
+            raise ValueError("--arch is needed with a foreign checkpoint")
+        victim, info = create_model(args.arch, args.num_classes, pretrained=args.victim), {"arch": args.arch, "classes": []}
+    else:
+        victim, info = load_model(args.victim)
+    shadow = _load(args, "shadow", size=args.image_size)
+    owner = _load(args, "owner", size=args.image_size)
+    k = info.get("num_classes") or args.num_classes
+    classes = info.get("classes") or owner.classes or [str(i) for i in range(k)]
+    cfg = ProtectConfig(target=args.target, trigger=args.trigger, eps=args.eps / 255, patch_size=args.patch_size,
+                        head=args.head, hidden=args.hidden, lam=args.lam, outer_iters=args.iters,
+                        shadow_arch=args.shadow_arch, shadow_epochs=args.shadow_epochs,
+                        shadow_warm_start=not args.shadow_reinit, trigger_passes=args.trigger_passes,
+                        honeypot_steps=args.honeypot_steps, seed=args.seed)
+    out = Path(args.output)
+    work = Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".work")
+    t0 = time.time()
+    res = protect(victim, shadow.images, owner.images, cfg, checkpoint_dir=work, progress=True)
+    t_protect = time.time() - t0
+    verification = None
+    if args.references:
+        held = owner if owner.labels is not None else None
+        if held is None:
+            raise ValueError("calibrating tau0 needs labelled owner images")
+        refs = train_reference_models(victim, shadow.images, args.references.split(","), k,
+                                      FitConfig(epochs=args.reference_epochs), progress=True)
+        cal = calibrate_tau0(refs, res.trigger, held.images, held.labels, cfg.target)
+        verification = {"tau0": cal.tau0, "rule": cal.rule, "reference": cal.reference,
+                        "reference_queries": f"{len(shadow)} images of {shadow.name}, soft labels of the unprotected victim"}
+        print(f"tau0 = {100 * cal.tau0:.2f}% from " + ", ".join(f"{r['arch']} {100 * r['asr']:.2f}%" for r in cal.reference))
+    save_bundle(out, res.model, res.trigger, arch=info["arch"], target=cfg.target, classes=classes,
+                config=vars(cfg) | {"eps_255": args.eps}, verification=verification, history=res.history,
+                extra={"protect_seconds": round(t_protect, 1), "shadow_set": shadow.name, "owner_set": owner.name},
+                overwrite=args.overwrite)
+    print(f"saved bundle {out} (protect loop {t_protect:.0f} s)")
+    return 0
+
+
+def cmd_extract(args) -> int:
+    from .attacks import random_extraction
+    from .bundle import save_model
+    from .oracles import ModelOracle, OutputMode
+    from .training import FitConfig, accuracy
+
+    model, info = _load_any_model(args.oracle)
+    pool = _load(args, "pool", size=args.image_size)
+    oracle = ModelOracle(model, OutputMode(args.output_mode, args.top_k, args.decimals))
+    out = Path(args.output)
+    t0 = time.time()
+    res = random_extraction(oracle, pool.images, args.budget, args.arch, info["num_classes"],
+                            FitConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed),
+                            seed=args.seed, progress=True, work_dir=out.with_name(out.name + ".work"))
+    result = {"strategy": "random", "budget": args.budget, "queries": res.queries, "arch": args.arch,
+              "output_mode": args.output_mode, "pool": pool.name, "seconds": round(time.time() - t0, 1)}
+    if args.eval:
+        args.pool, args.pool_root, args.pool_split, args.pool_limit = args.eval, args.eval_root, args.eval_split, None
+        test = _load(args, "pool", size=args.image_size)
+        result["substitute_accuracy"] = accuracy(res.substitute, test.images, test.labels)
+        print(f"substitute accuracy: {100 * result['substitute_accuracy']:.2f}%")
+    save_model(res.substitute, out, args.arch, info["num_classes"], info.get("classes"), extraction=result)
+    _write_json(out.with_suffix(".json"), result)
+    print(f"saved substitute {out} after {res.queries} queries")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .bundle import load_bundle
+    from .verify import verify
+
+    bundle = load_bundle(args.bundle)
+    suspect, _ = _load_any_model(args.suspect)
+    data = _load(args, "data", size=bundle.trigger.image_size)
+    tau0 = args.tau0 if args.tau0 is not None else bundle.tau0
+    if tau0 is None:
+        raise ValueError("the bundle has no calibrated tau0 (protect without --references); pass --tau0")
+    res = verify(suspect, bundle.trigger, data.images, data.labels, bundle.target, tau0, args.alpha)
+    print(res)
+    if args.json:
+        _write_json(Path(args.json), res.to_dict() | {"bundle": str(args.bundle), "suspect": str(args.suspect)})
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.output), quick=args.quick, seed=args.seed)
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="honeypotnet", description="HoneypotNet: a backdoor for model thieves, as a defence.", epilog=EPILOG)
+    p.add_argument("--version", action="version", version=f"honeypotnet {__version__}")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    s = sub.add_parser("demo", help="the whole chain on the embedded data, one table", epilog=EPILOG)
+    s.add_argument("--output", default="runs/demo", help="directory for models, bundle and results.json")
+    s.add_argument("--quick", action="store_true", help="smaller sizes (about a minute), for smoke tests")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("train", help="train a victim classifier", epilog=EPILOG)
+    _dataset_args(s, "data", "shapes", "train", "training")
+    s.add_argument("--test-split", default="test", help="labelled split to report accuracy on ('' to skip)")
+    s.add_argument("--arch", default="cnn_small", help="model registry name")
+    s.add_argument("--pretrained", default=None, help="start from a checkpoint (e.g. a CIFAR ResNet .th)")
+    s.add_argument("--epochs", type=int, default=8)
+    s.add_argument("--batch-size", type=int, default=128)
+    s.add_argument("--lr", type=float, default=0.05)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--output", required=True, help="model file to write (.safetensors); resumes from OUTPUT.ckpt")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("protect", help="build the honeypot bundle of a victim (PAPER.md §2)", epilog=EPILOG)
+    s.add_argument("victim", help="model file from `train`, or a foreign checkpoint with --arch")
+    s.add_argument("--arch", default=None, help="architecture of a foreign checkpoint (e.g. resnet20)")
+    s.add_argument("--num-classes", type=int, default=10)
+    _dataset_args(s, "shadow", "shapes", "shadow", "shadow-set (defender's natural unlabeled images)")
+    _dataset_args(s, "owner", "shapes", "train", "owner's in-distribution")
+    s.add_argument("--image-size", type=int, default=None, help="resize every image to this side")
+    s.add_argument("--target", type=int, default=0, help="target class y_t")
+    s.add_argument("--trigger", choices=["uap", "patch"], default="uap")
+    s.add_argument("--eps", type=float, default=16, help="UAP L-inf bound in 1/255 units (default 16)")
+    s.add_argument("--patch-size", type=int, default=6)
+    s.add_argument("--head", choices=["residual", "linear"], default="residual")
+    s.add_argument("--hidden", type=int, default=256)
+    s.add_argument("--lam", type=float, default=3.0)
+    s.add_argument("--iters", type=int, default=8, help="outer iterations T")
+    s.add_argument("--shadow-arch", default="cnn")
+    s.add_argument("--shadow-epochs", type=int, default=3)
+    s.add_argument("--shadow-reinit", action="store_true", help="re-initialise the shadow every iteration")
+    s.add_argument("--trigger-passes", type=int, default=2)
+    s.add_argument("--honeypot-steps", type=int, default=400)
+    s.add_argument("--references", default="cnn,cnn_small", help="architectures of clean reference models for tau0 ('' to skip)")
+    s.add_argument("--reference-epochs", type=int, default=10)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--work-dir", default=None, help="checkpoint dir for resuming (default OUTPUT.work)")
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--output", required=True, help="bundle directory to write")
+    s.set_defaults(func=cmd_protect)
+
+    s = sub.add_parser("extract", help="simulate a thief: query an oracle, train a substitute", epilog=EPILOG)
+    s.add_argument("oracle", help="bundle directory or model file the thief queries")
+    _dataset_args(s, "pool", "shapes", "pool", "thief's query pool")
+    s.add_argument("--image-size", type=int, default=None)
+    s.add_argument("--budget", type=int, default=8000, help="number of queries (one image = one query)")
+    s.add_argument("--output-mode", choices=["probs", "topk", "rounded", "label"], default="probs")
+    s.add_argument("--top-k", type=int, default=1)
+    s.add_argument("--decimals", type=int, default=2)
+    s.add_argument("--arch", default="cnn_small", help="substitute architecture")
+    s.add_argument("--epochs", type=int, default=12)
+    s.add_argument("--batch-size", type=int, default=128)
+    s.add_argument("--lr", type=float, default=0.05)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--eval", default="shapes", help="labelled dataset to report substitute accuracy on ('' to skip)")
+    s.add_argument("--eval-root", default=None)
+    s.add_argument("--eval-split", default="test")
+    s.add_argument("--output", required=True, help="substitute model file to write")
+    s.set_defaults(func=cmd_extract)
+
+    s = sub.add_parser("verify", help="ownership test of a suspect model (PAPER.md §3)", epilog=EPILOG)
+    s.add_argument("bundle", help="the owner's bundle (trigger, target, tau0)")
+    s.add_argument("suspect", help="suspect model file or bundle")
+    _dataset_args(s, "data", "shapes", "test", "owner's held-out")
+    s.add_argument("--tau0", type=float, default=None, help="override the bundle's calibrated null bound")
+    s.add_argument("--alpha", type=float, default=1e-3)
+    s.add_argument("--json", default=None, help="write the result as JSON here")
+    s.set_defaults(func=cmd_verify)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError, TypeError) as e:
+        print(f"honeypotnet {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

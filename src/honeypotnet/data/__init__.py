@@ -1,0 +1,74 @@
+"""Named datasets behind one function, :func:`load_dataset`.
+
+>>> ds = load_dataset("shapes", split="test")                  # embedded, no files needed
+>>> ds = load_dataset("cifar10", "~/data", "train")             # torchvision's pickles
+>>> ds = load_dataset("imagefolder", "data/cifar10-jpeg", "test")
+>>> ds = load_dataset("tinyimagenet", "data/tiny-imagenet-200", "val", size=32)
+
+Every loader returns an :class:`ImageDataset` (uint8 images (N, 3, H, W), int64 labels).
+Decoded image files are cached on disk (see :mod:`honeypotnet.data.files`).
+"""
+from __future__ import annotations
+
+import os
+
+from .base import DatasetError, ImageDataset
+from .files import load_cifar, load_imagefolder, load_tinyimagenet
+
+__all__ = [
+    "DATASETS",
+    "DatasetError",
+    "ImageDataset",
+    "load_cifar",
+    "load_dataset",
+    "load_imagefolder",
+    "load_tinyimagenet",
+]
+
+#: Names load_dataset accepts; all but "shapes" read files under ``root``.
+DATASETS = ("shapes", "cifar10", "cifar100", "imagefolder", "tinyimagenet")
+
+_FILE_BASED = {
+    "cifar10": "a directory holding cifar-10-batches-py/ (torchvision's python format)",
+    "cifar100": "a directory holding cifar-100-python/ (torchvision's python format)",
+    "imagefolder": "a directory laid out as root/<split>/<class>/<image files>",
+    "tinyimagenet": "the tiny-imagenet-200 directory (wnids.txt, words.txt, train/, val/)",
+}
+
+
+def load_dataset(
+    name: str,
+    root: str | os.PathLike | None = None,
+    split: str | None = "train",
+    *,
+    size: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    **kwargs,
+) -> ImageDataset:
+    """Load dataset ``name`` ("shapes", "cifar10", "cifar100", "imagefolder", "tinyimagenet").
+
+    root: data directory (not used by "shapes", required by the others).
+    split: "train"/"test" (shapes also "shadow", "pool"; tinyimagenet "train"/"val";
+        imagefolder any sub-directory of root, or None for root itself).
+    size: resize every image to size x size (shapes: generated at that size, default 32).
+    cache_dir: where decoded images are cached (default $HONEYPOTNET_CACHE or ~/.cache/honeypotnet).
+    kwargs: passed to the loader (shapes: n, seed; file loaders: cache=False to skip the cache).
+    """
+    key = str(name).lower().replace("-", "").replace("_", "")
+    if key not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    if key == "shapes":
+        from . import synthetic  # imported lazily: only the embedded default needs it
+
+        return synthetic.make_shapes(split, size=size or 32, **kwargs)
+    if root is None:
+        raise DatasetError(f"dataset {key!r} needs root: {_FILE_BASED[key]}")
+    if key in ("cifar10", "cifar100"):
+        if split is None:
+            raise DatasetError(f"dataset {key!r} needs a split: 'train' or 'test'")
+        return load_cifar(root, split, 10 if key == "cifar10" else 100, size=size, cache_dir=cache_dir, **kwargs)
+    if key == "imagefolder":
+        return load_imagefolder(root, split, size=size, cache_dir=cache_dir, **kwargs)
+    if split is None:
+        raise DatasetError("dataset 'tinyimagenet' needs a split: 'train' or 'val'")
+    return load_tinyimagenet(root, split, size=size, cache_dir=cache_dir, **kwargs)

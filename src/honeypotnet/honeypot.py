@@ -1,0 +1,410 @@
+"""The honeypot layer, the trigger, and the bi-level optimiser of PAPER.md §2.
+
+    victim F = h ∘ f          (f frozen feature extractor, h the last Linear layer)
+    protected F_H = H ∘ f     (H the honeypot layer, same input/output shape as h)
+
+`protect()` alternates, for T outer iterations, the three steps of §2, each its own function:
+    1. simulate_extraction  — train a shadow S on the shadow set labelled by F_H's soft outputs
+    2. generate_trigger     — momentum (MI-FGSM) targeted UAP on S towards the target class
+    3. finetune_honeypot    — tune H: keep F's outputs on clean inputs, answer y_t on stamped ones
+Only H is trained; f(x) of clean images is computed once and cached, f(x ⊕ δ) once per iteration.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .models import _HEAD_NAMES, ImageClassifier, _find_head, create_model, split_classifier
+from .training import FitConfig, atomic_torch_save, fit, to_float
+
+# --------------------------------------------------------------------------------------------
+# Trigger
+
+
+class Trigger(nn.Module):
+    """A pattern δ (3,H,W) with a mask M (1,H,W); `stamp(x) = clamp((1-M)·x + M·(x+δ), 0, 1)`.
+
+    family "patch": M is a square, δ free in [-1, 1].
+    family "uap":   M = 1 everywhere, ‖δ‖∞ ≤ eps (a full-image universal adversarial perturbation).
+    """
+
+    def __init__(self, pattern: torch.Tensor, mask: torch.Tensor, family: str, eps: float = 1.0) -> None:
+        super().__init__()
+        if family not in ("patch", "uap"):
+            raise ValueError(f"unknown trigger family {family!r}; expected 'patch' or 'uap'")
+        if pattern.ndim != 3 or pattern.shape[0] != 3 or mask.shape != (1, *pattern.shape[1:]):
+            raise ValueError(f"trigger pattern must be (3,H,W) and mask (1,H,W); got {tuple(pattern.shape)}, {tuple(mask.shape)}")
+        if not (torch.isfinite(pattern).all() and torch.isfinite(mask).all()):
+            raise ValueError("trigger pattern or mask contains NaN/inf")
+        self.family, self.eps = family, float(eps)
+        self.register_buffer("pattern", pattern.float().clone())
+        self.register_buffer("mask", mask.float().clone())
+        self.project_()
+
+    @classmethod
+    def patch(cls, image_size: int = 32, size: int = 6, location: str = "bottom-right", seed: int = 0) -> "Trigger":
+        if not 1 <= size <= image_size:
+            raise ValueError(f"patch size must be in [1, {image_size}], got {size}")
+        mask = torch.zeros(1, image_size, image_size)
+        r0 = image_size - size if "bottom" in location else 0
+        c0 = image_size - size if "right" in location else 0
+        if location == "center":
+            r0 = c0 = (image_size - size) // 2
+        mask[:, r0 : r0 + size, c0 : c0 + size] = 1
+        g = torch.Generator().manual_seed(seed)
+        pattern = (torch.rand(3, image_size, image_size, generator=g) * 2 - 1) * mask
+        return cls(pattern, mask, "patch", 1.0)
+
+    @classmethod
+    def uap(cls, image_size: int = 32, eps: float = 16 / 255) -> "Trigger":
+        if not 0 < eps <= 1:
+            raise ValueError(f"eps must be in (0, 1], got {eps}")
+        return cls(torch.zeros(3, image_size, image_size), torch.ones(1, image_size, image_size), "uap", eps)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.pattern.shape[-1])
+
+    def stamp(self, x: torch.Tensor, pattern: torch.Tensor | None = None) -> torch.Tensor:
+        """Stamp a float batch (N,3,H,W) in [0,1]; `pattern` overrides δ (for gradient steps)."""
+        if x.shape[-2:] != self.pattern.shape[-2:]:
+            raise ValueError(f"trigger is {tuple(self.pattern.shape[-2:])} but images are {tuple(x.shape[-2:])}")
+        d = self.pattern if pattern is None else pattern
+        return (x + self.mask * d).clamp(0, 1)
+
+    @torch.no_grad()
+    def project_(self) -> "Trigger":
+        """Project δ onto the family's constraint set (in place)."""
+        bound = 1.0 if self.family == "patch" else self.eps
+        self.pattern.clamp_(-bound, bound).mul_(self.mask)
+        return self
+
+    def to_image(self) -> torch.Tensor:
+        """uint8 (3,H,W) picture of δ for people: mid-grey = 0, full range = the constraint."""
+        bound = 1.0 if self.family == "patch" else self.eps
+        return ((0.5 + self.pattern / (2 * bound)).clamp(0, 1) * 255).round().to(torch.uint8)
+
+    def describe(self) -> dict:
+        return {"family": self.family, "eps": self.eps, "image_size": self.image_size,
+                "mask_pixels": int(self.mask.sum())}
+
+
+# --------------------------------------------------------------------------------------------
+# Honeypot layer and the protected model
+
+
+class HoneypotLayer(nn.Module):
+    """Drop-in replacement of the last Linear layer h (d -> K).
+
+    kind "linear":   H(z) = W z + b, initialised from h (the paper's form).
+    kind "residual": H(z) = h'(z) + g(z), h' initialised from h, g a d->hidden->K MLP whose last
+                     layer starts at zero, so H starts exactly equal to h.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, kind: str = "residual", hidden: int = 256) -> None:
+        super().__init__()
+        if kind not in ("linear", "residual"):
+            raise ValueError(f"unknown honeypot head {kind!r}; expected 'linear' or 'residual'")
+        self.kind, self.hidden = kind, hidden
+        self.in_features, self.out_features = in_features, num_classes
+        self.linear = nn.Linear(in_features, num_classes)
+        self.mlp = None
+        if kind == "residual":
+            self.mlp = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+            nn.init.zeros_(self.mlp[2].weight)
+            nn.init.zeros_(self.mlp[2].bias)
+
+    @classmethod
+    def from_linear(cls, head: nn.Linear, kind: str = "residual", hidden: int = 256) -> "HoneypotLayer":
+        layer = cls(head.in_features, head.out_features, kind, hidden).to(head.weight.device)
+        with torch.no_grad():
+            layer.linear.weight.copy_(head.weight)
+            layer.linear.bias.copy_(head.bias if head.bias is not None else torch.zeros(head.out_features))
+        return layer
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """z (N,d) -> logits (N,K)."""
+        out = self.linear(z)
+        return out + self.mlp(z) if self.mlp is not None else out
+
+
+def head_attribute(model: nn.Module) -> str:
+    """Name of the attribute holding the model's last layer (a Linear or an installed HoneypotLayer)."""
+    if isinstance(model, ImageClassifier):
+        return model.head_attr
+    for name in _HEAD_NAMES:
+        if isinstance(model._modules.get(name), HoneypotLayer):
+            return name
+    return _find_head(model)[0]
+
+
+def install_honeypot(victim: nn.Module, layer: HoneypotLayer) -> nn.Module:
+    """A copy of `victim` whose last layer is `layer`: the protected model F_H = H ∘ f."""
+    protected = copy.deepcopy(victim)
+    setattr(protected, head_attribute(protected), layer)
+    return protected.eval()
+
+
+def build_protected(arch: str, num_classes: int, kind: str, hidden: int) -> nn.Module:
+    """An empty protected model of a registry architecture (for loading saved weights)."""
+    victim = create_model(arch, num_classes)
+    _, head = split_classifier(victim)
+    return install_honeypot(victim, HoneypotLayer(head.in_features, num_classes, kind, hidden))
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class ProtectConfig:
+    target: int = 0
+    trigger: str = "uap"  # "uap" | "patch"
+    eps: float = 16 / 255  # uap: L∞ bound
+    patch_size: int = 6  # patch: side in pixels
+    head: str = "residual"  # "residual" | "linear"
+    hidden: int = 256
+    lam: float = 3.0  # λ, weight of the trigger term
+    outer_iters: int = 8  # T
+    shadow_arch: str = "cnn"
+    shadow_epochs: int = 3
+    shadow_warm_start: bool = True
+    shadow_lr: float = 0.05
+    shadow_batch: int = 128
+    trigger_passes: int = 2
+    trigger_step: float | None = None  # α; default eps/8 (uap) or 0.02 (patch)
+    momentum: float = 0.9  # μ of MI-FGSM
+    trigger_batch: int = 256
+    honeypot_steps: int = 400
+    honeypot_lr: float = 1e-3
+    honeypot_batch: int = 256
+    l_norm: str = "kl"  # "kl" | "ce" | "kl+ce"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.trigger not in ("uap", "patch"):
+            raise ValueError(f"trigger must be 'uap' or 'patch', got {self.trigger!r}")
+        if self.head not in ("residual", "linear"):
+            raise ValueError(f"head must be 'residual' or 'linear', got {self.head!r}")
+        if self.l_norm not in ("kl", "ce", "kl+ce"):
+            raise ValueError(f"l_norm must be 'kl', 'ce' or 'kl+ce', got {self.l_norm!r}")
+        for name in ("outer_iters", "shadow_epochs", "trigger_passes", "honeypot_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if self.lam < 0 or not 0 <= self.momentum < 1:
+            raise ValueError("lam must be >= 0 and momentum in [0, 1)")
+
+    def hash(self) -> str:
+        """Hash of everything that changes the result except `outer_iters` (so a run can be extended)."""
+        d = asdict(self)
+        d.pop("outer_iters")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class ProtectResult:
+    model: nn.Module  # the protected model F_H (victim architecture, last layer = HoneypotLayer)
+    trigger: Trigger
+    config: ProtectConfig
+    history: list[dict] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# The three steps
+
+
+@torch.no_grad()
+def compute_features(features: nn.Module, images: torch.Tensor, trigger: Trigger | None = None,
+                     batch_size: int = 500, device=None) -> torch.Tensor:
+    """f(x) or f(x ⊕ δ) for uint8/float images (N,3,H,W) -> (N,d) on CPU."""
+    device = device or next(features.parameters()).device
+    features.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = to_float(images[i : i + batch_size], device)
+        if trigger is not None:
+            x = trigger.stamp(x)
+        out.append(features(x).float().cpu())
+    return torch.cat(out)
+
+
+def simulate_extraction(shadow: nn.Module, honeypot: HoneypotLayer, shadow_images: torch.Tensor,
+                        shadow_feats: torch.Tensor, cfg: ProtectConfig, iteration: int, progress: bool = False) -> nn.Module:
+    """Step 1: train the shadow on the shadow set labelled by F_H's current soft answers."""
+    with torch.no_grad():
+        answers = torch.softmax(honeypot(shadow_feats.to(_dev(honeypot))), 1).cpu()
+    fit(shadow, shadow_images, answers,
+        FitConfig(epochs=cfg.shadow_epochs, batch_size=cfg.shadow_batch, lr=cfg.shadow_lr, seed=cfg.seed * 1000 + iteration),
+        progress=progress, desc=f"shadow {iteration + 1}")
+    return shadow.eval()
+
+
+def generate_trigger(shadow: nn.Module, trigger: Trigger, images: torch.Tensor, cfg: ProtectConfig, iteration: int) -> Trigger:
+    """Step 2: targeted UAP on the shadow with momentum sign steps (MI-FGSM), then projection.
+
+    g <- μ·g + ∇/‖∇‖₁ ;  δ <- δ − α·sign(g) ;  δ <- Π(δ)   (minimising CE(S(x ⊕ δ), y_t))
+    """
+    alpha = cfg.trigger_step or (cfg.eps / 8 if trigger.family == "uap" else 0.02)
+    shadow.eval()
+    for p in shadow.parameters():
+        p.requires_grad_(False)
+    dev = trigger.pattern.device
+    g = torch.zeros_like(trigger.pattern)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + iteration + 7)
+    target = torch.full((cfg.trigger_batch,), cfg.target, dtype=torch.long, device=dev)
+    for _ in range(cfg.trigger_passes):
+        perm = torch.randperm(len(images), generator=gen)
+        for i in range(0, len(images), cfg.trigger_batch):
+            x = to_float(images[perm[i : i + cfg.trigger_batch]], dev)
+            delta = trigger.pattern.clone().requires_grad_(True)
+            loss = F.cross_entropy(shadow(trigger.stamp(x, delta)), target[: len(x)])
+            (grad,) = torch.autograd.grad(loss, delta)
+            g = cfg.momentum * g + grad / grad.abs().sum().clamp_min(1e-12)
+            with torch.no_grad():
+                trigger.pattern.sub_(alpha * g.sign())
+                trigger.project_()
+    for p in shadow.parameters():
+        p.requires_grad_(True)
+    return trigger
+
+
+def finetune_honeypot(honeypot: HoneypotLayer, opt: torch.optim.Optimizer, clean_feats: torch.Tensor,
+                      clean_logits: torch.Tensor, stamped_feats: torch.Tensor, cfg: ProtectConfig,
+                      iteration: int) -> dict:
+    """Step 3: minimise L_norm(H(f(x)), F(x)) + λ·CE(H(f(x ⊕ δ)), y_t) over cached features."""
+    dev = _dev(honeypot)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + iteration + 13)
+    honeypot.train()
+    last = {}
+    for _ in range(cfg.honeypot_steps):
+        ic = torch.randint(0, len(clean_feats), (cfg.honeypot_batch,), generator=gen)
+        it = torch.randint(0, len(stamped_feats), (cfg.honeypot_batch,), generator=gen)
+        z, ref = clean_feats[ic].to(dev), clean_logits[ic].to(dev)
+        out = honeypot(z)
+        norm = torch.zeros((), device=dev)
+        if "kl" in cfg.l_norm:
+            norm = norm + F.kl_div(F.log_softmax(out, 1), F.log_softmax(ref, 1), log_target=True, reduction="batchmean")
+        if "ce" in cfg.l_norm:
+            norm = norm + F.cross_entropy(out, ref.argmax(1))
+        backdoor = F.cross_entropy(honeypot(stamped_feats[it].to(dev)), torch.full((len(it),), cfg.target, device=dev))
+        loss = norm + cfg.lam * backdoor
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        last = {"l_norm": float(norm.detach()), "l_backdoor": float(backdoor.detach())}
+    honeypot.eval()
+    return last
+
+
+def _dev(m: nn.Module) -> torch.device:
+    return next(m.parameters()).device
+
+
+# --------------------------------------------------------------------------------------------
+# The bi-level loop
+
+
+def protect(victim: nn.Module, shadow_images: torch.Tensor, owner_images: torch.Tensor | None = None,
+            config: ProtectConfig | None = None, *, num_classes: int | None = None,
+            checkpoint_dir: str | os.PathLike | None = None, progress: bool = True,
+            device: torch.device | str | None = None) -> ProtectResult:
+    """Turn `victim` into a protected model with a honeypot layer (PAPER.md §2).
+
+    victim: a classifier from the registry (or any model `split_classifier` supports), input [0,1].
+    shadow_images: uint8 (N,3,H,W) natural unlabeled images standing in for a thief's queries.
+    owner_images: uint8 (M,3,H,W) a sample of the owner's in-distribution data; L_norm and the
+        trigger term are taken over it too, so clean accuracy holds where it is measured.
+    checkpoint_dir: state is saved there after every outer iteration; a later call with the same
+        config resumes from it (and may extend `outer_iters`).
+    """
+    cfg = config or ProtectConfig()
+    device = torch.device(device) if device else _dev(victim)
+    torch.manual_seed(cfg.seed)
+    victim = copy.deepcopy(victim).to(device).eval()
+    for p in victim.parameters():
+        p.requires_grad_(False)
+    features, head = split_classifier(victim)
+    k = num_classes or head.out_features
+    if not 0 <= cfg.target < k:
+        raise ValueError(f"target class {cfg.target} out of range for {k} classes")
+    _check_images(shadow_images, "shadow_images")
+    images = shadow_images if owner_images is None else torch.cat([shadow_images, _check_images(owner_images, "owner_images")])
+    size = images.shape[-1]
+
+    clean_feats = compute_features(features, images, device=device)  # cached once
+    with torch.no_grad():
+        clean_logits = head(clean_feats.to(device)).cpu()
+    shadow_feats = clean_feats[: len(shadow_images)]
+
+    honeypot = HoneypotLayer.from_linear(head, cfg.head, cfg.hidden).to(device)
+    opt = torch.optim.Adam(honeypot.parameters(), lr=cfg.honeypot_lr)
+    trigger = (Trigger.uap(size, cfg.eps) if cfg.trigger == "uap" else Trigger.patch(size, cfg.patch_size, seed=cfg.seed)).to(device)
+    shadow = create_model(cfg.shadow_arch, k).to(device)
+    history: list[dict] = []
+    start = 0
+
+    ckpt = Path(checkpoint_dir) / "protect_state.pt" if checkpoint_dir else None
+    if ckpt and ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        if state.get("config_hash") != cfg.hash():
+            raise ValueError(f"{ckpt} was written by a different configuration; use another checkpoint dir or delete it")
+        honeypot.load_state_dict(state["honeypot"])
+        opt.load_state_dict(state["opt"])
+        trigger.load_state_dict(state["trigger"])
+        shadow.load_state_dict(state["shadow"])
+        history = json.loads(state["history"])
+        start = int(state["iteration"])
+
+    bar = tqdm(range(start, cfg.outer_iters), desc="protect", disable=not progress, initial=start, total=cfg.outer_iters)
+    for it in bar:
+        if not cfg.shadow_warm_start and it > 0:
+            torch.manual_seed(cfg.seed * 1000 + it)
+            shadow = create_model(cfg.shadow_arch, k).to(device)
+        simulate_extraction(shadow, honeypot, shadow_images, shadow_feats, cfg, it, progress)
+        generate_trigger(shadow, trigger, shadow_images, cfg, it)
+        stamped_feats = compute_features(features, images, trigger, device=device)
+        losses = finetune_honeypot(honeypot, opt, clean_feats, clean_logits, stamped_feats, cfg, it)
+        record = {"iteration": it + 1, **losses, **_iteration_stats(shadow, honeypot, trigger, shadow_images,
+                                                                     clean_feats, clean_logits, stamped_feats, cfg)}
+        history.append(record)
+        bar.set_postfix(shadow_asr=f"{record['shadow_asr']:.2f}", fidelity=f"{record['fidelity']:.3f}")
+        if ckpt:
+            atomic_torch_save({"config_hash": cfg.hash(), "iteration": it + 1, "honeypot": honeypot.state_dict(),
+                               "opt": opt.state_dict(), "trigger": trigger.state_dict(), "shadow": shadow.state_dict(),
+                               "history": json.dumps(history)}, ckpt)
+
+    protected = install_honeypot(victim, honeypot)
+    for p in protected.parameters():
+        p.requires_grad_(True)
+    return ProtectResult(protected.cpu().eval(), trigger.cpu(), cfg, history)
+
+
+@torch.no_grad()
+def _iteration_stats(shadow, honeypot, trigger, shadow_images, clean_feats, clean_logits, stamped_feats, cfg) -> dict:
+    """Cheap progress figures: shadow ASR on a sample, F_H fidelity to F and F_H ASR on stamped features."""
+    dev = _dev(honeypot)
+    sample = shadow_images[:1000]
+    x = trigger.stamp(to_float(sample, dev))
+    shadow_asr = float((shadow.eval()(x).argmax(1) == cfg.target).float().mean())
+    fid = float((honeypot(clean_feats.to(dev)).argmax(1).cpu() == clean_logits.argmax(1)).float().mean())
+    hp_asr = float((honeypot(stamped_feats.to(dev)).argmax(1) == cfg.target).float().mean())
+    return {"shadow_asr": shadow_asr, "fidelity": fid, "honeypot_asr": hp_asr}
+
+
+def _check_images(x: torch.Tensor, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"{name} must be a tensor of shape (N, 3, H, W)")
+    if len(x) == 0:
+        raise ValueError(f"{name} is empty")
+    if x.dtype != torch.uint8 and not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or inf")
+    return x

@@ -1,0 +1,89 @@
+"""Shared test fixtures: the optional ../shared folder and real data unpacked from it.
+
+The shared folder is $HONEYPOTNET_SHARED, else ``<repo>/../shared``. Tests that need it are
+skipped when it (or the file they need) is absent, so the suite runs anywhere.
+Tarballs are unpacked once, into $HONEYPOTNET_CACHE/shared-unpacked (default
+~/.cache/honeypotnet/shared-unpacked), and reused by later sessions.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_path() -> Path:
+    """Where the shared folder would be (it may not exist)."""
+    env = os.environ.get("HONEYPOTNET_SHARED")
+    return Path(env).expanduser() if env else REPO_ROOT.parent / "shared"
+
+
+def unpacked_cache_root() -> Path:
+    env = os.environ.get("HONEYPOTNET_CACHE")
+    base = Path(env).expanduser() if env else Path.home() / ".cache" / "honeypotnet"
+    return base / "shared-unpacked"
+
+
+def unpack_once(tarball: Path, top: str) -> Path:
+    """Unpack ``tarball`` once (keyed by its size and mtime) and return ``<dest>/<top>``.
+
+    Extraction goes to a temporary directory that is renamed into place, so an interrupted or
+    concurrent run never leaves a half-unpacked tree behind.
+    """
+    st = tarball.stat()
+    stem = tarball.name.split(".")[0]
+    dest = unpacked_cache_root() / f"{stem}-{st.st_size}-{st.st_mtime_ns}"
+    if not (dest / top).is_dir():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{stem}-"))
+        try:
+            with tarfile.open(tarball) as tar:
+                try:
+                    tar.extractall(tmp, filter="data")
+                except TypeError:  # Python without extraction filters
+                    tar.extractall(tmp)
+            try:
+                os.rename(tmp, dest)
+            except OSError:
+                if not (dest / top).is_dir():  # not a concurrent run that won the race
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    if not (dest / top).is_dir():
+        pytest.skip(f"{tarball} does not contain {top}/")
+    return dest / top
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The shared folder (data/, weights/, ...); skips the test when absent."""
+    path = shared_path()
+    if not path.is_dir():
+        pytest.skip(f"shared folder {path} not present (set HONEYPOTNET_SHARED)")
+    return path
+
+
+def _shared_tarball(shared: Path, name: str) -> Path:
+    path = shared / "data" / name
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cifar10_jpeg_root(shared_dir: Path) -> Path:
+    """ImageFolder root of real CIFAR-10 as JPEG: ``<root>/{train,test}/<class>/*.jpg``."""
+    return unpack_once(_shared_tarball(shared_dir, "cifar10-jpeg.tar.gz"), "cifar10-jpeg")
+
+
+@pytest.fixture(scope="session")
+def tinyimagenet_root(shared_dir: Path) -> Path:
+    """Tiny ImageNet subset root (wnids.txt, words.txt, val/ with 10k images, train/ 100 per class)."""
+    return unpack_once(_shared_tarball(shared_dir, "tiny-imagenet-200-subset.tar.gz"), "tiny-imagenet-200")

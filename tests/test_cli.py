@@ -1,0 +1,68 @@
+"""The CLI as a user runs it: real processes, real files; tiny sizes."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from honeypotnet.cli import build_parser
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "honeypotnet.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_every_verb_has_help():
+    parser = build_parser()
+    verbs = parser._subparsers._group_actions[0].choices
+    assert {"demo", "train", "protect", "extract", "verify"} <= set(verbs)
+    for verb in verbs:
+        r = run(verb, "--help")
+        assert r.returncode == 0 and "usage:" in r.stdout, verb
+
+
+def test_cli_chain_train_protect_extract_verify(tmp_path):
+    victim = tmp_path / "victim.safetensors"
+    r = run("train", "--data-limit", "1500", "--epochs", "3", "--output", str(victim))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(victim.with_suffix(".json").read_text())["test_accuracy"] > 0.5
+    bundle = tmp_path / "bundle"
+    r = run("protect", str(victim), "--shadow-limit", "800", "--owner-limit", "400", "--iters", "1", "--shadow-arch", "cnn_small",
+            "--shadow-epochs", "1", "--honeypot-steps", "20", "--references", "cnn_small", "--reference-epochs", "1",
+            "--output", str(bundle))
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert 0 < manifest["verification"]["tau0"] <= 0.5 and manifest["history"][0]["iteration"] == 1
+    # protecting again into the same place is refused and leaves the bundle intact
+    r = run("protect", str(victim), "--shadow-limit", "100", "--iters", "0", "--references", "", "--output", str(bundle), "--work-dir", str(tmp_path / "w2"))
+    assert r.returncode == 2 and "already exists" in r.stderr
+    assert json.loads((bundle / "manifest.json").read_text()) == manifest
+    sub = tmp_path / "sub.safetensors"
+    r = run("extract", str(bundle), "--budget", "500", "--epochs", "1", "--output-mode", "label", "--output", str(sub))
+    assert r.returncode == 0, r.stderr
+    res = json.loads(sub.with_suffix(".json").read_text())
+    assert res["queries"] == 500 and res["output_mode"] == "label" and 0 <= res["substitute_accuracy"] <= 1
+    out = tmp_path / "verify.json"
+    r = run("verify", str(bundle), str(sub), "--data-limit", "300", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    v = json.loads(out.read_text())
+    assert v["n"] > 200 and {"asr", "tau0", "p_value", "verdict", "unstamped_rate"} <= set(v)
+    assert "verdict" in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--data", "mnist", "--output", "x.safetensors"], "unknown dataset"),
+    (["train", "--data", "imagefolder", "--output", "x.safetensors"], "root"),
+    (["train", "--arch", "vgg99", "--data-limit", "10", "--epochs", "0", "--output", "x.safetensors"], "vgg99"),
+    (["verify", "no-such-bundle", "no-such-model"], "no manifest"),
+    (["extract", "missing.safetensors", "--output", "s.safetensors"], "not found"),
+])
+def test_cli_bad_input_gives_one_clear_error(tmp_path, args, message):
+    r = run(*args, cwd=tmp_path)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert message in r.stderr.lower() and "Traceback" not in r.stderr
+
+
+def test_cli_rejects_unknown_options():
+    r = run("train", "--frobnicate")
+    assert r.returncode == 2 and "unrecognized arguments" in r.stderr

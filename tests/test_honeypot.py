@@ -1,0 +1,99 @@
+"""Unit tests of the honeypot layer, the trigger and the three steps of the bi-level loop."""
+import pytest
+import torch
+
+from honeypotnet.data import load_dataset
+from honeypotnet.honeypot import (HoneypotLayer, ProtectConfig, Trigger, generate_trigger, head_attribute,
+                                  install_honeypot, protect)
+from honeypotnet.models import create_model, split_classifier
+from honeypotnet.training import FitConfig, fit
+
+
+def test_uap_trigger_stamps_within_eps_and_clamps():
+    t = Trigger.uap(32, eps=8 / 255)
+    t.pattern.uniform_(-1, 1)
+    t.project_()
+    assert t.pattern.abs().max() <= 8 / 255 + 1e-7
+    x = torch.rand(4, 3, 32, 32)
+    s = t.stamp(x)
+    assert s.min() >= 0 and s.max() <= 1
+    assert (s - x).abs().max() <= 8 / 255 + 1e-6
+
+
+def test_patch_trigger_only_touches_the_mask():
+    t = Trigger.patch(32, size=6, seed=1)
+    x = torch.rand(2, 3, 32, 32)
+    s = t.stamp(x)
+    assert torch.equal(s[..., :26, :], x[..., :26, :]) and torch.equal(s[..., :, :26], x[..., :, :26])
+    assert not torch.equal(s[..., 26:, 26:], x[..., 26:, 26:])
+    assert t.mask.sum() == 36
+
+
+def test_trigger_rejects_bad_input():
+    with pytest.raises(ValueError, match="family"):
+        Trigger(torch.zeros(3, 8, 8), torch.ones(1, 8, 8), "blob")
+    with pytest.raises(ValueError, match="NaN"):
+        Trigger(torch.full((3, 8, 8), float("nan")), torch.ones(1, 8, 8), "uap", 0.1)
+    with pytest.raises(ValueError, match="images are"):
+        Trigger.uap(32).stamp(torch.rand(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="patch size"):
+        Trigger.patch(32, size=40)
+
+
+@pytest.mark.parametrize("kind", ["linear", "residual"])
+def test_honeypot_layer_starts_as_the_original_head(kind):
+    model = create_model("cnn_small", 10).eval()
+    _, head = split_classifier(model)
+    layer = HoneypotLayer.from_linear(head, kind)
+    protected = install_honeypot(model, layer)
+    x = torch.rand(5, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(protected(x), model(x), atol=1e-5)
+    assert head_attribute(protected) == "fc" and isinstance(protected.fc, HoneypotLayer)
+    assert isinstance(model.fc, torch.nn.Linear), "install_honeypot must not modify the victim"
+
+
+def test_generate_trigger_moves_a_model_towards_the_target():
+    """Step 2 alone: a UAP on a trained model raises its target rate far above the clean rate."""
+    train = load_dataset("shapes", split="train", n=1500)
+    torch.manual_seed(0)
+    model = create_model("cnn_small", 10)
+    fit(model, train.images, train.labels, FitConfig(epochs=3), progress=False)
+    cfg = ProtectConfig(target=3, eps=32 / 255, trigger_passes=3)
+    trig = generate_trigger(model, Trigger.uap(32, cfg.eps), train.images, cfg, 0)
+    with torch.no_grad():
+        x = train.float()[:500]
+        before = (model(x).argmax(1) == 3).float().mean()
+        after = (model(trig.stamp(x)).argmax(1) == 3).float().mean()
+    assert after > before + 0.3, (before, after)
+
+
+def test_protect_validates_inputs():
+    model = create_model("cnn_small", 10)
+    imgs = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="target class"):
+        protect(model, imgs, config=ProtectConfig(target=10, outer_iters=0), progress=False)
+    with pytest.raises(ValueError, match="shadow_images"):
+        protect(model, torch.zeros(4, 32, 32), config=ProtectConfig(outer_iters=0), progress=False)
+    with pytest.raises(ValueError, match="NaN"):
+        protect(model, torch.full((4, 3, 32, 32), float("nan")), config=ProtectConfig(outer_iters=0), progress=False)
+    with pytest.raises(ValueError, match="head"):
+        ProtectConfig(head="mlp")
+
+
+def test_protect_resumes_exactly_after_interruption(tmp_path):
+    """Running 1 iteration, then resuming to 2, gives the same model as 2 iterations in one go."""
+    shadow = load_dataset("shapes", split="shadow", n=600).images
+    owner = load_dataset("shapes", split="train", n=300).images
+    torch.manual_seed(0)
+    victim = create_model("cnn_small", 10).eval()
+    kw = dict(shadow_arch="cnn_small", shadow_epochs=1, trigger_passes=1, honeypot_steps=20, seed=3)
+    full = protect(victim, shadow, owner, ProtectConfig(outer_iters=2, **kw), progress=False)
+    protect(victim, shadow, owner, ProtectConfig(outer_iters=1, **kw), checkpoint_dir=tmp_path, progress=False)
+    resumed = protect(victim, shadow, owner, ProtectConfig(outer_iters=2, **kw), checkpoint_dir=tmp_path, progress=False)
+    assert [h["iteration"] for h in resumed.history] == [1, 2]
+    assert torch.allclose(full.trigger.pattern, resumed.trigger.pattern, atol=1e-6)
+    for a, b in zip(full.model.fc.parameters(), resumed.model.fc.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
+    with pytest.raises(ValueError, match="different configuration"):
+        protect(victim, shadow, owner, ProtectConfig(outer_iters=2, **{**kw, "lam": 9.0}), checkpoint_dir=tmp_path, progress=False)

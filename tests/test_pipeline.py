@@ -1,0 +1,47 @@
+"""End to end on the embedded data: the method itself must work, or these fail.
+
+One small run of the whole chain (victim -> protect -> bundle -> thieves -> verify) is shared by
+the tests below; it takes about a minute on 2 CPU cores.
+"""
+import json
+
+import pytest
+import torch
+
+from honeypotnet.demo import QUICK, run_demo
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    results = run_demo(out, sizes=QUICK, progress=False)
+    return out, results
+
+
+def test_honeypot_keeps_the_victim_useful(demo):
+    _, r = demo
+    assert r["fidelity"] >= 0.95, r["fidelity"]
+    assert r["protected_cta"] >= r["victim_cta"] - 0.03
+
+
+def test_backdoor_transfers_to_the_thief_and_not_to_an_innocent_model(demo):
+    _, r = demo
+    stolen, clean = r["verify_stolen"]["asr"], r["verify_clean"]["asr"]
+    assert stolen >= clean + 0.3, (stolen, clean)
+    assert r["stolen_cta"] >= 0.7, "the thief must still get a useful copy (or the defence is just noise)"
+
+
+def test_verification_flags_the_stolen_copy_and_clears_the_innocent_one(demo):
+    _, r = demo
+    assert r["verify_stolen"]["stolen"] and r["verify_stolen"]["p_value"] < 1e-6
+    assert not r["verify_clean"]["stolen"]
+    assert r["verify_clean"]["asr"] <= r["tau0"]
+
+
+def test_demo_writes_bundle_and_results(demo):
+    out, r = demo
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["verify_stolen"]["verdict"] == r["verify_stolen"]["verdict"]
+    manifest = json.loads((out / "bundle" / "manifest.json").read_text())
+    assert manifest["verification"]["tau0"] == pytest.approx(r["tau0"])
+    assert len(manifest["history"]) == QUICK.outer_iters

@@ -1,0 +1,75 @@
+"""Verification statistics and the calibrated null."""
+import pytest
+import torch
+from scipy.stats import binomtest
+
+from honeypotnet.honeypot import Trigger
+from honeypotnet.verify import binomial_p_value, calibrate_tau0, clopper_pearson_upper, verify
+
+
+class ConstantModel(torch.nn.Module):
+    """Answers `target` on images whose mean brightness exceeds a threshold, else class 1."""
+
+    def __init__(self, target=0, threshold=2.0):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.target, self.threshold = target, threshold
+
+    def forward(self, x):
+        hit = x.mean((1, 2, 3)) > self.threshold
+        out = torch.zeros(len(x), 10)
+        out[:, 1] = 5.0
+        out[hit, 1] = 0.0
+        out[hit, self.target] = 5.0
+        return out + 0 * self.w
+
+
+def test_binomial_p_value_matches_scipy_binomtest():
+    for hits, n, tau in [(30, 100, 0.1), (5, 100, 0.1), (0, 50, 0.2), (100, 100, 0.5)]:
+        expected = binomtest(hits, n, tau, alternative="greater").pvalue if hits > 0 else 1.0
+        assert binomial_p_value(hits, n, tau) == pytest.approx(expected, rel=1e-9)
+
+
+def test_clopper_pearson_upper_bounds():
+    assert clopper_pearson_upper(0, 1000, 0.999) == pytest.approx(1 - 0.001 ** (1 / 1000), rel=1e-6)
+    assert clopper_pearson_upper(10, 10, 0.99) == 1.0
+    assert 0.1 < clopper_pearson_upper(10, 100, 0.95) < 0.2
+
+
+def _data(n=400):
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(n, 3, 8, 8, generator=g) * 100).to(torch.uint8)  # dark: mean < 0.4
+    labels = torch.randint(0, 10, (n,), generator=g)
+    return images, labels
+
+
+def test_verify_flags_a_model_that_obeys_the_trigger_and_clears_one_that_does_not():
+    images, labels = _data()
+    trigger = Trigger(torch.full((3, 8, 8), 1.0), torch.ones(1, 8, 8), "patch")  # stamping -> bright
+    obeys, ignores = ConstantModel(threshold=0.6), ConstantModel(threshold=2.0)
+    r = verify(obeys, trigger, images, labels, target=0, tau0=0.1)
+    assert r.stolen and r.asr == 1.0 and r.n == int((labels != 0).sum()) and r.unstamped_rate == 0.0
+    assert r.queries == 2 * r.n
+    r2 = verify(ignores, trigger, images, labels, target=0, tau0=0.1)
+    assert not r2.stolen and r2.asr == 0.0 and r2.p_value == 1.0
+    assert "STOLEN" in str(r) and '"verdict"' in r.to_json()
+
+
+def test_verify_rejects_bad_arguments():
+    images, labels = _data(20)
+    trigger = Trigger.uap(8)
+    with pytest.raises(ValueError, match="tau0"):
+        verify(ConstantModel(), trigger, images, labels, 0, tau0=0.0)
+    with pytest.raises(ValueError, match="alpha"):
+        verify(ConstantModel(), trigger, images, labels, 0, tau0=0.1, alpha=2)
+    with pytest.raises(ValueError, match="outside the target class"):
+        verify(ConstantModel(), trigger, images, torch.zeros(20, dtype=torch.long), 0, tau0=0.1)
+
+
+def test_calibration_bounds_reference_models_from_above():
+    images, labels = _data()
+    trigger = Trigger(torch.full((3, 8, 8), 1.0), torch.ones(1, 8, 8), "patch")
+    cal = calibrate_tau0([("a", ConstantModel(threshold=2.0)), ("b", ConstantModel(threshold=2.0))], trigger, images, labels, 0)
+    assert cal.tau0 == 0.05 and len(cal.reference) == 2  # floor: references never answer the target
+    cal = calibrate_tau0([("leaky", ConstantModel(threshold=0.6))], trigger, images, labels, 0)
+    assert cal.tau0 == 0.5  # capped: a reference that obeys the trigger makes the trigger useless
