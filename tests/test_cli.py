@@ -23,7 +23,7 @@ def test_every_verb_has_help():
 
 def test_cli_chain_train_protect_extract_verify(tmp_path):
     victim = tmp_path / "victim.safetensors"
-    r = run("train", "--data-limit", "1500", "--epochs", "3", "--output", str(victim))
+    r = run("train", "--data-limit", "2000", "--epochs", "5", "--batch-size", "64", "--output", str(victim))
     assert r.returncode == 0, r.stderr
     assert json.loads(victim.with_suffix(".json").read_text())["test_accuracy"] > 0.5
     bundle = tmp_path / "bundle"
@@ -64,5 +64,5 @@ def test_cli_bad_input_gives_one_clear_error(tmp_path, args, message):
 
 
 def test_cli_rejects_unknown_options():
-    r = run("train", "--frobnicate")
+    r = run("train", "--frobnicate", "--output", "x.safetensors")
     assert r.returncode == 2 and "unrecognized arguments" in r.stderr

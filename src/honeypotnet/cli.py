@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -141,9 +142,17 @@ def cmd_extract(args) -> int:
     from .oracles import ModelOracle, OutputMode
     from .training import FitConfig, accuracy
 
-    model, info = _load_any_model(args.oracle)
+    from .oracles_http import HttpOracle, is_url
+
+    output = OutputMode(args.output_mode, args.top_k, args.decimals)
+    if is_url(args.oracle):  # a `honeypotnet serve` endpoint: classes and image size from its metadata
+        oracle = HttpOracle(args.oracle, api_key=args.api_key, output=output)
+        info = {"num_classes": oracle.num_classes, "classes": oracle.classes}
+        args.image_size = args.image_size or oracle.image_size
+    else:
+        model, info = _load_any_model(args.oracle)
+        oracle = ModelOracle(model, output)
     pool = _load(args, "pool", size=args.image_size)
-    oracle = ModelOracle(model, OutputMode(args.output_mode, args.top_k, args.decimals))
     out = Path(args.output)
     t0 = time.time()
     res = random_extraction(oracle, pool.images, args.budget, args.arch, info["num_classes"],
@@ -167,7 +176,12 @@ def cmd_verify(args) -> int:
     from .verify import verify
 
     bundle = load_bundle(args.bundle)
-    suspect, _ = _load_any_model(args.suspect)
+    from .oracles_http import HttpOracle, is_url
+
+    if is_url(args.suspect):  # a suspect model behind an HTTP endpoint (v2 protocol)
+        suspect = HttpOracle(args.suspect, api_key=args.api_key)
+    else:
+        suspect, _ = _load_any_model(args.suspect)
     data = _load(args, "data", size=bundle.trigger.image_size)
     tau0 = args.tau0 if args.tau0 is not None else bundle.tau0
     if tau0 is None:
@@ -241,7 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_protect)
 
     s = sub.add_parser("extract", help="simulate a thief: query an oracle, train a substitute", epilog=EPILOG)
-    s.add_argument("oracle", help="bundle directory or model file the thief queries")
+    s.add_argument("oracle", help="bundle directory or model file the thief queries, or an http(s) URL "
+                                  "http://HOST:PORT/v2/models/NAME of a served model")
+    s.add_argument("--api-key", default=os.environ.get("HONEYPOTNET_API_KEY"), help="bearer token for an http(s) oracle (default $HONEYPOTNET_API_KEY)")
     _dataset_args(s, "pool", "shapes", "pool", "thief's query pool")
     s.add_argument("--image-size", type=int, default=None)
     s.add_argument("--budget", type=int, default=8000, help="number of queries (one image = one query)")
@@ -261,12 +277,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("verify", help="ownership test of a suspect model (PAPER.md §3)", epilog=EPILOG)
     s.add_argument("bundle", help="the owner's bundle (trigger, target, tau0)")
-    s.add_argument("suspect", help="suspect model file or bundle")
+    s.add_argument("suspect", help="suspect model file or bundle, or an http(s) URL http://HOST:PORT/v2/models/NAME")
+    s.add_argument("--api-key", default=os.environ.get("HONEYPOTNET_API_KEY"), help="bearer token for an http(s) suspect (default $HONEYPOTNET_API_KEY)")
     _dataset_args(s, "data", "shapes", "test", "owner's held-out")
     s.add_argument("--tau0", type=float, default=None, help="override the bundle's calibrated null bound")
     s.add_argument("--alpha", type=float, default=1e-3)
     s.add_argument("--json", default=None, help="write the result as JSON here")
     s.set_defaults(func=cmd_verify)
+
+    from .cli_serve import add_verbs  # serve, keys, log, export
+
+    add_verbs(sub, EPILOG)
     return p
 
 

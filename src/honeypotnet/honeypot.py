@@ -188,6 +188,7 @@ class ProtectConfig:
     honeypot_lr: float = 1e-3
     honeypot_batch: int = 256
     l_norm: str = "kl"  # "kl" | "ce" | "kl+ce"
+    shadow_norm_weight: float = 1.0  # weight of L_norm on shadow-set images (owner images: 1)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -279,8 +280,11 @@ def generate_trigger(shadow: nn.Module, trigger: Trigger, images: torch.Tensor, 
 
 def finetune_honeypot(honeypot: HoneypotLayer, opt: torch.optim.Optimizer, clean_feats: torch.Tensor,
                       clean_logits: torch.Tensor, stamped_feats: torch.Tensor, cfg: ProtectConfig,
-                      iteration: int) -> dict:
-    """Step 3: minimise L_norm(H(f(x)), F(x)) + λ·CE(H(f(x ⊕ δ)), y_t) over cached features."""
+                      iteration: int, n_shadow: int = 0) -> dict:
+    """Step 3: minimise L_norm(H(f(x)), F(x)) + λ·CE(H(f(x ⊕ δ)), y_t) over cached features.
+
+    The first `n_shadow` rows of clean_feats are shadow-set images; their L_norm is weighted by
+    cfg.shadow_norm_weight (1 = the specification's plain mean over both sets)."""
     dev = _dev(honeypot)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + iteration + 13)
     honeypot.train()
@@ -289,12 +293,14 @@ def finetune_honeypot(honeypot: HoneypotLayer, opt: torch.optim.Optimizer, clean
         ic = torch.randint(0, len(clean_feats), (cfg.honeypot_batch,), generator=gen)
         it = torch.randint(0, len(stamped_feats), (cfg.honeypot_batch,), generator=gen)
         z, ref = clean_feats[ic].to(dev), clean_logits[ic].to(dev)
+        w = torch.where(ic < n_shadow, cfg.shadow_norm_weight, 1.0).to(dev)
         out = honeypot(z)
-        norm = torch.zeros((), device=dev)
+        per = torch.zeros(len(ic), device=dev)
         if "kl" in cfg.l_norm:
-            norm = norm + F.kl_div(F.log_softmax(out, 1), F.log_softmax(ref, 1), log_target=True, reduction="batchmean")
+            per = per + F.kl_div(F.log_softmax(out, 1), F.log_softmax(ref, 1), log_target=True, reduction="none").sum(1)
         if "ce" in cfg.l_norm:
-            norm = norm + F.cross_entropy(out, ref.argmax(1))
+            per = per + F.cross_entropy(out, ref.argmax(1), reduction="none")
+        norm = (w * per).mean()
         backdoor = F.cross_entropy(honeypot(stamped_feats[it].to(dev)), torch.full((len(it),), cfg.target, device=dev))
         loss = norm + cfg.lam * backdoor
         opt.zero_grad(set_to_none=True)
@@ -353,10 +359,12 @@ def protect(victim: nn.Module, shadow_images: torch.Tensor, owner_images: torch.
     start = 0
 
     ckpt = Path(checkpoint_dir) / "protect_state.pt" if checkpoint_dir else None
+    run_key = cfg.hash() + ":" + _fingerprint(victim, shadow_images, owner_images)
     if ckpt and ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=True)
-        if state.get("config_hash") != cfg.hash():
-            raise ValueError(f"{ckpt} was written by a different configuration; use another checkpoint dir or delete it")
+        if state.get("config_hash") != run_key:
+            raise ValueError(f"{ckpt} was written for a different configuration, victim or data; "
+                             "use another checkpoint dir or delete it")
         honeypot.load_state_dict(state["honeypot"])
         opt.load_state_dict(state["opt"])
         trigger.load_state_dict(state["trigger"])
@@ -370,15 +378,16 @@ def protect(victim: nn.Module, shadow_images: torch.Tensor, owner_images: torch.
             torch.manual_seed(cfg.seed * 1000 + it)
             shadow = create_model(cfg.shadow_arch, k).to(device)
         simulate_extraction(shadow, honeypot, shadow_images, shadow_feats, cfg, it, progress)
+        inherited = _shadow_asr(shadow, trigger, shadow_images, cfg.target)  # backdoor learnt by extraction
         generate_trigger(shadow, trigger, shadow_images, cfg, it)
         stamped_feats = compute_features(features, images, trigger, device=device)
-        losses = finetune_honeypot(honeypot, opt, clean_feats, clean_logits, stamped_feats, cfg, it)
-        record = {"iteration": it + 1, **losses, **_iteration_stats(shadow, honeypot, trigger, shadow_images,
+        losses = finetune_honeypot(honeypot, opt, clean_feats, clean_logits, stamped_feats, cfg, it, len(shadow_images))
+        record = {"iteration": it + 1, "inherited_asr": inherited, **losses, **_iteration_stats(shadow, honeypot, trigger, shadow_images,
                                                                      clean_feats, clean_logits, stamped_feats, cfg)}
         history.append(record)
-        bar.set_postfix(shadow_asr=f"{record['shadow_asr']:.2f}", fidelity=f"{record['fidelity']:.3f}")
+        bar.set_postfix(inherited=f"{inherited:.2f}", shadow_asr=f"{record['shadow_asr']:.2f}", fidelity=f"{record['fidelity']:.3f}")
         if ckpt:
-            atomic_torch_save({"config_hash": cfg.hash(), "iteration": it + 1, "honeypot": honeypot.state_dict(),
+            atomic_torch_save({"config_hash": run_key, "iteration": it + 1, "honeypot": honeypot.state_dict(),
                                "opt": opt.state_dict(), "trigger": trigger.state_dict(), "shadow": shadow.state_dict(),
                                "history": json.dumps(history)}, ckpt)
 
@@ -392,12 +401,28 @@ def protect(victim: nn.Module, shadow_images: torch.Tensor, owner_images: torch.
 def _iteration_stats(shadow, honeypot, trigger, shadow_images, clean_feats, clean_logits, stamped_feats, cfg) -> dict:
     """Cheap progress figures: shadow ASR on a sample, F_H fidelity to F and F_H ASR on stamped features."""
     dev = _dev(honeypot)
-    sample = shadow_images[:1000]
-    x = trigger.stamp(to_float(sample, dev))
-    shadow_asr = float((shadow.eval()(x).argmax(1) == cfg.target).float().mean())
+    shadow_asr = _shadow_asr(shadow, trigger, shadow_images, cfg.target)
     fid = float((honeypot(clean_feats.to(dev)).argmax(1).cpu() == clean_logits.argmax(1)).float().mean())
     hp_asr = float((honeypot(stamped_feats.to(dev)).argmax(1) == cfg.target).float().mean())
     return {"shadow_asr": shadow_asr, "fidelity": fid, "honeypot_asr": hp_asr}
+
+
+def _fingerprint(victim: nn.Module, *tensors: torch.Tensor | None) -> str:
+    """SHA-256 (16 hex) of the victim's weights and the images, so a checkpoint is only resumed
+    for the very run that wrote it."""
+    h = hashlib.sha256()
+    for t in [*victim.state_dict().values(), *(t for t in tensors if t is not None)]:
+        t = t.detach().cpu().contiguous()
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def _shadow_asr(shadow: nn.Module, trigger: Trigger, images: torch.Tensor, target: int, n: int = 1000) -> float:
+    """Share of stamped shadow-set images (a fixed sample) the shadow assigns to the target."""
+    x = trigger.stamp(to_float(images[:n], trigger.pattern.device))
+    return float((shadow.eval()(x).argmax(1) == target).float().mean())
 
 
 def _check_images(x: torch.Tensor, name: str) -> torch.Tensor:

@@ -116,7 +116,7 @@ class VerificationResult:
             ("ASR (stamped -> target)", f"{100 * self.asr:.2f}%  ({self.hits}/{self.n})"),
             ("unstamped target rate", f"{100 * self.unstamped_rate:.2f}%"),
             ("null bound tau0", f"{100 * self.tau0:.2f}%"),
-            ("p-value (H0: ASR <= tau0)", f"{self.p_value:.3g}"),
+            ("p-value (H0: ASR <= tau0)", "< 1e-300" if self.p_value == 0 else f"{self.p_value:.3g}"),
             ("alpha", f"{self.alpha:g}"),
         ]
         if self.clean_accuracy is not None:
