@@ -1,7 +1,6 @@
 """Dataset loaders: CIFAR pickles, ImageFolder, Tiny ImageNet, the cache and the dispatcher."""
 from __future__ import annotations
 
-import os
 import pickle
 import warnings
 

@@ -6,7 +6,6 @@ the tests below; it takes about a minute on 2 CPU cores.
 import json
 
 import pytest
-import torch
 
 from honeypotnet.demo import QUICK, run_demo
 

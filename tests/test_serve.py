@@ -8,13 +8,11 @@ CPU cores) and cached under pytest's cache dir, keyed by the sources that make i
 from __future__ import annotations
 
 import argparse
-import hashlib
 import http.client
 import io
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import sqlite3
@@ -30,7 +28,6 @@ import pytest
 import torch
 from torch import nn
 
-import honeypotnet
 from honeypotnet.apikeys import KeyFileError, add_key, hash_token, read_keys
 from honeypotnet.bundle import load_bundle, load_model, save_bundle, save_model
 from honeypotnet.cli import main
@@ -534,23 +531,10 @@ def _build_trained_bundle(out: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def trained(request) -> Path:
-    """Cached across runs under pytest's cache dir, keyed by the package sources and sizes."""
-    src = Path(honeypotnet.__file__).parent
-    h = hashlib.sha256(json.dumps(LOOP).encode())
-    for f in sorted(src.rglob("*.py")):
-        if f.name not in ("serve.py", "cli_serve.py", "oracles_http.py", "querylog.py", "apikeys.py", "export.py", "cli.py"):
-            h.update(f.read_bytes())
-    root = Path(request.config.cache.mkdir("honeypotnet-serve-loop"))
-    out = root / h.hexdigest()[:16]
-    if not (out / "bundle" / "manifest.json").is_file():
-        for old in root.iterdir():
-            shutil.rmtree(old, ignore_errors=True)
-        tmp = root / f".tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        _build_trained_bundle(tmp)
-        os.replace(tmp, out)
+def trained(tmp_path_factory) -> Path:
+    """A small victim and its bundle, built once per test session (no state kept between runs)."""
+    out = tmp_path_factory.mktemp("serve-loop")
+    _build_trained_bundle(out)
     return out
 
 

@@ -64,7 +64,7 @@ def train_substitute(arch: str | nn.Module, num_classes: int, images: torch.Tens
     if device is not None:
         model.to(device)
     targets = answers.argmax(1) if _is_one_hot(answers) else answers
-    fit(model, images, targets, cfg, progress=progress, checkpoint=checkpoint, desc=f"substitute")
+    fit(model, images, targets, cfg, progress=progress, checkpoint=checkpoint, desc="substitute")
     return model.eval()
 
 

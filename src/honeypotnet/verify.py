@@ -20,7 +20,7 @@ from torch import nn
 
 from .honeypot import Trigger
 from .oracles import ModelOracle, Oracle
-from .training import FitConfig, fit, to_float
+from .training import FitConfig, to_float
 
 
 def clopper_pearson_upper(hits: int, n: int, confidence: float) -> float:
