@@ -683,7 +683,7 @@ def parse_args(argv=None):
     ap.add_argument("--tin-root", help="an unpacked tiny-imagenet-200 directory")
     ap.add_argument("--victim-weights", help="resnet20 checkpoint (default SHARED/weights/resnet-cifar10/resnet20-*.th)")
     ap.add_argument("--out", help="output directory (default runs/reproduce, runs/reproduce-quick with --quick)")
-    ap.add_argument("--quick", action="store_true", help="1/10 of the data, T=2, fewer epochs, one seed, substitute cnn")
+    ap.add_argument("--quick", action="store_true", help="1/10 of the data, T=4, fewer epochs, one seed, substitute cnn")
     ap.add_argument("--seeds", type=int, nargs="+", help="default 0 1 2 (quick and ablations: 0)")
     ap.add_argument("--budgets", type=int, nargs="+", default=[5000, 10000, 20000],
                     help="query budgets (quick: divided by 10)")
