@@ -49,8 +49,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tarfile
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -61,7 +59,8 @@ import honeypotnet
 from honeypotnet import honeypot as hp_module
 from honeypotnet.attacks import query_oracle, random_extraction, train_substitute
 from honeypotnet.bundle import load_bundle, load_model, save_bundle, save_model
-from honeypotnet.data import load_dataset
+from honeypotnet.data import DatasetError, load_dataset
+from honeypotnet.data.files import unpack_archive_once
 from honeypotnet.honeypot import ProtectConfig, protect
 from honeypotnet.models import create_model
 from honeypotnet.oracles import ModelOracle, Oracle, OutputMode
@@ -148,34 +147,12 @@ def _write_json(path: Path, obj) -> None:
 
 
 def unpack_once(tarball: Path, top: str) -> Path:
-    """Unpack a ../shared tarball once into ~/.cache/honeypotnet/shared-unpacked (the same place and
-    key as tests/conftest.py, so tests and benchmarks share one copy and one decode cache)."""
-    env = os.environ.get("HONEYPOTNET_CACHE")
-    base = (Path(env).expanduser() if env else Path.home() / ".cache" / "honeypotnet") / "shared-unpacked"
-    st = tarball.stat()
-    stem = tarball.name.split(".")[0]
-    dest = base / f"{stem}-{st.st_size}-{st.st_mtime_ns}"
-    if not (dest / top).is_dir():
-        log(f"unpacking {tarball} -> {dest}")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{stem}-"))
-        try:
-            with tarfile.open(tarball) as tar:
-                try:
-                    tar.extractall(tmp, filter="data")
-                except TypeError:
-                    tar.extractall(tmp)
-            try:
-                os.rename(tmp, dest)
-            except OSError:
-                if not (dest / top).is_dir():
-                    raise
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    if not (dest / top).is_dir():
-        raise SystemExit(f"{tarball} does not contain {top}/")
-    return dest / top
+    """Unpack a ../shared tarball once (the same place and key as the tests use, so tests and
+    benchmarks share one copy and one decode cache)."""
+    try:
+        return unpack_archive_once(tarball, top)
+    except DatasetError as e:
+        raise SystemExit(str(e)) from e
 
 
 def machine_info(device: torch.device) -> dict:

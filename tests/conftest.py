@@ -8,12 +8,12 @@ Tarballs are unpacked once, into $HONEYPOTNET_CACHE/shared-unpacked (default
 from __future__ import annotations
 
 import os
-import shutil
-import tarfile
-import tempfile
 from pathlib import Path
 
 import pytest
+
+from honeypotnet.data import DatasetError
+from honeypotnet.data.files import unpack_archive_once
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,41 +24,12 @@ def shared_path() -> Path:
     return Path(env).expanduser() if env else REPO_ROOT.parent / "shared"
 
 
-def unpacked_cache_root() -> Path:
-    env = os.environ.get("HONEYPOTNET_CACHE")
-    base = Path(env).expanduser() if env else Path.home() / ".cache" / "honeypotnet"
-    return base / "shared-unpacked"
-
-
 def unpack_once(tarball: Path, top: str) -> Path:
-    """Unpack ``tarball`` once (keyed by its size and mtime) and return ``<dest>/<top>``.
-
-    Extraction goes to a temporary directory that is renamed into place, so an interrupted or
-    concurrent run never leaves a half-unpacked tree behind.
-    """
-    st = tarball.stat()
-    stem = tarball.name.split(".")[0]
-    dest = unpacked_cache_root() / f"{stem}-{st.st_size}-{st.st_mtime_ns}"
-    if not (dest / top).is_dir():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{stem}-"))
-        try:
-            with tarfile.open(tarball) as tar:
-                try:
-                    tar.extractall(tmp, filter="data")
-                except TypeError:  # Python without extraction filters
-                    tar.extractall(tmp)
-            try:
-                os.rename(tmp, dest)
-            except OSError:
-                if not (dest / top).is_dir():  # not a concurrent run that won the race
-                    raise
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    if not (dest / top).is_dir():
-        pytest.skip(f"{tarball} does not contain {top}/")
-    return dest / top
+    """Unpack ``tarball`` once (see honeypotnet.data.files.unpack_archive_once); skip if ``top`` is absent."""
+    try:
+        return unpack_archive_once(tarball, top)
+    except DatasetError as e:
+        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,8 @@ import json
 import os
 import pickle
 import re
+import shutil
+import tarfile
 import tempfile
 import warnings
 import zlib
@@ -169,6 +171,41 @@ def decode_images(paths: Sequence[PathLike], size: int | None = None, desc: str 
 
 
 # ----------------------------------------------------------------------------- cache
+
+
+def unpack_archive_once(tarball: PathLike, top: str, cache_dir: PathLike | None = None) -> Path:
+    """Unpack a dataset tarball once into ``<cache>/shared-unpacked`` and return ``<dest>/<top>``.
+
+    The destination is keyed by the tarball's name, size and mtime, so a changed archive is
+    unpacked again. Extraction goes to a temporary directory renamed into place, so an interrupted
+    or concurrent run never leaves a half-unpacked tree. Raises DatasetError if ``top`` is absent.
+    """
+    tarball = Path(tarball)
+    if not tarball.is_file():
+        raise DatasetError(f"archive not found: {tarball}")
+    st = tarball.stat()
+    stem = tarball.name.split(".")[0]
+    dest = default_cache_dir(cache_dir) / "shared-unpacked" / f"{stem}-{st.st_size}-{st.st_mtime_ns}"
+    if not (dest / top).is_dir():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{stem}-"))
+        try:
+            with tarfile.open(tarball) as tar:
+                try:
+                    tar.extractall(tmp, filter="data")
+                except TypeError:  # Python without extraction filters
+                    tar.extractall(tmp)
+            try:
+                os.rename(tmp, dest)
+            except OSError:
+                if not (dest / top).is_dir():  # not a concurrent run that won the race
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    if not (dest / top).is_dir():
+        raise DatasetError(f"{tarball} does not contain {top}/")
+    return dest / top
 
 
 def default_cache_dir(cache_dir: PathLike | None = None) -> Path:
