@@ -18,6 +18,7 @@ from scipy.stats import beta as beta_dist
 from scipy.stats import binom
 from torch import nn
 
+from .attacks import query_oracle, train_substitute
 from .honeypot import Trigger
 from .oracles import ModelOracle, Oracle
 from .training import FitConfig, to_float
@@ -75,9 +76,7 @@ def train_reference_models(victim: nn.Module, query_images: torch.Tensor, archs:
                            fit_config: FitConfig | None = None, progress: bool = False) -> list[tuple[str, nn.Module]]:
     """Clean substitutes of the *unprotected* victim (what an innocent thief-free model looks like
     to the verifier): one per architecture, trained on the victim's soft answers to `query_images`."""
-    from .attacks import train_substitute  # local import: attacks imports verify-free modules only
-
-    answers = torch.cat([ModelOracle(victim)(to_float(query_images[i : i + 500])) for i in range(0, len(query_images), 500)])
+    answers = query_oracle(ModelOracle(victim), query_images)
     out = []
     for i, arch in enumerate(archs):
         cfg = fit_config or FitConfig(epochs=10, seed=1000 + i)
