@@ -9,9 +9,10 @@ Protocol (same numbers as PAPER.md §5, so the figures compare):
   victim     pretrained ResNet-20 (../shared/weights/resnet-cifar10/resnet20-*.th), CTA 81.03% on
              cifar10-jpeg/test; `--finetune-victim N` fine-tunes it N epochs on cifar10-jpeg/train first.
   defender   shadow set = Tiny ImageNet val (10k, resized to 32 px); owner images for L_norm = a fixed
-             random 10k of cifar10-jpeg/train; ProtectConfig = §5's best (UAP eps 16/255, residual head
-             hidden 256, lambda 3, T 8, CNN shadow warm-started 3 epochs/iteration, 2 trigger passes,
-             400 honeypot steps, lr 1e-3, batch 256, target 0).
+             random 10k of cifar10-jpeg/train; ProtectConfig = the library default = §5's best (UAP eps 16/255,
+             residual head hidden 256, lambda 3, T 8, CNN shadow warm-started 3 epochs/iteration, 2 trigger
+             passes, 400 honeypot steps, lr 1e-3, batch 256, target 0) except shadow_norm_weight 0.2 (§5: 1;
+             `--ablation shadow-norm-weight` has §5's row as "paper-snw1").
   null       clean substitutes of the unprotected victim ("cnn", "resnet20", 12 epochs) trained on the
              shadow set -> calibrate_tau0 on the calibration half of cifar10-jpeg/test; the suspects are
              verified on the other half (the halves never share an image; split per class, so both hold
@@ -103,12 +104,13 @@ QUICK = Protocol(shadow=1000, owner=1000, pool=2000, calib_per_class=100, verify
 
 
 def base_config(p: Protocol, seed: int) -> ProtectConfig:
-    """PAPER.md §5's best setting, every field spelt out (library defaults may change)."""
+    """The library's default setting (= PAPER.md §5's best, except shadow_norm_weight 0.2 instead of 1;
+    the ablation "shadow-norm-weight" has §5's row), every field spelt out (library defaults may change)."""
     return ProtectConfig(target=0, trigger="uap", eps=16 / 255, patch_size=6, head="residual", hidden=256, lam=3.0,
                          outer_iters=p.outer_iters, shadow_arch="cnn", shadow_epochs=p.shadow_epochs,
                          shadow_warm_start=True, shadow_lr=0.05, shadow_batch=128, trigger_passes=p.trigger_passes,
                          trigger_step=None, momentum=0.9, trigger_batch=256, honeypot_steps=p.honeypot_steps,
-                         honeypot_lr=1e-3, honeypot_batch=256, l_norm="kl", shadow_norm_weight=1.0, seed=seed)
+                         honeypot_lr=1e-3, honeypot_batch=256, l_norm="kl", shadow_norm_weight=0.2, seed=seed)
 
 
 # name -> [(variant label, ProtectConfig overrides)]; each variant is one protect + one thief.
@@ -119,7 +121,7 @@ ABLATIONS: dict[str, list[tuple[str, dict]]] = {
     "lambda": [("lam1", {"lam": 1.0}), ("lam3", {"lam": 3.0}), ("lam10", {"lam": 10.0})],
     "shadow-reinit": [("shadow-reinit", {"shadow_warm_start": False})],
     "head-linear": [("head-linear", {"head": "linear"})],
-    "shadow-norm-weight": [("snw0.2", {"shadow_norm_weight": 0.2}), ("snw0.5", {"shadow_norm_weight": 0.5})],
+    "shadow-norm-weight": [("paper-snw1", {"shadow_norm_weight": 1.0}), ("snw0.5", {"shadow_norm_weight": 0.5})],
 }
 
 SUBSTITUTE_COLUMNS = ["seed", "protection", "oracle", "arch", "budget", "output", "queries", "cta", "asr", "hits", "n",
@@ -432,7 +434,7 @@ class Reproduction:
             name, overrides = "base", {}
         rel = f"seed{seed}/protect-{name}"
         data = self.data
-        params = {"victim": self.victim_key(), "config": asdict(cfg), "shadow": len(data.shadow), "owner": len(data.owner)}
+        params = {"victim": self.victim_key(), "config": cfg.key_dict(), "shadow": len(data.shadow), "owner": len(data.owner)}
         steps: dict[str, float] = {}
 
         def run(d: Path) -> dict:
@@ -568,11 +570,14 @@ class Reproduction:
             self.evaluate(seed, t, oracle, arch, budget, mode, prot)
 
     # ------------------------------------------------------------------ plans
-    def run_main(self, seeds, budgets, archs) -> None:
+    def run_main(self, seeds, budgets, archs, full_grid_seeds=None) -> None:
+        """Every seed: each substitute arch at each budget, plus a label-only thief. With
+        full_grid_seeds, the other seeds run the first arch at the largest budget only (and the label-only thief)."""
         for seed in seeds:
             prot = self.protection(seed, "base", {})
-            for arch in archs:
-                for budget in budgets:
+            full = full_grid_seeds is None or seed in full_grid_seeds
+            for arch in archs if full else archs[:1]:
+                for budget in budgets if full else [max(budgets)]:
                     self.pair(seed, prot, arch, budget, "probs")
             self.pair(seed, prot, archs[0], max(budgets), "label")
 
@@ -665,6 +670,9 @@ def parse_args(argv=None):
     ap.add_argument("--budgets", type=int, nargs="+", default=[5000, 10000, 20000],
                     help="query budgets (quick: divided by 10)")
     ap.add_argument("--substitutes", nargs="+", help="substitute archs (default cnn resnet20; quick: cnn)")
+    ap.add_argument("--full-grid-seeds", type=int, nargs="+", metavar="SEED",
+                    help="run every budget x substitute for these seeds only; the other seeds run the first "
+                         "substitute at the largest budget (and the label-only thief). Default: every seed")
     ap.add_argument("--device", default=str(default_device()), help="cpu / cuda (default: cuda if available)")
     ap.add_argument("--ablation", choices=sorted(ABLATIONS), help="run one ablation (base + variants, one thief each)")
     ap.add_argument("--finetune-victim", type=int, default=0, metavar="N",
@@ -704,7 +712,7 @@ def main(argv=None) -> dict:
     if args.ablation:
         rep.run_ablation(args.ablation, args.seeds, budgets, args.substitutes)
     else:
-        rep.run_main(args.seeds, budgets, args.substitutes)
+        rep.run_main(args.seeds, budgets, args.substitutes, args.full_grid_seeds)
 
     # trigger picture(s)
     first = rep.protections[0]
@@ -727,7 +735,7 @@ def main(argv=None) -> dict:
     results = {
         "benchmark": "bench/reproduce.py", "mode": "quick" if args.quick else "full", "ablation": args.ablation,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "protocol": {**asdict(p), "budgets": budgets, "seeds": args.seeds, "substitutes": args.substitutes,
+        "protocol": {**asdict(p), "budgets": budgets, "seeds": args.seeds, "full_grid_seeds": args.full_grid_seeds, "substitutes": args.substitutes,
                      "finetune_victim": args.finetune_victim, "victim_weights": rep.victim_path.name,
                      "thief_fit": asdict(FitConfig(epochs=p.thief_epochs, seed=0)) | {"seed": "= run seed"},
                      "reference_fit": asdict(FitConfig(epochs=p.reference_epochs, seed=0)) | {"seed": "= 100 + run seed"},

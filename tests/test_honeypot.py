@@ -97,3 +97,24 @@ def test_protect_resumes_exactly_after_interruption(tmp_path):
         assert torch.allclose(a, b, atol=1e-5)
     with pytest.raises(ValueError, match="different configuration"):
         protect(victim, shadow, owner, ProtectConfig(outer_iters=2, **{**kw, "lam": 9.0}), checkpoint_dir=tmp_path, progress=False)
+
+
+def test_shadow_finetune_option_changes_the_trigger_and_keeps_old_keys():
+    """shadow_finetune_epochs > 0 aims the trigger at a fine-tuned copy too: a different trigger from
+    the same seed; off, the configuration hashes as before the option existed."""
+    shadow = load_dataset("shapes", split="shadow", n=400).images
+    owner = load_dataset("shapes", split="train", n=300).images
+    torch.manual_seed(0)
+    victim = create_model("cnn_small", 10).eval()
+    kw = dict(outer_iters=1, shadow_arch="cnn_small", shadow_epochs=1, trigger_passes=1, honeypot_steps=10, seed=2)
+    plain = protect(victim, shadow, owner, ProtectConfig(**kw), progress=False)
+    ft = protect(victim, shadow, owner, ProtectConfig(shadow_finetune_epochs=1, shadow_finetune_images=100, **kw),
+                 progress=False)
+    assert not torch.allclose(plain.trigger.pattern, ft.trigger.pattern)
+    assert ft.trigger.pattern.abs().max() <= ft.config.eps + 1e-6
+    assert "shadow_finetune_epochs" not in ProtectConfig().key_dict()
+    assert ProtectConfig(shadow_finetune_epochs=2).hash() != ProtectConfig().hash()
+    with pytest.raises(ValueError, match="owner_images"):
+        protect(victim, shadow, None, ProtectConfig(shadow_finetune_epochs=1, **kw), progress=False)
+    with pytest.raises(ValueError, match="shadow_finetune"):
+        ProtectConfig(shadow_finetune_lr=0)

@@ -1,20 +1,19 @@
 """End to end on the embedded data: the method itself must work, or these fail.
 
 One small run of the whole chain (victim -> protect -> bundle -> thieves -> verify) is shared by
-the tests below; it takes about a minute on 2 CPU cores.
+the tests below (and by tests/test_art_interop.py: conftest's session fixture `quick_demo`); it
+takes about a minute on 2 CPU cores.
 """
 import json
 
 import pytest
 
-from honeypotnet.demo import QUICK, run_demo
+from honeypotnet.demo import QUICK
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    results = run_demo(out, sizes=QUICK, progress=False)
-    return out, results
+def demo(quick_demo):
+    return quick_demo
 
 
 def test_honeypot_keeps_the_victim_useful(demo):

@@ -74,17 +74,9 @@ def test_pool_oracle_answers_like_the_model_and_counts_queries(script):
 
 
 @pytest.fixture(scope="module")
-def quick_run(shared_dir, cifar10_jpeg_root, tinyimagenet_root, tmp_path_factory):
-    if not list((shared_dir / "weights" / "resnet-cifar10").glob("resnet20-*.th")):
-        pytest.skip("no resnet20 weights under ../shared/weights/resnet-cifar10")
-    out = tmp_path_factory.mktemp("reproduce") / "quick"
-    cmd = [sys.executable, str(SCRIPT), "--quick", "--out", str(out), "--shared", str(shared_dir),
-           "--cifar-root", str(cifar10_jpeg_root), "--tin-root", str(tinyimagenet_root), "--device", "cpu",
-           "--no-progress"]
-    # ~2-3 min on 2 idle cores; the timeout only guards against a hang on a busy machine
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, cmd, proc.stdout, json.loads((out / "results.json").read_text())
+def quick_run(reproduce_quick):
+    out, cmd, stdout = reproduce_quick  # conftest: one quick run per session, shared with test_arsenal_quick.py
+    return out, cmd, stdout, json.loads((out / "results.json").read_text())
 
 
 @pytest.mark.slow

@@ -3,6 +3,11 @@
 KnockoffNets-style random extraction: draw `budget` images at random from the thief's pool, query
 the oracle once per image, train a fresh substitute on the answers (soft cross-entropy = KL to the
 answered distribution; a label-only API gives one-hot answers, i.e. plain cross-entropy).
+
+Active thieves (ActiveThief: entropy, k-center, DFAL selection in rounds) live in
+`honeypotnet.active` and are re-exported here: `attacks.extract(..., strategy=...)`,
+`attacks.STRATEGIES`. Counter-measures of a thief who suspects a backdoor are in
+`honeypotnet.countermeasures`; ART's attacks in `honeypotnet.art_interop`.
 """
 from __future__ import annotations
 
@@ -24,8 +29,11 @@ class ExtractionResult:
     substitute: nn.Module
     query_images: torch.Tensor  # uint8 (B,3,H,W): what the thief sent
     answers: torch.Tensor  # (B,K): what the oracle returned
-    queries: int
+    queries: int  # queries paid by this call (a resumed run pays only for what was missing)
     history: list[float] = field(default_factory=list)
+    indices: torch.Tensor | None = None  # pool indices bought, in buying order
+    strategy: str = "random"
+    rounds: list[dict] = field(default_factory=list)  # active strategies: one record per round
 
 
 def query_oracle(oracle: Oracle, images: torch.Tensor, batch_size: int = 256, progress: bool = False,
@@ -90,4 +98,17 @@ def random_extraction(oracle: Oracle, pool: torch.Tensor, budget: int, arch: str
     answers = query_oracle(oracle, images, progress=progress, cache=wd / "answers.pt" if wd else None)
     sub = train_substitute(arch, num_classes, images, answers, fit_config, progress=progress,
                            checkpoint=wd / "substitute_ckpt.pt" if wd else None, device=device)
-    return ExtractionResult(sub, images, answers, oracle.queries - before)
+    return ExtractionResult(sub, images, answers, oracle.queries - before, indices=idx, strategy="random")
+
+
+_ACTIVE_NAMES = ("extract", "STRATEGIES", "select", "round_sizes")
+
+
+def __getattr__(name: str):
+    """`attacks.extract` / `attacks.STRATEGIES` ... come from honeypotnet.active (imported lazily:
+    active imports this module)."""
+    if name in _ACTIVE_NAMES:
+        from . import active
+
+        return getattr(active, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -137,7 +137,7 @@ def cmd_protect(args) -> int:
 
 
 def cmd_extract(args) -> int:
-    from .attacks import random_extraction
+    from .active import extract
     from .bundle import save_model
     from .oracles import ModelOracle, OutputMode
     from .training import FitConfig, accuracy
@@ -155,11 +155,15 @@ def cmd_extract(args) -> int:
     pool = _load(args, "pool", size=args.image_size)
     out = Path(args.output)
     t0 = time.time()
-    res = random_extraction(oracle, pool.images, args.budget, args.arch, info["num_classes"],
-                            FitConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed),
-                            seed=args.seed, progress=True, work_dir=out.with_name(out.name + ".work"))
-    result = {"strategy": "random", "budget": args.budget, "queries": res.queries, "arch": args.arch,
-              "output_mode": args.output_mode, "pool": pool.name, "seconds": round(time.time() - t0, 1)}
+    res = extract(oracle, pool.images, args.budget, args.arch, info["num_classes"], args.strategy, rounds=args.rounds,
+                  initial=args.initial, round_epochs=args.round_epochs,
+                  fit_config=FitConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed),
+                  seed=args.seed, progress=True, work_dir=out.with_name(out.name + ".work"))
+    result = {"strategy": args.strategy, "budget": args.budget, "queries": res.queries, "arch": args.arch,
+              "output_mode": args.output_mode, "top_k": args.top_k, "decimals": args.decimals, "pool": pool.name,
+              "seconds": round(time.time() - t0, 1)}
+    if args.strategy != "random":
+        result["rounds"] = res.rounds
     if args.eval:
         args.pool, args.pool_root, args.pool_split, args.pool_limit = args.eval, args.eval_root, args.eval_split, None
         test = _load(args, "pool", size=args.image_size)
@@ -204,6 +208,9 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .active import STRATEGIES
+    from .oracles import OUTPUT_MODES
+
     p = argparse.ArgumentParser(prog="honeypotnet", description="HoneypotNet: a backdoor for model thieves, as a defence.", epilog=EPILOG)
     p.add_argument("--version", action="version", version=f"honeypotnet {__version__}")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -263,9 +270,17 @@ def build_parser() -> argparse.ArgumentParser:
     _dataset_args(s, "pool", "shapes", "pool", "thief's query pool")
     s.add_argument("--image-size", type=int, default=None)
     s.add_argument("--budget", type=int, default=8000, help="number of queries (one image = one query)")
-    s.add_argument("--output-mode", choices=["probs", "topk", "rounded", "label"], default="probs")
-    s.add_argument("--top-k", type=int, default=1)
-    s.add_argument("--decimals", type=int, default=2)
+    s.add_argument("--strategy", choices=list(STRATEGIES), default="random",
+                   help="which pool images to buy: random (KnockoffNets), or ActiveThief rounds from a random seed: "
+                        "entropy (uncertainty), kcenter (core-set on substitute features), dfal (DeepFool margin)")
+    s.add_argument("--rounds", type=int, default=5, help="active strategies: selection rounds after the initial seed")
+    s.add_argument("--initial", type=int, default=None, help="active strategies: initial random seed size (default budget/10)")
+    s.add_argument("--round-epochs", type=int, default=None,
+                   help="active strategies: warm-start epochs of the round substitute per round (default epochs/4)")
+    s.add_argument("--output-mode", choices=list(OUTPUT_MODES), default="probs",
+                   help="what the API answers: probs, topk (--k), rounded (--decimals), label (top-1 only)")
+    s.add_argument("--k", "--top-k", dest="top_k", type=int, default=1, help="k of --output-mode topk")
+    s.add_argument("--decimals", type=int, default=2, help="decimals of --output-mode rounded")
     s.add_argument("--arch", default="cnn_small", help="substitute architecture")
     s.add_argument("--epochs", type=int, default=12)
     s.add_argument("--batch-size", type=int, default=128)

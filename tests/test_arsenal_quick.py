@@ -1,0 +1,105 @@
+"""bench/arsenal.py --quick on the real data of ../shared (skipped when absent): every part of the
+thief's arsenal runs end to end on the quick reproduction's victim and bundle, pays exactly its
+budget, writes its tables and plot, and resumes.
+
+The quick reproduction it reads is conftest's `reproduce_quick` (shared with
+tests/test_reproduce_quick.py), or an existing one named by $HONEYPOTNET_REPRODUCE_QUICK (e.g.
+runs/reproduce-quick; only read). The arsenal run itself takes about a minute on one thread."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "bench" / "arsenal.py"
+
+
+@pytest.fixture(scope="module")
+def arsenal(request, shared_dir, cifar10_jpeg_root, tinyimagenet_root, tmp_path_factory):
+    given = os.environ.get("HONEYPOTNET_REPRODUCE_QUICK")
+    if given and (Path(given) / "seed0" / "protect-base" / "bundle" / "manifest.json").is_file():
+        source = Path(given)
+    else:
+        source = request.getfixturevalue("reproduce_quick")[0]
+    out = tmp_path_factory.mktemp("arsenal") / "quick"
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--from-reproduce", str(source), "--out", str(out), "--shared",
+           str(shared_dir), "--cifar-root", str(cifar10_jpeg_root), "--tin-root", str(tinyimagenet_root),
+           "--device", "cpu", "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, cmd, proc.stdout, json.loads((out / "results.json").read_text())
+
+
+def test_every_strategy_budget_and_oracle_is_measured_with_exact_accounting(arsenal):
+    _, _, _, r = arsenal
+    plan = r["plan"]
+    rows = r["strategies"]
+    keys = {(s["strategy"], s["budget"], s["oracle"]) for s in rows}
+    assert keys == {(s, b, o) for s in ("random", "entropy", "kcenter", "dfal") for b in plan["budgets"]
+                    for o in ("protected", "clean")}
+    pool = r["protocol"]["pool"]
+    for s in rows:
+        assert s["queries"] == s["budget"]
+        assert s["stolen"] == (s["p_value"] < plan["alpha"]) and s["tau0"] == r["bundle"]["tau0"]
+        assert 0 <= s["asr"] <= 1 and 0 <= s["cta"] <= 1
+        if s["strategy"] != "random" and s["budget"] < pool:
+            # an active thief's picks rank high on its own score (random: 0.5 on average)
+            for rd in s["rounds"][1:]:
+                pct = rd["picked_percentile"]
+                assert (pct < 0.35) if s["strategy"] == "dfal" else (pct > 0.65), (s["strategy"], rd)
+        if s["budget"] >= pool:
+            assert s["strategy"] == "random" or "every strategy" in s["note"]
+
+
+def test_the_random_thief_inherits_the_backdoor_and_the_clean_one_is_not_accused(arsenal):
+    _, _, _, r = arsenal
+    by = {(s["strategy"], s["budget"], s["oracle"]): s for s in r["strategies"]}
+    top = max(r["plan"]["budgets"])
+    stolen, clean = by[("random", top, "protected")], by[("random", top, "clean")]
+    assert stolen["stolen"] and stolen["asr"] > clean["asr"] + 0.2, (stolen["asr"], clean["asr"])
+    assert not any(s["stolen"] for s in r["strategies"] if s["oracle"] == "clean" and s["strategy"] == "random")
+
+
+def test_output_modes_counter_measures_and_art(arsenal):
+    _, _, _, r = arsenal
+    modes = {(o["output"], o["oracle"]) for o in r["outputs"]}
+    assert modes == {(m, o) for m in r["plan"]["modes"] for o in ("protected", "clean")}
+    top1 = [o for o in r["outputs"] if o["output"] == "top1"]
+    assert all("'label'" in o["note"] for o in top1)  # top-1 renormalised is the one-hot label: one unit
+    cm = r["counter"]
+    measures = {c["measure"] for c in cm}
+    assert {"none (stolen substitute)", "Neural Cleanse (detector)"} <= measures
+    assert any(m.startswith("fine-tune") for m in measures) and any(m.startswith("fine-prune") for m in measures)
+    assert any(m.startswith("JPEG") for m in measures) and any(m.startswith("Gaussian blur") for m in measures)
+    for c in cm:
+        if "nc" in c:
+            assert len(c["nc"]["norms"]) == 10 and len(c["nc"]["anomaly_index"]) == 10
+        else:
+            assert 0 <= c["cta"] <= 1 and 0 <= c["asr"] <= 1 and c["verdict"] in ("STOLEN (backdoor present)", "not flagged")
+        if "pruned_channels" in c:
+            assert c["pruned_channels"] == round(0.5 * c["channels"])
+    if r["art"]:
+        assert {(a["attack"], a["oracle"]) for a in r["art"]} == {(a, o) for a in ("knockoffnets", "copycatcnn")
+                                                                  for o in ("protected", "clean")}
+        assert all(a["queries"] == a["budget"] for a in r["art"])
+
+
+def test_tables_plot_and_resume(arsenal):
+    out, cmd, stdout, r = arsenal
+    md = (out / "results.md").read_text()
+    for head in ("### Query strategies", "### What the API returns", "### A thief who suspects a backdoor",
+                 "### Neural Cleanse"):
+        assert head in md and head in stdout
+    png = (out / "budget_curve.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    proc = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads((out / "results.json").read_text())
+    assert again["units"] and all(u["resumed"] for u in again["units"])
+    strip = lambda rows: [{k: v for k, v in x.items() if k not in ("resumed", "seconds")} for x in rows]  # noqa: E731
+    assert strip(again["strategies"]) == strip(r["strategies"]) and strip(again["counter"]) == strip(r["counter"])
