@@ -486,9 +486,7 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=None, help="output directory (default runs/arsenal, runs/arsenal-quick with --quick)")
     ap.add_argument("--quick", action="store_true", help="a smoke run of every part on reproduce's quick artefacts "
                                                          "(made first with `bench/reproduce.py --quick` if missing)")
-    ap.add_argument("--shared", default=os.environ.get("HONEYPOTNET_SHARED", str(REPO.parent / "shared")))
-    ap.add_argument("--cifar-root")
-    ap.add_argument("--tin-root")
+    rp.add_data_args(ap, victim=False)
     ap.add_argument("--budgets", type=int, nargs="+", help="query budgets (default 5000 10000 20000; quick 500 1000 2000)")
     ap.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), help="default: all")
     ap.add_argument("--modes", nargs="+", choices=list(MODES), help="API output modes (default: all)")

@@ -513,11 +513,7 @@ def reuse_reproduce(src: Path, dst: Path, seed: int) -> list[str]:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="See the module docstring and docs/defences.md.")
-    ap.add_argument("--shared", default=os.environ.get("HONEYPOTNET_SHARED", str(REPO.parent / "shared")),
-                    help="the shared folder with data/*.tar.gz and weights/ (default ../shared)")
-    ap.add_argument("--cifar-root", help="an unpacked cifar10-jpeg directory")
-    ap.add_argument("--tin-root", help="an unpacked tiny-imagenet-200 directory")
-    ap.add_argument("--victim-weights", help="resnet20 checkpoint (default SHARED/weights/resnet-cifar10/resnet20-*.th)")
+    rp.add_data_args(ap)
     ap.add_argument("--from-reproduce", metavar="DIR",
                     help="bench/reproduce.py's output to reuse (read only; default runs/reproduce, none with --quick)")
     ap.add_argument("--out", help="output directory (default runs/compare-defences, runs/compare-defences-quick with --quick)")

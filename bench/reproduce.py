@@ -656,14 +656,20 @@ def format_tables(protections: list[dict], substitutes: list[dict], timings: dic
 # ============================================================================ main
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="See the module docstring (and README) for the protocol.")
+def add_data_args(ap: argparse.ArgumentParser, victim: bool = True) -> None:
+    """Where the real data (and the victim's weights) come from: the options every bench script shares."""
     ap.add_argument("--shared", default=os.environ.get("HONEYPOTNET_SHARED", str(REPO.parent / "shared")),
                     help="the shared folder with data/*.tar.gz and weights/ (default ../shared)")
     ap.add_argument("--cifar-root", help="an unpacked cifar10-jpeg directory ({train,test}/<class>/*.jpg)")
     ap.add_argument("--tin-root", help="an unpacked tiny-imagenet-200 directory")
-    ap.add_argument("--victim-weights", help="resnet20 checkpoint (default SHARED/weights/resnet-cifar10/resnet20-*.th)")
+    if victim:
+        ap.add_argument("--victim-weights", help="resnet20 checkpoint (default SHARED/weights/resnet-cifar10/resnet20-*.th)")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="See the module docstring (and README) for the protocol.")
+    add_data_args(ap)
     ap.add_argument("--out", help="output directory (default runs/reproduce, runs/reproduce-quick with --quick)")
     ap.add_argument("--quick", action="store_true", help="1/10 of the data, T=4, fewer epochs, one seed, substitute cnn")
     ap.add_argument("--seeds", type=int, nargs="+", help="default 0 1 2 (quick and ablations: 0)")

@@ -29,7 +29,6 @@ and protection variant, the clean substitute dashed).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -46,15 +45,8 @@ from honeypotnet.training import accuracy, default_device
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_reproduce():
-    spec = importlib.util.spec_from_file_location("bench_reproduce", REPO / "bench" / "reproduce.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_reproduce", mod)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-rp = _load_reproduce()
+sys.path.insert(0, str(REPO / "bench"))
+import reproduce as rp  # noqa: E402  (the same protocol, data and resumable units)
 
 # Protection variants: name -> ProtectConfig overrides of reproduce.base_config (the library default).
 VARIANTS: dict[str, dict] = {
@@ -240,10 +232,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shared", default=os.environ.get("HONEYPOTNET_SHARED", str(REPO.parent / "shared")))
-    ap.add_argument("--cifar-root")
-    ap.add_argument("--tin-root")
-    ap.add_argument("--victim-weights")
+    rp.add_data_args(ap)
     ap.add_argument("--reproduce-out", help="reproduce.py's output directory, whose units are reused and extended "
                                             "(default runs/reproduce; --quick: runs/reproduce-quick)")
     ap.add_argument("--out", help="where the table, JSON and plot go (default runs/robustness[-quick])")

@@ -67,9 +67,7 @@ def train_epoch(model, images, targets, channels_last: bool, batch: int = 128) -
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shared", default=os.environ.get("HONEYPOTNET_SHARED", str(reproduce.REPO.parent / "shared")))
-    ap.add_argument("--cifar-root")
-    ap.add_argument("--tin-root")
+    reproduce.add_data_args(ap)
     ap.add_argument("--n", type=int, default=4000, help="images per timed step (default 4000)")
     ap.add_argument("--thieves", type=int, default=4, help="thieves sharing one pool in the answers comparison")
     ap.add_argument("--repeats", type=int, default=3)
@@ -78,7 +76,6 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
-    args.victim_weights = None
     cifar_root, tin_root = reproduce.resolve_roots(args)
     test = load_dataset("imagefolder", cifar_root, "test")
     pool = load_dataset("tinyimagenet", tin_root, "train", size=32).images[: args.n].contiguous()

@@ -111,7 +111,9 @@ def cmd_protect(args) -> int:
                         head=args.head, hidden=args.hidden, lam=args.lam, outer_iters=args.iters,
                         shadow_arch=args.shadow_arch, shadow_epochs=args.shadow_epochs,
                         shadow_warm_start=not args.shadow_reinit, trigger_passes=args.trigger_passes,
-                        honeypot_steps=args.honeypot_steps, shadow_norm_weight=args.shadow_norm_weight, seed=args.seed)
+                        honeypot_steps=args.honeypot_steps, shadow_norm_weight=args.shadow_norm_weight,
+                        shadow_finetune_epochs=args.shadow_finetune_epochs, shadow_finetune_lr=args.shadow_finetune_lr,
+                        shadow_finetune_images=args.shadow_finetune_images, seed=args.seed)
     out = Path(args.output)
     work = Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".work")
     t0 = time.time()
@@ -255,6 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--honeypot-steps", type=int, default=400)
     s.add_argument("--shadow-norm-weight", type=float, default=0.2,
                    help="weight of L_norm on shadow-set images (owner images 1; the spec's plain mean is 1)")
+    s.add_argument("--shadow-finetune-epochs", type=int, default=0,
+                   help="simulate a thief who fine-tunes its copy: aim the trigger at the shadow fine-tuned this many "
+                        "epochs on owner images labelled by the victim too (default 0 = off)")
+    s.add_argument("--shadow-finetune-lr", type=float, default=0.02)
+    s.add_argument("--shadow-finetune-images", type=int, default=1000)
     s.add_argument("--references", default="cnn,cnn_small", help="architectures of clean reference models for tau0 ('' to skip)")
     s.add_argument("--reference-epochs", type=int, default=10)
     s.add_argument("--seed", type=int, default=0)
