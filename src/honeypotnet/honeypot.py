@@ -317,12 +317,13 @@ def generate_trigger(shadow: nn.Module | list[nn.Module], trigger: Trigger, imag
 
 
 def finetuned_copy(shadow: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: ProtectConfig,
-                   iteration: int) -> nn.Module:
+                   iteration: int, progress: bool = False) -> nn.Module:
     """A copy of the shadow fine-tuned the way a suspicious thief would (a few epochs on a small clean
     labelled set), for generate_trigger to aim at features that survive such fine-tuning."""
     ft = copy.deepcopy(shadow)
     fit(ft, images, labels, FitConfig(epochs=cfg.shadow_finetune_epochs, batch_size=64, lr=cfg.shadow_finetune_lr,
-                                      seed=cfg.seed * 1000 + iteration + 29), desc=f"shadow fine-tune {iteration + 1}")
+                                      seed=cfg.seed * 1000 + iteration + 29),
+        progress=progress, desc=f"shadow fine-tune {iteration + 1}")
     return ft.eval()
 
 
@@ -434,7 +435,7 @@ def protect(victim: nn.Module, shadow_images: torch.Tensor, owner_images: torch.
         simulate_extraction(shadow, honeypot, shadow_images, shadow_feats, cfg, it, progress)
         inherited = _shadow_asr(shadow, trigger, shadow_images, cfg.target)  # backdoor learnt by extraction
         if cfg.shadow_finetune_epochs:
-            ft = finetuned_copy(shadow, ft_images, ft_labels, cfg, it)
+            ft = finetuned_copy(shadow, ft_images, ft_labels, cfg, it, progress)
             generate_trigger([shadow, ft], trigger, shadow_images, cfg, it)
         else:
             generate_trigger(shadow, trigger, shadow_images, cfg, it)
