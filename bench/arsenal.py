@@ -96,10 +96,6 @@ QUICK = Plan(budgets=(500, 1000, 2000), arch="cnn_small", epochs=3, rounds=2, ro
              art_epochs=3)
 
 
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
 # ============================================================================ the benchmark
 
 
@@ -139,7 +135,7 @@ class Arsenal:
                 fresh = ModelOracle(model)(pool[idx].to(self.device))
                 if torch.allclose(fresh, ans[idx], atol=1e-4):
                     return ans
-            log(f"{path} does not match the pool / model: answering the pool again")
+            rp.log(f"{path} does not match the pool / model: answering the pool again")
         own = self.out / f"pool-answers-{oracle}.pt"
         if own.is_file():
             ans = torch.load(own, map_location="cpu", weights_only=True)
@@ -217,7 +213,7 @@ class Arsenal:
                     rec = self.thief(oracle, strategy, budget, "probs")
                     row = self._row(rec, rounds=rec.get("rounds", []))
                     self.rows["strategies"].append(row)
-                    log(f"{strategy:>8} {budget:>6} {oracle:>9}: CTA {100 * row['cta']:.2f}%  ASR {100 * row['asr']:.2f}%  "
+                    rp.log(f"{strategy:>8} {budget:>6} {oracle:>9}: CTA {100 * row['cta']:.2f}%  ASR {100 * row['asr']:.2f}%  "
                         f"{row['verdict']}  [{rec['seconds']:.0f} s{', resumed' if rec.get('resumed') else ''}]")
 
     def run_outputs(self) -> None:
@@ -234,7 +230,7 @@ class Arsenal:
                 if same:
                     row["note"] = f"the API answers exactly as with '{same}' (same substitute)"
                 self.rows["outputs"].append(row)
-                log(f"output {mode:>9} {oracle:>9}: CTA {100 * row['cta']:.2f}%  ASR {100 * row['asr']:.2f}%  {row['verdict']}"
+                rp.log(f"output {mode:>9} {oracle:>9}: CTA {100 * row['cta']:.2f}%  ASR {100 * row['asr']:.2f}%  {row['verdict']}"
                     + (f"  (= {same})" if same else ""))
 
     # ------------------------------------------------------------------ counter-measures
@@ -290,13 +286,13 @@ class Arsenal:
                        "seconds": rec["seconds"], "resumed": rec.get("resumed", False), "rel": rel}
                 if cfg["kind"] == "nc":
                     row.update({k: rec[k] for k in ("nc", "target_anomaly", "target_flagged", "any_flagged", "target_norm_rank")})
-                    log(f"counter {oracle:>9} {label}: target-class anomaly index {rec['target_anomaly']:.2f} "
+                    rp.log(f"counter {oracle:>9} {label}: target-class anomaly index {rec['target_anomaly']:.2f} "
                         f"(flagged {rec['nc']['flagged']}, smallest-mask class {rec['nc']['smallest_class']})")
                 else:
                     row.update(_eval_fields(rec))
                     if "pruned_channels" in rec:
                         row.update(pruned_channels=rec["pruned_channels"], channels=rec["channels"])
-                    log(f"counter {oracle:>9} {label}: CTA {100 * before['cta']:.2f} -> {100 * rec['cta']:.2f}%  "
+                    rp.log(f"counter {oracle:>9} {label}: CTA {100 * before['cta']:.2f} -> {100 * rec['cta']:.2f}%  "
                         f"ASR {100 * before['asr']:.2f} -> {100 * rec['asr']:.2f}%  {rec['verdict']}")
                 self.rows["counter"].append(row)
 
@@ -307,7 +303,7 @@ class Arsenal:
         try:
             require_art()
         except ImportError as e:
-            log(f"{e}: skipping ART's attacks")
+            rp.log(f"{e}: skipping ART's attacks")
             return
         p = self.plan
         budget = min(p.art_budget, len(self.data.pool))
@@ -330,7 +326,7 @@ class Arsenal:
                 row = {"attack": attack, "wrap": wrap, "oracle": oracle, "budget": budget, "queries": rec["queries"],
                        **_eval_fields(rec), "seconds": rec["seconds"], "resumed": rec.get("resumed", False)}
                 self.rows["art"].append(row)
-                log(f"ART {attack} ({wrap}) {oracle:>9}: CTA {100 * row['cta']:.2f}%  ASR {100 * row['asr']:.2f}%  {row['verdict']}")
+                rp.log(f"ART {attack} ({wrap}) {oracle:>9}: CTA {100 * row['cta']:.2f}%  ASR {100 * row['asr']:.2f}%  {row['verdict']}")
 
 
 def _eval_fields(rec: dict) -> dict:
@@ -514,7 +510,7 @@ def ensure_reproduce(args) -> None:
     if not args.quick:
         raise SystemExit(f"{need[0] if not need[0].exists() else need[1]} not found: run `python bench/reproduce.py` "
                          f"first (or pass --from-reproduce DIR)")
-    log(f"{src}: no quick reproduction yet, running bench/reproduce.py --quick first (a few minutes)")
+    rp.log(f"{src}: no quick reproduction yet, running bench/reproduce.py --quick first (a few minutes)")
     cmd = [sys.executable, str(REPO / "bench" / "reproduce.py"), "--quick", "--out", str(src), "--shared", args.shared,
            "--device", args.device, "--resume", "--no-progress"]
     if args.cifar_root:
@@ -546,9 +542,9 @@ def main(argv=None) -> dict:
         raise SystemExit(f"budgets {plan.budgets} must lie in 1..{len(data.pool)} (the pool)")
     plan = replace(plan, mode_budget=min(plan.mode_budget, len(data.pool)), cm_budget=min(plan.cm_budget, len(data.pool)))
     t_data = time.time() - t0
-    log(f"data: pool {len(data.pool)}, evaluation {len(data.eval_idx)}, verification {len(data.verif)}  [{t_data:.0f} s]")
+    rp.log(f"data: pool {len(data.pool)}, evaluation {len(data.eval_idx)}, verification {len(data.verif)}  [{t_data:.0f} s]")
     bench = Arsenal(args, plan, data, device)
-    log(f"protected bundle {bench.source}/seed{args.reproduce_seed}/protect-base/bundle: tau0 {100 * bench.bundle.tau0:.2f}%")
+    rp.log(f"protected bundle {bench.source}/seed{args.reproduce_seed}/protect-base/bundle: tau0 {100 * bench.bundle.tau0:.2f}%")
     parts = [p for p in args.parts if not (p == "art" and args.no_art)]
     for part in parts:
         getattr(bench, f"run_{part}")()
@@ -576,9 +572,9 @@ def main(argv=None) -> dict:
     rp._write_json(out / "results.json", results)
     table = format_tables(bench.rows, plan, bench.bundle.tau0, {k: tuple(v) for k, v in timings.items()})
     (out / "results.md").write_text(table + "\n")
-    log("")
-    log(table)
-    log(f"\nwrote {out / 'results.json'}, {out / 'results.md'}" + (f", {out / 'budget_curve.png'}" if bench.rows["strategies"] else ""))
+    rp.log("")
+    rp.log(table)
+    rp.log(f"\nwrote {out / 'results.json'}, {out / 'results.md'}" + (f", {out / 'budget_curve.png'}" if bench.rows["strategies"] else ""))
     return results
 
 

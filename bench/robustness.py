@@ -75,16 +75,9 @@ QUICK_SWEEP = Sweep(finetune=[(1, 0.01), (3, 0.05)], prune=[0.5], prune_finetune
                     cleanse_steps=20, cleanse_images=100)
 
 
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
 class Robustness:
     def __init__(self, args, p, data, device, labelled: tuple[torch.Tensor, torch.Tensor], sweep: Sweep) -> None:
-        rargs = argparse.Namespace(shared=args.shared, cifar_root=args.cifar_root, tin_root=args.tin_root,
-                                   victim_weights=args.victim_weights, out=args.reproduce_out, resume=True,
-                                   progress=args.progress, finetune_victim=0)
-        self.rep = rp.Reproduction(rargs, p, data, device)
+        self.rep = rp.Reproduction(reproduce_args(args), p, data, device)
         self.args, self.p, self.data, self.device = args, p, data, device
         self.labelled = labelled
         self.sweep = sweep
@@ -112,7 +105,7 @@ class Robustness:
             row = {**base, "measure": name, **{k: v for k, v in rec.items() if k not in ("params", "key")}}
             self.rows.append(row)
             if "asr" in row:
-                log(f"[{variant:>16} {oracle:>9}] {name:<18} CTA {100 * row['cta']:.2f}%  ASR {100 * row['asr']:.2f}%  "
+                rp.log(f"[{variant:>16} {oracle:>9}] {name:<18} CTA {100 * row['cta']:.2f}%  ASR {100 * row['asr']:.2f}%  "
                     f"p {row['p_value']:.3g}  {row['verdict']}")
             return row
 
@@ -140,7 +133,7 @@ class Robustness:
                     "target_anomaly_index": res.anomaly_index[tgt], "target_flagged": tgt in res.flagged,
                     "target_norm_rank": sorted(res.norms).index(res.norms[tgt]), "nc_seconds": round(time.time() - t, 1)}
         r = unit("neural-cleanse", {"steps": sw.cleanse_steps, "images": sw.cleanse_images}, nc)
-        log(f"[{variant:>16} {oracle:>9}] neural cleanse: target anomaly index {r['target_anomaly_index']:.2f} "
+        rp.log(f"[{variant:>16} {oracle:>9}] neural cleanse: target anomaly index {r['target_anomaly_index']:.2f} "
             f"(rank {r['target_norm_rank']} of {len(r['norms'])} by mask norm), flagged {r['flagged']}")
         self.cleanse.append(r)
 
@@ -230,6 +223,14 @@ def plot(rows: list[dict], path: Path) -> None:
 # ============================================================================ main
 
 
+def reproduce_args(args) -> argparse.Namespace:
+    """reproduce.py's options for its data loader and units: its working directory, always resumed
+    (a finished reproduction's units are reused, never recomputed)."""
+    return argparse.Namespace(shared=args.shared, cifar_root=args.cifar_root, tin_root=args.tin_root,
+                              victim_weights=args.victim_weights, out=args.reproduce_out, resume=True,
+                              progress=args.progress, finetune_victim=0)
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     rp.add_data_args(ap)
@@ -263,8 +264,7 @@ def main(argv=None) -> dict:
     labelled_n = max(20, args.labelled // (10 if args.quick else 1))
     device = torch.device(args.device)
     t0 = time.time()
-    rargs = argparse.Namespace(shared=args.shared, cifar_root=args.cifar_root, tin_root=args.tin_root, finetune_victim=0)
-    data = rp.load_data(rargs, p)
+    data = rp.load_data(reproduce_args(args), p)
     # the thief's clean labelled set: cifar10-jpeg/train images outside the owner subset
     train = load_dataset("imagefolder", data.info["cifar_root"], "train")
     owner_idx = rp._subset(len(train), p.owner, 1)
@@ -297,9 +297,9 @@ def main(argv=None) -> dict:
     rp._write_json(out / "robustness.json", results)
     (out / "robustness.md").write_text(table + "\n")
     plot(rob.rows, out / "robustness-finetune.png")
-    log("")
-    log(table)
-    log(f"\nwrote {out / 'robustness.json'}, {out / 'robustness-finetune.png'}  [{time.time() - t0:.0f} s]")
+    rp.log("")
+    rp.log(table)
+    rp.log(f"\nwrote {out / 'robustness.json'}, {out / 'robustness-finetune.png'}  [{time.time() - t0:.0f} s]")
     return results
 
 
