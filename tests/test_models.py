@@ -19,11 +19,13 @@ from honeypotnet.models import (
     list_models,
     load_pretrained_cifar_resnet,
     register_model,
+    TorchvisionResNet,
     split_classifier,
 )
 
-ALL_MODELS = ["cnn", "cnn_small", "resnet18", "resnet20", "resnet32", "resnet34", "resnet44", "resnet56"]
-FEATURE_DIMS = {"cnn": 256, "cnn_small": 128, "resnet18": 512, "resnet34": 512,
+ALL_MODELS = ["cnn", "cnn_small", "resnet18", "resnet20", "resnet32", "resnet34", "resnet44", "resnet56",
+              "tv_resnet18", "tv_resnet34"]
+FEATURE_DIMS = {"cnn": 256, "cnn_small": 128, "resnet18": 512, "resnet34": 512, "tv_resnet18": 512, "tv_resnet34": 512,
                 "resnet20": 64, "resnet32": 64, "resnet44": 64, "resnet56": 64}
 
 
@@ -61,11 +63,28 @@ def test_forward_shape_and_split(name: str) -> None:
     assert "normalize.mean" in model.state_dict() and "normalize.std" in model.state_dict()
 
 
-@pytest.mark.parametrize("name", ["resnet18", "cnn_small", "resnet20"])
+@pytest.mark.parametrize("name", ["resnet18", "cnn_small", "resnet20", "tv_resnet18"])
 def test_forward_64x64(name: str) -> None:
     model = create_model(name, num_classes=5).eval()
     with torch.no_grad():
         assert model(torch.rand(2, 3, 64, 64)).shape == (2, 5)
+
+
+def test_imagenet_stem_is_torchvisions() -> None:
+    """tv_resnet18 has torchvision's stem (7x7/2 conv + max-pool): the same parameter shapes as
+    torchvision's resnet18, and a 64x64 input reaches layer4 at 2x2 (the CIFAR stem: 8x8)."""
+    ours, ref = create_model("tv_resnet18", 10), tv_resnet18(num_classes=10)
+    shapes = {k: v.shape for k, v in ours.state_dict().items() if not k.startswith("normalize.")}
+    assert shapes == {k: v.shape for k, v in ref.state_dict().items()}
+    seen = {}
+    for name in ("tv_resnet18", "resnet18"):
+        m = create_model(name, 10).eval()
+        m.layer4.register_forward_hook(lambda mod, i, o, name=name: seen.__setitem__(name, o.shape[-1]))
+        with torch.no_grad():
+            m(torch.rand(1, 3, 64, 64))
+    assert seen == {"tv_resnet18": 2, "resnet18": 8}
+    with pytest.raises(ValueError, match="stem"):
+        TorchvisionResNet([2, 2, 2, 2], stem="vgg")
 
 
 def test_cifar_resnet_keys_match_akamaster_layout() -> None:
