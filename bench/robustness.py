@@ -54,6 +54,7 @@ VARIANTS: dict[str, dict] = {
     "paper-snw1": {"shadow_norm_weight": 1.0},  # PAPER.md §5's configuration
     "eps24": {"eps": 24 / 255},  # a stronger trigger
     "shadow-ft2": {"shadow_finetune_epochs": 2},  # the thief's fine-tuning simulated in the loop
+    "shadow-reinit": {"shadow_warm_start": False},  # a fresh shadow every iteration (reproduce.py ablation)
     "shadow-ft2-eps24": {"shadow_finetune_epochs": 2, "eps": 24 / 255},
 }
 
