@@ -52,6 +52,7 @@ import reproduce as rp  # noqa: E402  (the same protocol, data and resumable uni
 VARIANTS: dict[str, dict] = {
     "base": {},
     "paper-snw1": {"shadow_norm_weight": 1.0},  # PAPER.md §5's configuration
+    "eps20": {"eps": 20 / 255},  # between the default and eps24
     "eps24": {"eps": 24 / 255},  # a stronger trigger
     "shadow-ft2": {"shadow_finetune_epochs": 2},  # the thief's fine-tuning simulated in the loop
     "shadow-reinit": {"shadow_warm_start": False},  # a fresh shadow every iteration (reproduce.py ablation)
