@@ -124,22 +124,16 @@ class Run:
             train_idx = reproduce._subset(len(train), 2000, 4)
             train = type(train)(train.images[train_idx], train.labels[train_idx], train.classes)
         g = torch.Generator().manual_seed(7)
-        calib, verif = [], []
-        for c in range(10):
-            idx = (test.labels == c).nonzero().flatten()
-            calib.append(idx[:per_class])
-            verif.append(idx[len(idx) - per_class:])
-        self.calib, self.verif = torch.cat(calib), torch.cat(verif)
+        self.calib, self.verif = reproduce.split_per_class(test.labels, len(test.classes), per_class, per_class)
         owner_idx = torch.randperm(len(train), generator=g)[:n_owner]
         rest = torch.ones(len(train), dtype=torch.bool)
         rest[owner_idx] = False
         lab_idx = rest.nonzero().flatten()[torch.randperm(int(rest.sum()), generator=g)[:n_lab]]
-        up = self.upsample
-        self.test_images, self.test_labels = up(test.images), test.labels  # CPU: verify() stamps on CPU
-        self.train_images = up(train.images).to(self.dev)
+        self.test_images, self.test_labels = self.resize(test.images), test.labels  # CPU: verify() stamps on CPU
+        self.train_images = self.resize(train.images).to(self.dev)
         self.train_labels = train.labels.to(self.dev)
         self.owner = self.train_images[owner_idx.to(self.dev)]
-        self.labelled = (up(train.images[lab_idx]), train.labels[lab_idx])
+        self.labelled = (self.resize(train.images[lab_idx]), train.labels[lab_idx])
         self.shadow = self.resize(shadow.images[torch.randperm(len(shadow), generator=g)[:n_shadow]]).to(self.dev)
         self.pool = self.resize(pool.images[torch.randperm(len(pool), generator=g)[:n_pool]]).to(self.dev)
         self.res["data"] = {"cifar_root": str(cifar_root), "tin_root": str(tin_root), "size": a.size,
@@ -160,8 +154,6 @@ class Run:
             x = F.interpolate(x, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
             out.append(x.round_().clamp_(0, 255).to(torch.uint8).cpu())
         return torch.cat(out)
-
-    upsample = resize
 
     # ------------------------------------------------------------------ training helpers
     def throughput(self, arch: str, batch: int = 256, steps: int = 12) -> float:
@@ -202,15 +194,17 @@ class Run:
         torch.manual_seed(seed)
         kw = {"zero_init_residual": True} if arch.startswith("tv_") else {}
         model = create_model(arch, 10, **kw).to(self.dev)
-        hist = fit(model, images, targets.to(self.dev), FitConfig(epochs=epochs, batch_size=batch, lr=lr, seed=seed),
+        loss = fit(model, images, targets.to(self.dev), FitConfig(epochs=epochs, batch_size=batch, lr=lr, seed=seed),
                    progress=False, device=self.dev)
-        self.last_loss = hist
-        return model.eval()
+        return model.eval(), loss
 
-    def cta(self, model, images=None, labels=None) -> float:
-        images = self.test_images if images is None else images
-        labels = self.test_labels if labels is None else labels
-        return float((predict_logits(model, images, 500, self.dev).argmax(1) == labels).float().mean())
+    def predict(self, model) -> torch.Tensor:
+        """Predicted labels on the 10k test images."""
+        return predict_logits(model, self.test_images, 500, self.dev).argmax(1)
+
+    def cta(self, model, pred: torch.Tensor | None = None) -> float:
+        pred = self.predict(model) if pred is None else pred
+        return float((pred == self.test_labels).float().mean())
 
     # ------------------------------------------------------------------ stages
     def victim(self) -> None:
@@ -220,12 +214,13 @@ class Run:
         else:
             per_epoch = len(self.train_images) / self.throughput(a.victim_arch)
             epochs = 2 if a.tiny else max(6, min(30, int(a.victim_seconds / per_epoch)))
-        self.victim_model = self.train(a.victim_arch, self.train_images, self.train_labels, epochs, seed=a.seed)
-        self.res["victim"] = {"arch": a.victim_arch, "epochs": epochs, "cta": self.cta(self.victim_model),
-                              "loss": self.last_loss}
+        self.victim_model, loss = self.train(a.victim_arch, self.train_images, self.train_labels, epochs, seed=a.seed)
+        self.victim_pred = self.predict(self.victim_model)
+        self.res["victim"] = {"arch": a.victim_arch, "epochs": epochs, "cta": self.cta(self.victim_model, self.victim_pred),
+                              "loss": loss}
         self.stage("victim", t)
-        if not all(math.isfinite(v) for v in self.last_loss) or (self.res["victim"]["cta"] < 0.5 and not a.tiny):
-            raise SystemExit(f"victim training failed (loss {self.last_loss}, CTA {self.res['victim']['cta']:.3f}): stopping")
+        if not all(math.isfinite(v) for v in loss) or (self.res["victim"]["cta"] < 0.5 and not a.tiny):
+            raise SystemExit(f"victim training failed (loss {loss}, CTA {self.res['victim']['cta']:.3f}): stopping")
         log(f"victim {a.victim_arch}: {epochs} epochs, CTA {100 * self.res['victim']['cta']:.2f}%  "
             f"[{self.res['stages']['victim']:.0f} s]")
 
@@ -237,8 +232,7 @@ class Run:
         with torch.autocast(self.dev.type, enabled=False):  # fp32: L_norm's reference logits stay exact
             r = protect(self.victim_model, self.shadow, self.owner, cfg, progress=False, device=self.dev)
         self.protected, self.trigger, self.cfg = r.model.to(self.dev).eval(), r.trigger, cfg
-        vp = predict_logits(self.victim_model, self.test_images, 500, self.dev).argmax(1)
-        pp = predict_logits(self.protected, self.test_images, 500, self.dev).argmax(1)
+        vp, pp = self.victim_pred, self.predict(self.protected)
         own = verify(self.protected, self.trigger, self.test_images[self.verif], self.test_labels[self.verif],
                      cfg.target, 0.5)
         self.res["protection"] = {
@@ -269,7 +263,7 @@ class Run:
         a = self.args
         refs = []
         for i, arch in enumerate([a.thief_arch, a.cross_arch]):
-            refs.append((arch, self.train(arch, self.shadow, shadow_answers, self.epochs(len(self.shadow)), seed=100 + i)))
+            refs.append((arch, self.train(arch, self.shadow, shadow_answers, self.epochs(), seed=100 + i)[0]))
         cal = calibrate_tau0(refs, self.trigger, self.test_images[self.calib], self.test_labels[self.calib],
                              self.cfg.target)
         self.tau0 = cal.tau0
@@ -280,12 +274,12 @@ class Run:
             + ", ".join(f"{r['arch']} {100 * r['asr']:.1f}%" for r in cal.reference)
             + f")  [{self.res['stages']['references']:.0f} s]")
 
-    def epochs(self, n: int) -> int:
+    def epochs(self) -> int:
         return 1 if self.args.tiny else self.args.thief_epochs
 
     def thief(self, oracle: str, arch: str, budget: int, mode: str):
         a = self.args
-        est = budget * self.epochs(budget) / self.throughput(arch) * 1.3 + 5
+        est = budget * self.epochs() / self.throughput(arch) * 1.3 + 5
         name = f"{oracle}-{arch}-{budget}-{mode}"
         if not self.fits(est):
             self.res["skipped"].append({"unit": name, "estimated_s": round(est), "elapsed_s": round(self.elapsed())})
@@ -297,10 +291,10 @@ class Run:
         idx = torch.randperm(len(self.pool), generator=g)[:budget].to(self.dev)
         ans = self.pool_answers[oracle][idx.cpu()]
         targets = ans.argmax(1) if mode == "label" else ans
-        model = self.train(arch, self.pool[idx], targets, self.epochs(budget), seed=a.seed)
+        model, _ = self.train(arch, self.pool[idx], targets, self.epochs(), seed=a.seed)
         v = verify(model, self.trigger, self.test_images[self.verif], self.test_labels[self.verif], self.cfg.target,
                    self.tau0)
-        row = {"protection": oracle, "arch": arch, "budget": budget, "output": mode, "epochs": self.epochs(budget),
+        row = {"protection": oracle, "arch": arch, "budget": budget, "output": mode, "epochs": self.epochs(),
                "cta": self.cta(model), "asr": v.asr, "hits": v.hits, "n": v.n, "unstamped_rate": v.unstamped_rate,
                "tau0": v.tau0, "p_value": v.p_value, "stolen": v.stolen, "verdict": v.verdict,
                "stamped_accuracy": v.stamped_accuracy, "seconds": round(time.time() - t, 1)}
@@ -342,8 +336,8 @@ class Run:
                     f"{row['verdict']}")
 
 
-def _f(x, pct=True) -> str:
-    return "—" if x is None else (f"{100 * x:.2f}" if pct else str(x))
+def _f(x) -> str:
+    return "—" if x is None else f"{100 * x:.2f}"
 
 
 def table(res: dict) -> str:

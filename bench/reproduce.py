@@ -309,21 +309,29 @@ def resolve_roots(args) -> tuple[Path, Path]:
     return cifar, tin
 
 
+def split_per_class(labels: torch.Tensor, classes: int, n_calib: int, n_verif: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Test-set indices: the first n_calib of each class calibrate tau0, the last n_verif verify
+    (file order = the original test_batch order per class; ImageFolder order is by class, so "the
+    first 5,000" would be five classes only)."""
+    calib, verif = [], []
+    for c in range(classes):
+        idx = (labels == c).nonzero().flatten()
+        if len(idx) < n_calib + n_verif:
+            raise SystemExit(f"class {c} has {len(idx)} test images, need {n_calib + n_verif}")
+        calib.append(idx[:n_calib])
+        verif.append(idx[len(idx) - n_verif:])
+    return torch.cat(calib), torch.cat(verif)
+
+
 def load_data(args, p: Protocol) -> Data:
     cifar_root, tin_root = resolve_roots(args)
     test = load_dataset("imagefolder", cifar_root, "test")
     train = load_dataset("imagefolder", cifar_root, "train")
     shadow_all = load_dataset("tinyimagenet", tin_root, "val", size=32)
     pool_all = load_dataset("tinyimagenet", tin_root, "train", size=32)
-    calib, verif = [], []
-    for c in range(len(test.classes)):
-        idx = (test.labels == c).nonzero().flatten()  # file order (= the original test_batch order per class)
-        if len(idx) < p.calib_per_class + p.verify_per_class:
-            raise SystemExit(f"class {c} has {len(idx)} test images, need {p.calib_per_class + p.verify_per_class}")
-        calib.append(idx[: p.calib_per_class])
-        verif.append(idx[len(idx) - p.verify_per_class:])
+    calib, verif = split_per_class(test.labels, len(test.classes), p.calib_per_class, p.verify_per_class)
     owner_idx = _subset(len(train), p.owner, 1)
-    data = Data(test.images, test.labels, torch.cat(calib), torch.cat(verif),
+    data = Data(test.images, test.labels, calib, verif,
                 shadow_all.images[_subset(len(shadow_all), p.shadow, 2)].contiguous(),
                 train.images[owner_idx].contiguous(),
                 pool_all.images[_subset(len(pool_all), p.pool, 3)].contiguous(), list(test.classes))

@@ -14,12 +14,12 @@ from honeypotnet.models import (
     FeatureExtractor,
     ImageClassifier,
     Normalize,
+    TorchvisionResNet,
     create_model,
     feature_dim,
     list_models,
     load_pretrained_cifar_resnet,
     register_model,
-    TorchvisionResNet,
     split_classifier,
 )
 
