@@ -538,12 +538,15 @@ class Reproduction:
             orc = PoolOracle(probs, self.data.pool, OutputMode(mode))
             res = random_extraction(orc, self.data.pool, budget, arch, 10, fitc, seed=seed, progress=self.progress,
                                     work_dir=d / "work", device=self.device)
-            if res.queries != budget or orc.queries != budget:
-                raise RuntimeError(f"thief paid {res.queries} queries for a budget of {budget}")
+            # a resumed extraction (its answers cached in work/) pays here only the queries still missing
+            if len(res.answers) != budget or orc.queries > budget or res.queries != orc.queries:
+                raise RuntimeError(f"thief has {len(res.answers)} answers ({orc.queries} queries in this run) "
+                                   f"for a budget of {budget}")
             save_model(res.substitute, d / "substitute.safetensors", arch, 10, self.data.classes, oracle=oracle,
                        budget=budget, output=mode)
             shutil.rmtree(d / "work", ignore_errors=True)
-            return {"queries": res.queries, "cta": accuracy(res.substitute, self.eval_images, self.eval_labels)}
+            return {"queries": len(res.answers), "queries_this_run": res.queries,
+                    "cta": accuracy(res.substitute, self.eval_images, self.eval_labels)}
 
         rec = self.units.run(rel, params, run, f"thief ({oracle}{', label-only' if mode == 'label' else ''})")
         rec["rel"] = rel

@@ -1,7 +1,7 @@
 """Can the thief wash the honeypot's backdoor out of its copy? (issue 8)
 
     python bench/robustness.py                          # base protection, seed 0, cnn thief at 20k
-    python bench/robustness.py --variants base shadow-ft2 eps24 --resume
+    python bench/robustness.py --variants base eps20 --seeds 0 1 2
     python bench/robustness.py --quick                  # the same on reproduce.py's quick protocol (a test)
 
 Protocol: bench/reproduce.py's (victim, shadow set, pool, calibrated tau0, verification half); its
@@ -22,14 +22,29 @@ has, and each result is verified with the bundle's trigger and calibrated tau0 (
   cleanse      Neural Cleanse: per-class reverse-engineered mask norms and anomaly index on the
                substitute (> 2 on the small side flags the class); reported for the target class
 
-Output: a markdown table on stdout and OUT/robustness.md, OUT/robustness.json, and
+Goals (--goals, on by default): the label-only, cross-architecture (resnet20) and quarter-budget
+thieves of the reproduction are trained too (protected and clean), and issue 8's goal list is checked
+per variant over every seed: victim drop, each thief's ASR, clean-model ASR, false positives over
+every clean substitute (with and without counter-measures), the thief's pick of fine-tuning and of
+fine-pruning, each purification a thief could live with, and the Neural Cleanse index.
+
+Widened null (--widened-null, on by default): an innocent copy that its owner fine-tuned on a few
+clean labels can answer the trigger's target more often than the reference models tau0 was
+calibrated on (measured: eps20, seed 2, a clean substitute went from 6.0% to 12.5-17.1% ASR
+against tau0 10.8% and was flagged). So every verdict is also given under tau0 recalibrated (same
+rule) over the references plus each reference fine-tuned on 1,000 of the owner's labelled images
+(verify.finetuned_references, 4 settings), and the goal list is checked under both nulls.
+
+Output: markdown tables on stdout and OUT/robustness.md (goals; counter-measures over seeds; every
+run), OUT/robustness.json, and
 OUT/robustness-finetune.png (ASR against the thief's fine-tuning epochs, one line per learning rate
-and protection variant, the clean substitute dashed).
+and protection variant, mean over seeds with a min..max band, the clean substitute dashed).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,10 +52,11 @@ from pathlib import Path
 
 import torch
 
-from honeypotnet.bundle import load_model
+from honeypotnet.bundle import load_model, save_model
 from honeypotnet.countermeasures import assess, fine_prune, finetune, neural_cleanse
 from honeypotnet.data import load_dataset
 from honeypotnet.training import accuracy, default_device
+from honeypotnet.verify import FINETUNE_SETTINGS, binomial_p_value, calibrate_tau0, finetuned_references
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,6 +73,9 @@ VARIANTS: dict[str, dict] = {
     "shadow-ft2": {"shadow_finetune_epochs": 2},  # the thief's fine-tuning simulated in the loop
     "shadow-reinit": {"shadow_warm_start": False},  # a fresh shadow every iteration (reproduce.py ablation)
     "shadow-ft2-eps24": {"shadow_finetune_epochs": 2, "eps": 24 / 255},
+    # a low-frequency trigger: δ optimised on a 16×16 grid and upsampled (blur and JPEG keep more of
+    # it; weaker per unit of eps, hence eps 24)
+    "lowres16-eps24": {"eps": 24 / 255, "trigger_resolution": 16},
 }
 
 
@@ -78,10 +97,13 @@ QUICK_SWEEP = Sweep(finetune=[(1, 0.01), (3, 0.05)], prune=[0.5], prune_finetune
 
 
 class Robustness:
-    def __init__(self, args, p, data, device, labelled: tuple[torch.Tensor, torch.Tensor], sweep: Sweep) -> None:
+    def __init__(self, args, p, data, device, labelled: tuple[torch.Tensor, torch.Tensor], sweep: Sweep,
+                 owner_labelled: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self.rep = rp.Reproduction(reproduce_args(args), p, data, device)
         self.args, self.p, self.data, self.device = args, p, data, device
         self.labelled = labelled
+        self.owner_labelled = owner_labelled
+        self._ft_refs: dict[int, tuple[str, list]] = {}
         self.sweep = sweep
         self.rows: list[dict] = []
         self.cleanse: list[dict] = []
@@ -139,17 +161,79 @@ class Robustness:
             f"(rank {r['target_norm_rank']} of {len(r['norms'])} by mask norm), flagged {r['flagged']}")
         self.cleanse.append(r)
 
-    def run(self, seeds, variants, arch: str, budget: int) -> None:
+    def finetuned_refs(self, seed: int) -> tuple[str, list]:
+        """The seed's reference models fine-tuned on the owner's labelled images (a unit)."""
+        if seed not in self._ft_refs:
+            refs = self.rep.references(seed)
+            x, y = self.owner_labelled
+            rel = f"seed{seed}/references-finetuned"
+            where = Path(self.args.reproduce_out) / rel
+
+            def run(d: Path) -> dict:
+                models = finetuned_references(refs, x, y, FINETUNE_SETTINGS, seed=seed)
+                for name, m in models:
+                    save_model(m, d / f"{name}.safetensors", name.split("+")[0], 10, self.data.classes)
+                return {"names": [n for n, _ in models],
+                        "cta": {n: accuracy(m, self.rep.eval_images, self.rep.eval_labels) for n, m in models}}
+
+            rec = self.rep.units.run(rel, {"references": self.rep._refs_key[seed], "settings": FINETUNE_SETTINGS,
+                                           "labelled": len(x)}, run, "fine-tuned references")
+            self._ft_refs[seed] = (rec["key"], [(n, load_model(where / f"{n}.safetensors")[0].to(self.device))
+                                          for n in rec["names"]])
+        return self._ft_refs[seed]
+
+    def widened_null(self, seed: int, prot: dict) -> dict:
+        """tau0 calibrated (same rule) over the references and their fine-tuned copies."""
+        key, ft = self.finetuned_refs(seed)
+        d, b = self.data, prot["bundle"]
+
+        def run(_d: Path) -> dict:
+            cal = calibrate_tau0(self.rep.references(seed) + ft, b.trigger, d.test_images[d.calib], d.test_labels[d.calib],
+                                 b.target)
+            return {"tau0": cal.tau0, "rule": cal.rule, "reference": cal.reference}
+
+        return self.rep.units.run(f"{prot['rel']}/calibration-widened", {"protection": prot["key"], "finetuned": key},
+                                  run, "calibration (widened)")
+
+    def run(self, seeds, variants, arch: str, budget: int, goals: bool, cross: str = "resnet20") -> None:
         for seed in seeds:
             for v in variants:
                 prot = self.rep.protection(seed, v, VARIANTS[v])
-                self.protections.append({k: prot[k] for k in ("seed", "protection", "overrides", "victim_cta", "protected_cta",
-                                                               "cta_delta", "fidelity", "tau0", "seconds")})
+                rec = {k: prot[k] for k in ("seed", "protection", "overrides", "victim_cta", "protected_cta",
+                                            "cta_delta", "fidelity", "tau0", "seconds")}
+                if self.owner_labelled is not None:
+                    wide = self.widened_null(seed, prot)
+                    rec["tau0_widened"] = wide["tau0"]
+                    rec["widened_reference"] = wide["reference"]
+                self.protections.append(rec)
+                # the clean substitute is the same for every variant, but its verdicts are not: each
+                # variant verifies it with its own trigger and tau0 (the false-positive check)
                 for oracle in ("protected", "clean"):
-                    if oracle == "clean" and v != variants[0]:
-                        continue  # the clean substitute does not depend on the protection: once per seed
                     t = self.rep.thief(seed, oracle, arch, budget, "probs", prot)
                     self.counter_measures(seed, v, prot, oracle, t)
+                # issue 8's "without giving up what already works": the reproduction's thieves, verified
+                # (--no-goals: the counter-measures' thief only, whose units exist already)
+                for g_arch, g_budget, mode in goal_thieves(arch, budget, cross)[: None if goals else 1]:
+                    self.rep.pair(seed, prot, g_arch, g_budget, mode)
+
+
+def apply_widened_null(protections: list[dict], records: list[dict], key: str) -> None:
+    """Add p_value_widened / stolen_widened to verification records (counter-measure rows: key
+    "variant"; substitutes: "protection") from their hits and n under the widened tau0."""
+    tau = {(p["seed"], p["protection"]): p["tau0_widened"] for p in protections if "tau0_widened" in p}
+    for r in records:
+        t = tau.get((r["seed"], r[key]))
+        if t is None or "hits" not in r:
+            continue
+        r["tau0_widened"] = t
+        r["p_value_widened"] = binomial_p_value(r["hits"], r["n"], t)
+        r["stolen_widened"] = r["p_value_widened"] < r["alpha"]
+
+
+def goal_thieves(arch: str, budget: int, cross: str) -> list[tuple[str, int, str]]:
+    """(arch, budget, output) of the thieves issue 8's targets name: soft-label, label-only and
+    cross-architecture (`cross`) at the full budget, soft-label at a quarter of it (20k and 5k)."""
+    return [(arch, budget, "probs"), (arch, budget, "label"), (cross, budget, "probs"), (arch, max(1, budget // 4), "probs")]
 
 
 # ============================================================================ tables and plot
@@ -159,41 +243,190 @@ def _f(x) -> str:
     return "—" if x is None else f"{100 * x:.1f}"
 
 
+def _ms(xs: list[float]) -> str:
+    """mean ± sd (min) of fractions, in percent; one value as it is."""
+    xs = [100 * x for x in xs]
+    if len(xs) == 1:
+        return f"{xs[0]:.1f}"
+    return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f} (min {min(xs):.1f})"
+
+
+def _measure(r: dict) -> str:
+    return "Neural Cleanse" if r["measure"] == "neural-cleanse" else r["measure"]
+
+
 def format_table(protections: list[dict], rows: list[dict]) -> str:
-    out = ["| variant | victim CTA → protected (Δ) | fidelity | tau0 |", "| --- | --- | --- | --- |"]
+    """Every row of every seed (the detail); see summary_table / goals_table for the aggregates."""
+    out = ["| variant | seed | victim CTA → protected (Δ) | fidelity | tau0 | tau0, widened null |",
+           "| --- | --- | --- | --- | --- | --- |"]
     for p in protections:
-        out.append(f"| {p['protection']} | {_f(p['victim_cta'])} → {_f(p['protected_cta'])} ({100 * p['cta_delta']:+.2f}) "
-                   f"| {_f(p['fidelity'])} | {_f(p['tau0'])} |")
-    out += ["", "| variant | substitute | counter-measure | thief CTA | ASR | p | verdict |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        out.append(f"| {p['protection']} | {p['seed']} | {_f(p['victim_cta'])} → {_f(p['protected_cta'])} "
+                   f"({100 * p['cta_delta']:+.2f}) | {_f(p['fidelity'])} | {_f(p['tau0'])} | {_f(p.get('tau0_widened'))} |")
+    out += ["", "| variant | seed | substitute | counter-measure | thief CTA | ASR | p | verdict | widened null |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if r["measure"] == "neural-cleanse":
-            out.append(f"| {r['variant']} | {r['oracle']} | Neural Cleanse | — | target anomaly index "
-                       f"{r['target_anomaly_index']:.2f} | — | {'target flagged' if r['target_flagged'] else 'target not flagged'} |")
+            out.append(f"| {r['variant']} | {r['seed']} | {r['oracle']} | Neural Cleanse | — | target anomaly index "
+                       f"{r['target_anomaly_index']:.2f} | — | {'target flagged' if r['target_flagged'] else 'target not flagged'} | — |")
             continue
         p = r["p_value"]
-        out.append(f"| {r['variant']} | {r['oracle']} | {r['measure']} | {_f(r['cta'])} | {_f(r['asr'])} | "
-                   f"{'< 1e-300' if p == 0 else f'{p:.2g}'} | {'STOLEN' if r['stolen'] else 'not flagged'} |")
+        wide = "—" if "stolen_widened" not in r else "STOLEN" if r["stolen_widened"] else "not flagged"
+        out.append(f"| {r['variant']} | {r['seed']} | {r['oracle']} | {r['measure']} | {_f(r['cta'])} | {_f(r['asr'])} | "
+                   f"{'< 1e-300' if p == 0 else f'{p:.2g}'} | {'STOLEN' if r['stolen'] else 'not flagged'} | {wide} |")
     picks = thief_picks(rows)
     if picks:
         out += ["", "Thief's pick (the fine-tuning setting with the best clean accuracy):", ""]
-        for (v, o), r in picks.items():
-            out.append(f"- {v} / {o}: {r['measure']}: CTA {_f(r['cta'])} (before {_f(r['cta_before'])}), ASR {_f(r['asr'])}, "
-                       f"{'STOLEN' if r['stolen'] else 'not flagged'}")
+        for (v, o, seed), r in picks.items():
+            out.append(f"- {v} / {o} / seed {seed}: {r['measure']}: CTA {_f(r['cta'])} (before {_f(r['cta_before'])}), "
+                       f"ASR {_f(r['asr'])}, {'STOLEN' if r['stolen'] else 'not flagged'}")
     return "\n".join(out)
 
 
-def thief_picks(rows: list[dict]) -> dict:
+def thief_picks(rows: list[dict], family: str = "finetune") -> dict:
+    """(variant, oracle, seed) -> the `family` ("finetune" / "fineprune") row with the best clean
+    accuracy: the setting a thief who sweeps them keeps."""
     picks = {}
-    for key in dict.fromkeys((r["variant"], r["oracle"]) for r in rows):
-        ft = [r for r in rows if (r["variant"], r["oracle"]) == key and r["measure"].startswith("finetune")]
-        none = [r for r in rows if (r["variant"], r["oracle"]) == key and r["measure"] == "none"]
+    for key in dict.fromkeys((r["variant"], r["oracle"], r["seed"]) for r in rows):
+        mine = [r for r in rows if (r["variant"], r["oracle"], r["seed"]) == key]
+        ft = [r for r in mine if r["measure"].startswith(family)]
+        none = [r for r in mine if r["measure"] == "none"]
         if ft:
             best = max(ft, key=lambda r: r["cta"])
             picks[key] = {**best, "cta_before": none[0]["cta"] if none else None}
     return picks
 
 
+def _summary_groups(rows: list[dict]) -> list[tuple[str, str, str, list[dict]]]:
+    """(variant, oracle, label, rows over seeds) for the summary: each measure, plus the thief's picks."""
+    groups = []
+    ft, fp = thief_picks(rows, "finetune"), thief_picks(rows, "fineprune")
+    for v, o in dict.fromkeys((r["variant"], r["oracle"]) for r in rows):
+        mine = [r for r in rows if (r["variant"], r["oracle"]) == (v, o)]
+        for m in dict.fromkeys(r["measure"] for r in mine):
+            groups.append((v, o, m, [r for r in mine if r["measure"] == m]))
+            if m == "none":
+                groups.append((v, o, "fine-tune: thief's pick", [x for k, x in ft.items() if k[:2] == (v, o)]))
+                groups.append((v, o, "fine-prune: thief's pick", [x for k, x in fp.items() if k[:2] == (v, o)]))
+    return [g for g in groups if g[3]]
+
+
+def summary_table(rows: list[dict]) -> str:
+    """Each variant x substitute x counter-measure over seeds: CTA, ASR (mean ± sd, min) and how many
+    seeds verification flagged."""
+    out = ["| variant | substitute | counter-measure | thief CTA | ASR | flagged | flagged, widened null | seeds |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for v, o, m, rs in _summary_groups(rows):
+        if m == "neural-cleanse":
+            idx = [r["target_anomaly_index"] for r in rs]
+            out.append(f"| {v} | {o} | Neural Cleanse | — | target anomaly index {statistics.mean(idx):.2f} "
+                       f"(max {max(idx):.2f}) | target flagged {sum(r['target_flagged'] for r in rs)}/{len(rs)} | — | {len(rs)} |")
+            continue
+        name = m if not m.endswith("pick") else f"**{m}**"
+        wide = f"{sum(r['stolen_widened'] for r in rs)}/{len(rs)}" if all("stolen_widened" in r for r in rs) else "—"
+        out.append(f"| {v} | {o} | {name} | {_ms([r['cta'] for r in rs])} | {_ms([r['asr'] for r in rs])} | "
+                   f"{sum(r['stolen'] for r in rs)}/{len(rs)} | {wide} | {len(rs)} |")
+    return "\n".join(out)
+
+
+# issue 8's targets (fractions): ASR left after a counter-measure, victim CTA drop, thieves' ASR, clean-model ASR
+GOAL_KEEP_ASR = 0.5
+GOAL_VICTIM_DROP = 0.002
+GOAL_THIEF_ASR = {"full": 0.95, "quarter": 0.85}
+GOAL_CLEAN_ASR = 0.10
+GOAL_NC_INDEX = 2.0
+# a purification that costs the thief more than this much clean accuracy is reported, not a goal:
+# a thief would not serve a copy that much worse (blur σ 1 costs the CNN 34 of its 60 points;
+# JPEG q50 and blur σ 0.5 cost about 10 and stay goals)
+PURIFY_USABLE_DROP = 0.20
+
+
+def goals(protections: list[dict], rows: list[dict], substitutes: list[dict], budget: int, widened: bool = False) -> list[dict]:
+    """Issue 8's goal list, checked per variant over every seed run: one record per goal with the
+    worst value over seeds and whether it holds. widened: the verdicts under the widened null."""
+    out = []
+    flag = "stolen_widened" if widened else "stolen"
+    for v in dict.fromkeys(p["protection"] for p in protections):
+        ps = [p for p in protections if p["protection"] == v]
+        if widened and not all("tau0_widened" in p for p in ps):
+            continue
+        seeds = sorted({p["seed"] for p in ps})
+        label = v
+
+        def add(goal: str, worst, target: str, ok: bool, n: int, note: str = "") -> None:
+            out.append({"variant": label, "goal": goal, "worst": worst, "target": target, "pass": bool(ok), "n": n,
+                        "note": note, "null": "widened" if widened else "references"})
+
+        drop = max(-p["cta_delta"] for p in ps)
+        add("victim CTA drop", f"{100 * drop:.2f} pt", f"≤ {100 * GOAL_VICTIM_DROP:.1f} pt", drop <= GOAL_VICTIM_DROP + 1e-9, len(ps))
+        subs = [s for s in substitutes if s["protection"] == v]
+        for g in dict.fromkeys((s["arch"], s["budget"], s["output"]) for s in subs):
+            st = [s for s in subs if (s["arch"], s["budget"], s["output"]) == g and s["oracle"] == "protected"]
+            target = GOAL_THIEF_ASR["full" if g[1] == budget else "quarter"]
+            worst = min(s["asr"] for s in st)
+            add(f"thief ASR: {g[0]} {g[1]} {'label-only' if g[2] == 'label' else 'soft'}", _f(worst), f"≥ {100 * target:.0f}, flagged",
+                worst >= target and all(s[flag] for s in st), len(st))
+        clean_subs = [s for s in subs if s["oracle"] == "clean"]
+        clean_none = [r for r in rows if r["variant"] == v and r["oracle"] == "clean" and r["measure"] == "none"]
+        cl = [s["asr"] for s in clean_subs] or [r["asr"] for r in clean_none]
+        if cl:
+            add("clean-model ASR", _f(max(cl)), f"≤ {100 * GOAL_CLEAN_ASR:.0f}", max(cl) <= GOAL_CLEAN_ASR, len(cl))
+        clean_rows = [r for r in rows if r["variant"] == v and r["oracle"] == "clean" and r["measure"] != "neural-cleanse"]
+        fp = sum(r[flag] for r in clean_subs) + sum(r[flag] for r in clean_rows)
+        add("false positives (clean thieves, with and without counter-measures)", str(fp), "0", fp == 0,
+            len(clean_subs) + len(clean_rows))
+        mine = [r for r in rows if r["variant"] == v and r["oracle"] == "protected"]
+        for family, family_name in (("finetune", "fine-tune"), ("fineprune", "fine-prune")):
+            picks = [r for k, r in thief_picks(mine, family).items()]
+            if picks:
+                w = min(picks, key=lambda r: r["asr"])
+                add(f"{family_name}, thief's pick", f"{_f(w['asr'])} ({w['measure']}, seed {w['seed']})", f"≥ {100 * GOAL_KEEP_ASR:.0f}, flagged",
+                    all(r["asr"] >= GOAL_KEEP_ASR and r[flag] for r in picks), len(picks))
+        nones = {r["seed"]: r for r in mine if r["measure"] == "none"}
+        for m in dict.fromkeys(r["measure"] for r in mine if r["measure"].startswith("purify")):
+            rs = [r for r in mine if r["measure"] == m]
+            cost = max(nones[r["seed"]]["cta"] - r["cta"] for r in rs if r["seed"] in nones)
+            w = min(rs, key=lambda r: r["asr"])
+            usable = cost <= PURIFY_USABLE_DROP
+            add(f"{m.replace('purify-', 'purify ')}", f"{_f(w['asr'])} (seed {w['seed']})", f"≥ {100 * GOAL_KEEP_ASR:.0f}, flagged",
+                all(r["asr"] >= GOAL_KEEP_ASR and r[flag] for r in rs) or not usable, len(rs),
+                "" if usable else f"not a goal: costs the thief {100 * cost:.1f} pt of accuracy")
+        nc = [r for r in mine if r["measure"] == "neural-cleanse"]
+        if nc:
+            worst = max(r["target_anomaly_index"] for r in nc)
+            add("Neural Cleanse anomaly index of the target", f"{worst:.2f}", f"< {GOAL_NC_INDEX:g}",
+                worst < GOAL_NC_INDEX and not any(r["target_flagged"] for r in nc), len(nc))
+        for rec in out:
+            if rec["variant"] == label and rec["null"] == ("widened" if widened else "references"):
+                rec["seeds"] = seeds
+    return out
+
+
+def goals_table(recs: list[dict]) -> str:
+    """One row per variant x goal; "met" under the references' null (PAPER.md §3) and under the
+    widened null (references + their fine-tuned copies), where that was run."""
+    out = ["| variant | goal | worst over seeds | target | met | met, widened null | runs |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+
+    def met(r: dict | None) -> str:
+        if r is None:
+            return "—"
+        return ("yes" if r["pass"] else "**no**") + (f" ({r['note']})" if r["note"] else "")
+
+    plain = [r for r in recs if r["null"] == "references"]
+    for r in plain:
+        w = next((x for x in recs if x["null"] == "widened" and (x["variant"], x["goal"]) == (r["variant"], r["goal"])), None)
+        out.append(f"| {r['variant']} | {r['goal']} | {r['worst']} | {r['target']} | {met(r)} | {met(w)} | {r['n']} |")
+    out.append("")
+    for v in dict.fromkeys(r["variant"] for r in plain):
+        for null in ("references", "widened"):
+            mine = [r for r in recs if r["variant"] == v and r["null"] == null]
+            if mine:
+                out.append(f"- {v}, {null} null: {sum(r['pass'] for r in mine)}/{len(mine)} goals met over seeds {mine[0]['seeds']}")
+    return "\n".join(out)
+
+
 def plot(rows: list[dict], path: Path) -> None:
+    """ASR against the thief's fine-tuning epochs: mean over seeds, the band spans min..max."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,19 +434,30 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     keys = list(dict.fromkeys((r["variant"], r["oracle"]) for r in rows))
+    variants = list(dict.fromkeys(k[0] for k in keys))
     lrs = sorted({r["lr"] for r in rows if r["measure"].startswith("finetune")})
-    for i, (v, o) in enumerate(keys):
-        none = [r for r in rows if (r["variant"], r["oracle"]) == (v, o) and r["measure"] == "none"]
+    for v, o in keys:
+        color = f"C{variants.index(v)}"
+        mine = [r for r in rows if (r["variant"], r["oracle"]) == (v, o)]
+        n_seeds = len({r["seed"] for r in mine})
         for lr in lrs:
-            pts = sorted((r["epochs"], r["asr"]) for r in rows
-                         if (r["variant"], r["oracle"]) == (v, o) and r["measure"].startswith("finetune") and r["lr"] == lr)
-            if none:
-                pts = [(0, none[0]["asr"])] + pts
-            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", linestyle="--" if o == "clean" else "-",
-                    color=f"C{i}", alpha=1.0 if lr == lrs[0] else 0.55, label=f"{v} / {o} substitute, lr {lr:g}")
+            by_epoch: dict[int, list[float]] = {}
+            for r in mine:
+                if r["measure"] == "none":
+                    by_epoch.setdefault(0, []).append(r["asr"])
+                elif r["measure"].startswith("finetune") and r["lr"] == lr:
+                    by_epoch.setdefault(r["epochs"], []).append(r["asr"])
+            ep = sorted(by_epoch)
+            mean = [100 * statistics.mean(by_epoch[e]) for e in ep]
+            alpha = 1.0 if lr == lrs[0] else 0.55
+            ax.plot(ep, mean, marker="o", linestyle="--" if o == "clean" else "-", color=color, alpha=alpha,
+                    label=f"{v} / {o} substitute, lr {lr:g}" + (f" ({n_seeds} seeds)" if n_seeds > 1 else ""))
+            if n_seeds > 1:
+                ax.fill_between(ep, [100 * min(by_epoch[e]) for e in ep], [100 * max(by_epoch[e]) for e in ep],
+                                color=color, alpha=0.12 * alpha, linewidth=0)
     ax.axhline(50, color="grey", linewidth=0.8, linestyle=":")
     ax.set_xlabel("thief's fine-tuning epochs on 1,000 clean labelled images")
-    ax.set_ylabel("ASR (%)")
+    ax.set_ylabel("ASR (%): mean over seeds, band min..max")
     ax.set_ylim(-2, 102)
     ax.set_title("Backdoor left after the thief fine-tunes its copy")
     ax.legend(fontsize=7)
@@ -245,6 +489,14 @@ def parse_args(argv=None):
     ap.add_argument("--budget", type=int, default=20000, help="thief query budget (quick: divided by 10)")
     ap.add_argument("--substitute", default="cnn", help="the thief's architecture (default cnn)")
     ap.add_argument("--labelled", type=int, default=1000, help="clean labelled images the thief has (default 1000)")
+    ap.add_argument("--goals", action=argparse.BooleanOptionalAction, default=True,
+                    help="also train and verify the label-only, cross-architecture and quarter-budget thieves "
+                         "issue 8's targets name, and check the goal list (default on)")
+    ap.add_argument("--widened-null", action=argparse.BooleanOptionalAction, default=True,
+                    help="also verify under a null calibrated over the reference models and their copies fine-tuned on "
+                         "the owner's labelled images (verify.finetuned_references; default on)")
+    ap.add_argument("--cross-substitute", default="resnet20",
+                    help="the cross-architecture thief of the goal list (default resnet20, the victim's family)")
     ap.add_argument("--device", default=str(default_device()))
     ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty())
     args = ap.parse_args(argv)
@@ -276,23 +528,35 @@ def main(argv=None) -> dict:
     cand = free.nonzero().flatten()
     pick = cand[torch.randperm(len(cand), generator=g)[:labelled_n]]
     labelled = (train.images[pick].contiguous(), train.labels[pick].contiguous())
-    rob = Robustness(args, p, data, device, labelled, sweep)
+    # the owner's labelled images for the widened null: from the owner subset (never the thief's)
+    g = torch.Generator().manual_seed(5)
+    opick = owner_idx[torch.randperm(len(owner_idx), generator=g)[:labelled_n]]
+    owner_labelled = (train.images[opick].contiguous(), train.labels[opick].contiguous()) if args.widened_null else None
+    rob = Robustness(args, p, data, device, labelled, sweep, owner_labelled)
     rob.rep.victim()
-    rob.run(args.seeds, args.variants, args.substitute, budget)
+    rob.run(args.seeds, args.variants, args.substitute, budget, args.goals, args.cross_substitute)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    table = format_table(rob.protections, rob.rows)
+    substitutes = rob.rep.substitutes
+    apply_widened_null(rob.protections, rob.rows, "variant")
+    apply_widened_null(rob.protections, substitutes, "protection")
+    checks = goals(rob.protections, rob.rows, substitutes, budget) + goals(rob.protections, rob.rows, substitutes, budget, True)
+    table = "\n\n".join(["## Goals (issue 8)", goals_table(checks), "## Over seeds", summary_table(rob.rows),
+                          "## Every run", format_table(rob.protections, rob.rows)])
     picks = thief_picks(rob.rows)
     results = {"benchmark": "bench/robustness.py", "mode": "quick" if args.quick else "full",
                "command": " ".join([Path(sys.executable).name, *sys.argv]),
                "protocol": {"reproduce_out": args.reproduce_out, "variants": {v: {k: rp._jsonable(x) for k, x in VARIANTS[v].items()}
                                                                               for v in args.variants},
                             "seeds": args.seeds, "budget": budget, "substitute": args.substitute, "labelled": labelled_n,
+                            "goals": args.goals, "goal_thieves": goal_thieves(args.substitute, budget, args.cross_substitute)
+                            if args.goals else [],
                             "sweep": {"finetune": sweep.finetune, "prune": sweep.prune, "prune_finetune": sweep.prune_finetune,
                                       "purify": sweep.purify, "cleanse_steps": sweep.cleanse_steps,
                                       "cleanse_images": sweep.cleanse_images}},
                "machine": rp.machine_info(device), "protections": rob.protections, "rows": rob.rows,
+               "substitutes": substitutes, "goals": checks,
                "thief_picks": [{"variant": k[0], "oracle": k[1], **v} for k, v in picks.items()],
                "victim_cta": accuracy(rob.rep.victim(), rob.rep.eval_images, rob.rep.eval_labels),
                "seconds": round(time.time() - t0, 1)}

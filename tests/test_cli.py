@@ -29,10 +29,15 @@ def test_cli_chain_train_protect_extract_verify(tmp_path):
     bundle = tmp_path / "bundle"
     r = run("protect", str(victim), "--shadow-limit", "800", "--owner-limit", "400", "--iters", "1", "--shadow-arch", "cnn_small",
             "--shadow-epochs", "1", "--honeypot-steps", "20", "--references", "cnn_small", "--reference-epochs", "1",
+            "--reference-finetune", "100",
             "--output", str(bundle))
     assert r.returncode == 0, r.stderr
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert 0 < manifest["verification"]["tau0"] <= 0.5 and manifest["history"][0]["iteration"] == 1
+    # --reference-finetune: the reference and its 4 fine-tuned copies calibrate the null
+    assert [r["arch"] for r in manifest["verification"]["reference"]] == [
+        "cnn_small", *(f"cnn_small+finetune-e{e}-lr{lr:g}" for e, lr in ((3, 0.01), (10, 0.01), (3, 0.05), (10, 0.05)))]
+    assert manifest["verification"]["reference_finetune"]["images"] == 100
     # protecting again into the same place is refused and leaves the bundle intact
     r = run("protect", str(victim), "--shadow-limit", "100", "--iters", "0", "--references", "", "--output", str(bundle), "--work-dir", str(tmp_path / "w2"))
     assert r.returncode == 2 and "already exists" in r.stderr

@@ -118,3 +118,34 @@ def test_shadow_finetune_option_changes_the_trigger_and_keeps_old_keys():
         protect(victim, shadow, None, ProtectConfig(shadow_finetune_epochs=1, **kw), progress=False)
     with pytest.raises(ValueError, match="shadow_finetune"):
         ProtectConfig(shadow_finetune_lr=0)
+
+
+def test_low_resolution_trigger_is_smooth_within_eps_and_still_works():
+    """trigger_resolution=r optimises δ on an r×r grid: the stamped pattern stays within ±eps, is far
+    smoother than the full-resolution UAP (neighbouring pixels differ little), still moves a trained
+    model towards the target (less than the full-resolution UAP: fewer degrees of freedom), and the
+    option leaves old configuration keys alone."""
+    train = load_dataset("shapes", split="train", n=1500)
+    torch.manual_seed(0)
+    model = create_model("cnn_small", 10)
+    fit(model, train.images, train.labels, FitConfig(epochs=3), progress=False)
+    x = train.float()[:500]
+    with torch.no_grad():
+        before = float((model(x).argmax(1) == 3).float().mean())
+    rate, rough = {}, {}
+    for r in (0, 16):
+        cfg = ProtectConfig(target=3, eps=32 / 255, trigger_passes=3, trigger_resolution=r)
+        trig = generate_trigger(model, Trigger.uap(32, cfg.eps), train.images, cfg, 0)
+        p = trig.pattern
+        assert p.abs().max() <= cfg.eps + 1e-6
+        rough[r] = float((p[:, :, 1:] - p[:, :, :-1]).abs().mean() / cfg.eps)
+        with torch.no_grad():
+            rate[r] = float((model(trig.stamp(x)).argmax(1) == 3).float().mean())
+    assert rough[16] < rough[0] / 2, rough
+    assert rate[16] > before + 0.1 and rate[0] > before + 0.3, (before, rate)
+    assert "trigger_resolution" not in ProtectConfig().key_dict()
+    assert ProtectConfig(trigger_resolution=8).hash() != ProtectConfig().hash()
+    with pytest.raises(ValueError, match="trigger_resolution"):
+        ProtectConfig(trigger="patch", trigger_resolution=8)
+    with pytest.raises(ValueError, match="trigger_resolution"):
+        ProtectConfig(trigger_resolution=-1)

@@ -24,7 +24,7 @@ def robustness(reproduce_quick, shared_dir, cifar10_jpeg_root, tinyimagenet_root
     out = tmp / "out"
     cmd = [sys.executable, str(SCRIPT), "--quick", "--reproduce-out", str(rep), "--out", str(out), "--shared",
            str(shared_dir), "--cifar-root", str(cifar10_jpeg_root), "--tin-root", str(tinyimagenet_root),
-           "--device", "cpu", "--no-progress"]
+           "--device", "cpu", "--no-progress", "--cross-substitute", "cnn_small"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout, json.loads((out / "robustness.json").read_text())
@@ -65,9 +65,48 @@ def test_resume_reuses_every_unit(robustness, shared_dir, cifar10_jpeg_root, tin
     rep = r["protocol"]["reproduce_out"]
     cmd = [sys.executable, str(SCRIPT), "--quick", "--reproduce-out", rep, "--out", str(out), "--shared",
            str(shared_dir), "--cifar-root", str(cifar10_jpeg_root), "--tin-root", str(tinyimagenet_root),
-           "--device", "cpu", "--no-progress"]
+           "--device", "cpu", "--no-progress", "--cross-substitute", "cnn_small"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     again = json.loads((out / "robustness.json").read_text())
     assert all(row["resumed"] for row in again["rows"])
     assert [(x["measure"], x.get("asr")) for x in again["rows"]] == [(x["measure"], x.get("asr")) for x in r["rows"]]
+    assert again["goals"] == r["goals"]
+
+
+def test_goal_list_follows_the_measured_rows(robustness):
+    """The goal checklist is computed from the runs, not asserted: every thief the goal list names was
+    trained and verified (protected and clean), and each verdict agrees with the numbers it reports."""
+    out, _, r = robustness
+    budget = r["protocol"]["budget"]
+    assert [tuple(t) for t in r["protocol"]["goal_thieves"]] == [("cnn", budget, "probs"), ("cnn", budget, "label"),
+                                                                  ("cnn_small", budget, "probs"), ("cnn", budget // 4, "probs")]
+    for arch, b, mode in r["protocol"]["goal_thieves"]:
+        got = {s["oracle"] for s in r["substitutes"] if (s["arch"], s["budget"], s["output"]) == (arch, b, mode)}
+        assert got == {"protected", "clean"}, (arch, b, mode)
+    g = {x["goal"]: x for x in r["goals"] if x["null"] == "references"}
+    gw = {x["goal"]: x for x in r["goals"] if x["null"] == "widened"}
+    assert set(gw) == set(g) and r["protections"][0]["tau0_widened"] >= r["protections"][0]["tau0"]
+    prot = r["protections"][0]
+    assert g["victim CTA drop"]["pass"] == (-prot["cta_delta"] <= 0.002 + 1e-9)
+    subs = [s for s in r["substitutes"] if s["oracle"] == "protected"]
+    for s in subs:
+        goal = g[f"thief ASR: {s['arch']} {s['budget']} {'label-only' if s['output'] == 'label' else 'soft'}"]
+        target = 0.95 if s["budget"] == budget else 0.85
+        assert goal["pass"] == (s["asr"] >= target and s["stolen"])
+    clean_rows = [x for x in r["rows"] if x["oracle"] == "clean" and x["measure"] != "neural-cleanse"]
+    fp = sum(x["stolen"] for x in clean_rows) + sum(s["stolen"] for s in r["substitutes"] if s["oracle"] == "clean")
+    fp_goal = next(x for x in r["goals"] if x["goal"].startswith("false positives"))
+    assert fp_goal["worst"] == str(fp) and fp_goal["pass"] == (fp == 0) and fp_goal["n"] == len(clean_rows) + 4
+    pick = max((x for x in r["rows"] if x["oracle"] == "protected" and x["measure"].startswith("finetune")),
+               key=lambda x: x["cta"])
+    assert g["fine-tune, thief's pick"]["pass"] == (pick["asr"] >= 0.5 and pick["stolen"])
+    assert gw["fine-tune, thief's pick"]["pass"] == (pick["asr"] >= 0.5 and pick["stolen_widened"])
+    for x in r["rows"] + r["substitutes"]:  # the widened verdicts follow from hits, n and the widened tau0
+        if "hits" in x:
+            assert x["stolen_widened"] == (x["p_value_widened"] < x["alpha"])
+            assert x["tau0_widened"] == r["protections"][0]["tau0_widened"]
+    nc = next(x for x in r["rows"] if x["oracle"] == "protected" and x["measure"] == "neural-cleanse")
+    assert g["Neural Cleanse anomaly index of the target"]["pass"] == (nc["target_anomaly_index"] < 2 and not nc["target_flagged"])
+    md = (out / "robustness.md").read_text()
+    assert "## Goals (issue 8)" in md and "references null: " in md and "widened null: " in md and "## Over seeds" in md

@@ -4,7 +4,7 @@ import torch
 from scipy.stats import binomtest
 
 from honeypotnet.honeypot import Trigger
-from honeypotnet.verify import binomial_p_value, calibrate_tau0, clopper_pearson_upper, verify
+from honeypotnet.verify import binomial_p_value, calibrate_tau0, clopper_pearson_upper, finetuned_references, verify
 
 
 class ConstantModel(torch.nn.Module):
@@ -73,3 +73,28 @@ def test_calibration_bounds_reference_models_from_above():
     assert cal.tau0 == 0.05 and len(cal.reference) == 2  # floor: references never answer the target
     cal = calibrate_tau0([("leaky", ConstantModel(threshold=0.6))], trigger, images, labels, 0)
     assert cal.tau0 == 0.5  # capped: a reference that obeys the trigger makes the trigger useless
+
+
+def test_finetuned_references_train_copies_and_widen_the_null():
+    """Each reference fine-tuned under each setting: new, changed models (the originals untouched);
+    calibrating over references + copies never gives a lower tau0 than the references alone."""
+    from honeypotnet.data import load_dataset
+    from honeypotnet.models import create_model
+    from honeypotnet.training import FitConfig, fit
+
+    train = load_dataset("shapes", split="train", n=300)
+    torch.manual_seed(0)
+    ref = create_model("cnn_small", 10)
+    fit(ref, train.images, train.labels, FitConfig(epochs=1), progress=False)
+    before = {k: v.clone() for k, v in ref.state_dict().items()}
+    out = finetuned_references([("r", ref)], train.images[:100], train.labels[:100], settings=((1, 0.01), (1, 0.05)))
+    assert [n for n, _ in out] == ["r+finetune-e1-lr0.01", "r+finetune-e1-lr0.05"]
+    assert all(torch.equal(before[k], v) for k, v in ref.state_dict().items())
+    for _, m in out:
+        assert not all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    trig = Trigger.uap(32, 32 / 255)
+    trig.pattern.uniform_(-32 / 255, 32 / 255)
+    test = load_dataset("shapes", split="test", n=300)
+    plain = calibrate_tau0([("r", ref)], trig, test.images, test.labels, 0)
+    wide = calibrate_tau0([("r", ref), *out], trig, test.images, test.labels, 0)
+    assert wide.tau0 >= plain.tau0 and len(wide.reference) == 3

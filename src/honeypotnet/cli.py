@@ -94,7 +94,7 @@ def cmd_protect(args) -> int:
     from .bundle import load_model, save_bundle
     from .honeypot import ProtectConfig, protect
     from .models import create_model
-    from .verify import calibrate_tau0, train_reference_models
+    from .verify import FINETUNE_SETTINGS, calibrate_tau0, finetuned_references, train_reference_models
     from .training import FitConfig
 
     if args.victim.endswith(".th") or args.arch:
@@ -113,7 +113,8 @@ def cmd_protect(args) -> int:
                         shadow_warm_start=not args.shadow_reinit, trigger_passes=args.trigger_passes,
                         honeypot_steps=args.honeypot_steps, shadow_norm_weight=args.shadow_norm_weight,
                         shadow_finetune_epochs=args.shadow_finetune_epochs, shadow_finetune_lr=args.shadow_finetune_lr,
-                        shadow_finetune_images=args.shadow_finetune_images, seed=args.seed)
+                        shadow_finetune_images=args.shadow_finetune_images,
+                        trigger_resolution=args.trigger_resolution, seed=args.seed)
     out = Path(args.output)
     work = Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".work")
     t0 = time.time()
@@ -126,9 +127,15 @@ def cmd_protect(args) -> int:
             raise ValueError("calibrating tau0 needs labelled owner images")
         refs = train_reference_models(victim, shadow.images, args.references.split(","), k,
                                       FitConfig(epochs=args.reference_epochs), progress=True)
+        if args.reference_finetune:  # widen the null: innocent copies fine-tuned on clean labels too
+            n = min(args.reference_finetune, len(held))
+            refs = refs + finetuned_references(refs, held.images[:n], held.labels[:n].long(), seed=args.seed)
         cal = calibrate_tau0(refs, res.trigger, held.images, held.labels, cfg.target)
         verification = {"tau0": cal.tau0, "rule": cal.rule, "reference": cal.reference,
                         "reference_queries": f"{len(shadow)} images of {shadow.name}, soft labels of the unprotected victim"}
+        if args.reference_finetune:
+            verification["reference_finetune"] = {"images": n, "settings": [list(x) for x in FINETUNE_SETTINGS],
+                                                  "data": f"the first {n} labelled owner images ({owner.name})"}
         print(f"tau0 = {100 * cal.tau0:.2f}% from " + ", ".join(f"{r['arch']} {100 * r['asr']:.2f}%" for r in cal.reference))
     save_bundle(out, res.model, res.trigger, arch=info["arch"], target=cfg.target, classes=classes,
                 config=vars(cfg) | {"eps_255": args.eps}, verification=verification, history=res.history,
@@ -246,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trigger", choices=["uap", "patch"], default="uap")
     s.add_argument("--eps", type=float, default=16, help="UAP L-inf bound in 1/255 units (default 16)")
     s.add_argument("--patch-size", type=int, default=6)
+    s.add_argument("--trigger-resolution", type=int, default=0, metavar="R",
+                   help="UAP optimised on an RxR grid and upsampled: a low-frequency trigger (default 0 = full resolution)")
     s.add_argument("--head", choices=["residual", "linear"], default="residual")
     s.add_argument("--hidden", type=int, default=256)
     s.add_argument("--lam", type=float, default=3.0)
@@ -264,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shadow-finetune-images", type=int, default=1000)
     s.add_argument("--references", default="cnn,cnn_small", help="architectures of clean reference models for tau0 ('' to skip)")
     s.add_argument("--reference-epochs", type=int, default=10)
+    s.add_argument("--reference-finetune", type=int, default=0, metavar="N",
+                   help="widen the null: also calibrate tau0 on each reference fine-tuned on the first N labelled owner "
+                        "images (4 epoch x lr settings; default 0 = off). Innocent copies fine-tuned on clean labels can "
+                        "answer the trigger more often than the references (README: Can the thief wash the backdoor out?)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--work-dir", default=None, help="checkpoint dir for resuming (default OUTPUT.work)")
     s.add_argument("--overwrite", action="store_true")

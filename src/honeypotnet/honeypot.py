@@ -198,6 +198,10 @@ class ProtectConfig:
     shadow_finetune_epochs: int = 0
     shadow_finetune_lr: float = 0.02
     shadow_finetune_images: int = 1000
+    # A low-frequency UAP (issue 8): δ is optimised on an r×r grid and upsampled bilinearly to the
+    # image size, so blur and JPEG, which remove high frequencies, leave most of it. 0 = full
+    # resolution (the specification).
+    trigger_resolution: int = 0
 
     def __post_init__(self) -> None:
         if self.trigger not in ("uap", "patch"):
@@ -215,6 +219,8 @@ class ProtectConfig:
             raise ValueError("shadow_norm_weight must be >= 0")
         if self.shadow_finetune_epochs < 0 or self.shadow_finetune_lr <= 0 or self.shadow_finetune_images < 1:
             raise ValueError("shadow_finetune_epochs must be >= 0, shadow_finetune_lr > 0, shadow_finetune_images >= 1")
+        if self.trigger_resolution < 0 or (self.trigger_resolution and self.trigger != "uap"):
+            raise ValueError("trigger_resolution must be >= 0 (0 = full resolution) and is for the 'uap' trigger only")
 
     def key_dict(self) -> dict:
         """asdict() without the fields added after the first release while they hold their default
@@ -233,7 +239,7 @@ class ProtectConfig:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-_LATE_FIELDS = ("shadow_finetune_epochs", "shadow_finetune_lr", "shadow_finetune_images")
+_LATE_FIELDS = ("shadow_finetune_epochs", "shadow_finetune_lr", "shadow_finetune_images", "trigger_resolution")
 
 
 @dataclass
@@ -287,6 +293,8 @@ def generate_trigger(shadow: nn.Module | list[nn.Module], trigger: Trigger, imag
 
     g <- μ·g + ∇/‖∇‖₁ ;  δ <- δ − α·sign(g) ;  δ <- Π(δ)   (minimising CE(S(x ⊕ δ), y_t))
     Several shadows: the mean of their CE losses (one trigger for all of them).
+    cfg.trigger_resolution r > 0: the steps act on an r×r δ that is upsampled (bilinear, so still
+    within ±eps) to the image; it starts from the current δ area-downsampled.
     """
     shadows = list(shadow) if isinstance(shadow, (list, tuple)) else [shadow]
     alpha = cfg.trigger_step or (cfg.eps / 8 if trigger.family == "uap" else 0.02)
@@ -296,21 +304,36 @@ def generate_trigger(shadow: nn.Module | list[nn.Module], trigger: Trigger, imag
     for p in params:
         p.requires_grad_(False)
     dev = trigger.pattern.device
-    g = torch.zeros_like(trigger.pattern)
+    size = trigger.image_size
+    r = cfg.trigger_resolution if trigger.family == "uap" and 0 < cfg.trigger_resolution < size else 0
+
+    def full(d: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(d[None], size=(size, size), mode="bilinear", align_corners=False)[0] if r else d
+
+    var = F.interpolate(trigger.pattern[None], size=(r, r), mode="area")[0].clamp(-cfg.eps, cfg.eps) if r \
+        else trigger.pattern
+    g = torch.zeros_like(var)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + iteration + 7)
     target = torch.full((cfg.trigger_batch,), cfg.target, dtype=torch.long, device=dev)
     for _ in range(cfg.trigger_passes):
         perm = torch.randperm(len(images), generator=gen)
         for i in range(0, len(images), cfg.trigger_batch):
             x = to_float(images[perm[i : i + cfg.trigger_batch]], dev)
-            delta = trigger.pattern.clone().requires_grad_(True)
-            stamped = trigger.stamp(x, delta)
+            delta = var.clone().requires_grad_(True)
+            stamped = trigger.stamp(x, full(delta))
             loss = sum(F.cross_entropy(s(stamped), target[: len(x)]) for s in shadows) / len(shadows)
             (grad,) = torch.autograd.grad(loss, delta)
             g = cfg.momentum * g + grad / grad.abs().sum().clamp_min(1e-12)
             with torch.no_grad():
-                trigger.pattern.sub_(alpha * g.sign())
-                trigger.project_()
+                var.sub_(alpha * g.sign())
+                if r:
+                    var.clamp_(-cfg.eps, cfg.eps)
+                else:
+                    trigger.project_()
+    if r:
+        with torch.no_grad():
+            trigger.pattern.copy_(full(var))
+            trigger.project_()
     for p in params:
         p.requires_grad_(True)
     return trigger
