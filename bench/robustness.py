@@ -76,6 +76,7 @@ VARIANTS: dict[str, dict] = {
     # a low-frequency trigger: δ optimised on a 16×16 grid and upsampled (blur and JPEG keep more of
     # it; weaker per unit of eps, hence eps 24)
     "lowres16-eps24": {"eps": 24 / 255, "trigger_resolution": 16},
+    "lowres16": {"trigger_resolution": 16},  # the default eps 16 (fewer clean-model answers than eps 24)
 }
 
 
@@ -328,6 +329,44 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def variants_table(protections: list[dict], rows: list[dict]) -> str:
+    """One row per variant (the ablation row): means over seeds; ASR cells give how many seeds
+    verification flagged."""
+    head = ["variant", "seeds", "victim Δ (pt)", "tau0 (widened)", "ASR", "fine-tune: thief's pick", "fine-prune: thief's pick",
+            "fine-prune 50%", "JPEG q75", "JPEG q50", "blur σ 0.5", "NC index", "clean copy ASR", "false positives (widened)"]
+    out = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    ft, fp = thief_picks(rows, "finetune"), thief_picks(rows, "fineprune")
+
+    def cell(rs: list[dict]) -> str:
+        if not rs:
+            return "—"
+        return f"{100 * statistics.mean(r['asr'] for r in rs):.1f} ({sum(r['stolen'] for r in rs)}/{len(rs)})"
+
+    for v in dict.fromkeys(p["protection"] for p in protections):
+        ps = [p for p in protections if p["protection"] == v]
+        mine = [r for r in rows if r["variant"] == v and r["oracle"] == "protected"]
+        clean = [r for r in rows if r["variant"] == v and r["oracle"] == "clean" and r["measure"] != "neural-cleanse"]
+
+        def m(name: str) -> list[dict]:
+            return [r for r in mine if r["measure"] == name]
+
+        nc = m("neural-cleanse")
+        wide = [p["tau0_widened"] for p in ps if "tau0_widened" in p]
+        fpw = f" ({sum(r['stolen_widened'] for r in clean)})" if clean and all("stolen_widened" in r for r in clean) else ""
+        out.append("| " + " | ".join([
+            v, str(len(ps)), f"{100 * statistics.mean(p['cta_delta'] for p in ps):+.2f}",
+            f"{100 * statistics.mean(p['tau0'] for p in ps):.1f}" + (f" ({100 * statistics.mean(wide):.1f})" if wide else ""),
+            cell(m("none")), cell([x for k, x in ft.items() if k[:2] == (v, "protected")]),
+            cell([x for k, x in fp.items() if k[:2] == (v, "protected")]), cell(m("fineprune-0.5")),
+            cell(m("purify-jpeg-q75")), cell(m("purify-jpeg-q50")), cell(m("purify-blur-0.5")),
+            f"{statistics.mean(r['target_anomaly_index'] for r in nc):.2f}" if nc else "—",
+            f"{100 * statistics.mean(r['asr'] for r in clean if r['measure'] == 'none'):.1f}" if clean else "—",
+            f"{sum(r['stolen'] for r in clean)}/{len(clean)}{fpw}" if clean else "—"]) + " |")
+    out += ["", "ASR cells: mean ASR (%) over seeds (seeds flagged / seeds). False positives: clean copies flagged, "
+                "over every counter-measure and seed (in brackets: under the widened null)."]
+    return "\n".join(out)
+
+
 # issue 8's targets (fractions): ASR left after a counter-measure, victim CTA drop, thieves' ASR, clean-model ASR
 GOAL_KEEP_ASR = 0.5
 GOAL_VICTIM_DROP = 0.002
@@ -542,7 +581,8 @@ def main(argv=None) -> dict:
     apply_widened_null(rob.protections, rob.rows, "variant")
     apply_widened_null(rob.protections, substitutes, "protection")
     checks = goals(rob.protections, rob.rows, substitutes, budget) + goals(rob.protections, rob.rows, substitutes, budget, True)
-    table = "\n\n".join(["## Goals (issue 8)", goals_table(checks), "## Over seeds", summary_table(rob.rows),
+    table = "\n\n".join(["## Variants", variants_table(rob.protections, rob.rows), "## Goals (issue 8)", goals_table(checks),
+                          "## Over seeds", summary_table(rob.rows),
                           "## Every run", format_table(rob.protections, rob.rows)])
     picks = thief_picks(rob.rows)
     results = {"benchmark": "bench/robustness.py", "mode": "quick" if args.quick else "full",

@@ -109,4 +109,4 @@ def test_goal_list_follows_the_measured_rows(robustness):
     nc = next(x for x in r["rows"] if x["oracle"] == "protected" and x["measure"] == "neural-cleanse")
     assert g["Neural Cleanse anomaly index of the target"]["pass"] == (nc["target_anomaly_index"] < 2 and not nc["target_flagged"])
     md = (out / "robustness.md").read_text()
-    assert "## Goals (issue 8)" in md and "references null: " in md and "widened null: " in md and "## Over seeds" in md
+    assert "## Variants" in md and "## Goals (issue 8)" in md and "references null: " in md and "widened null: " in md and "## Over seeds" in md
