@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -236,11 +237,19 @@ class Units:
         self.finished: dict[str, dict] = {}  # rel -> record, for units this process ran or resumed
 
     def run(self, rel: str, params: dict, fn, stage: str) -> dict:
+        """Run (or resume) one unit. Two processes sharing OUT (e.g. two bench scripts at once) take
+        turns on the same unit: the second waits for the first's lock and then reuses its result."""
         d = self.out / rel
         key = _key(params)
-        done = d / "unit.json"
         if rel in self.finished and self.finished[rel]["key"] == key:  # already run (or resumed) by this process
             return dict(self.finished[rel])
+        d.parent.mkdir(parents=True, exist_ok=True)
+        with open(d.parent / f".{d.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return self._run_locked(rel, d, key, params, fn, stage)
+
+    def _run_locked(self, rel: str, d: Path, key: str, params: dict, fn, stage: str) -> dict:
+        done = d / "unit.json"
         if self.resume and done.exists():
             rec = json.loads(done.read_text())
             if rec.get("key") == key:

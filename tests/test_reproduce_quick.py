@@ -124,3 +124,27 @@ def test_quick_resume_skips_every_finished_unit(quick_run):
     again = json.loads((out / "results.json").read_text())
     assert all(u["resumed"] for u in again["units"]), [u["unit"] for u in again["units"] if not u["resumed"]]
     assert again["substitutes"] == r["substitutes"]
+
+
+def test_units_shared_by_two_processes_run_once(tmp_path):
+    """Two benchmark processes on the same output directory: the second waits on the unit's lock
+    and reuses the first one's result instead of training the same thing again beside it."""
+    code = f"""
+import importlib.util, json, sys, time
+from pathlib import Path
+spec = importlib.util.spec_from_file_location("bench_reproduce", {str(SCRIPT)!r})
+mod = importlib.util.module_from_spec(spec); sys.modules["bench_reproduce"] = mod; spec.loader.exec_module(mod)
+units = mod.Units(Path({str(tmp_path / 'out')!r}), resume=True)
+def work(d):
+    with open({str(tmp_path / 'calls.txt')!r}, "a") as f:
+        f.write("call\\n")
+    time.sleep(1.5)
+    return {{"value": 42}}
+rec = units.run("seed0/thing", {{"p": 1}}, work, "test")
+print(json.dumps({{"value": rec["value"], "resumed": rec["resumed"]}}))
+"""
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert (tmp_path / "calls.txt").read_text().count("call") == 1
+    assert sorted(o["resumed"] for o in outs) == [False, True] and all(o["value"] == 42 for o in outs)
