@@ -95,8 +95,10 @@ def finetuned_references(reference_models: list[tuple[str, nn.Module]], images: 
     An innocent model that was fine-tuned on a few clean labels can answer a UAP trigger's target
     more often than the references it came from (bench/robustness.py measured a clean extracted CNN
     going from 6.0% to 12.5-17.1% ASR on a trigger whose tau0 was 10.8%, so verification flagged it).
-    Passing these models to calibrate_tau0 together with the references widens the null to cover
-    that. `images`/`labels`: the owner's labelled images (uint8 (N,3,H,W), int64 (N,))."""
+    Passing these models to calibrate_tau0 together with the references widens the null towards
+    that case. Measured there, it raised tau0 a little but did not clear those false positives:
+    the fine-tuned references stayed far below the clean *extracted* copies that were flagged.
+    `images`/`labels`: the owner's labelled images (uint8 (N,3,H,W), int64 (N,))."""
     from .countermeasures import finetune
 
     out = []
