@@ -18,8 +18,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from honeypotnet.bundle import load_bundle, load_model
 from honeypotnet.data import load_dataset
 from honeypotnet.verify import binomial_p_value, calibrate_tau0
@@ -40,7 +38,6 @@ def main(argv=None) -> dict:
                     help="a bench/robustness.py result (its rows and substitutes are re-judged)")
     ap.add_argument("--out", default=str(REPO / "runs" / "null-study.json"))
     args = ap.parse_args(argv)
-    torch.set_num_threads(torch.get_num_threads())
     rob = json.loads(Path(args.robustness).read_text())
     out_dir = Path(args.reproduce_out)
     cifar_root, _ = rp.resolve_roots(argparse.Namespace(**vars(args), victim_weights=None))

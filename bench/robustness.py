@@ -254,10 +254,6 @@ def _ms(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f} (min {min(xs):.1f})"
 
 
-def _measure(r: dict) -> str:
-    return "Neural Cleanse" if r["measure"] == "neural-cleanse" else r["measure"]
-
-
 def format_table(protections: list[dict], rows: list[dict]) -> str:
     """Every row of every seed (the detail); see summary_table / goals_table for the aggregates."""
     out = ["| variant | seed | victim CTA → protected (Δ) | fidelity | tau0 | tau0, widened null |",
@@ -391,11 +387,10 @@ def goals(protections: list[dict], rows: list[dict], substitutes: list[dict], bu
         if widened and not all("tau0_widened" in p for p in ps):
             continue
         seeds = sorted({p["seed"] for p in ps})
-        label = v
 
         def add(goal: str, worst, target: str, ok: bool, n: int, note: str = "") -> None:
-            out.append({"variant": label, "goal": goal, "worst": worst, "target": target, "pass": bool(ok), "n": n,
-                        "note": note, "null": "widened" if widened else "references"})
+            out.append({"variant": v, "goal": goal, "worst": worst, "target": target, "pass": bool(ok), "n": n,
+                        "note": note, "null": "widened" if widened else "references", "seeds": seeds})
 
         drop = max(-p["cta_delta"] for p in ps)
         add("victim CTA drop", f"{100 * drop:.2f} pt", f"≤ {100 * GOAL_VICTIM_DROP:.1f} pt", drop <= GOAL_VICTIM_DROP + 1e-9, len(ps))
@@ -436,9 +431,6 @@ def goals(protections: list[dict], rows: list[dict], substitutes: list[dict], bu
             worst = max(r["target_anomaly_index"] for r in nc)
             add("Neural Cleanse anomaly index of the target", f"{worst:.2f}", f"< {GOAL_NC_INDEX:g}",
                 worst < GOAL_NC_INDEX and not any(r["target_flagged"] for r in nc), len(nc))
-        for rec in out:
-            if rec["variant"] == label and rec["null"] == ("widened" if widened else "references"):
-                rec["seeds"] = seeds
     return out
 
 
