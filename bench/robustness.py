@@ -79,6 +79,10 @@ VARIANTS: dict[str, dict] = {
     # it; weaker per unit of eps, hence eps 24)
     "lowres16-eps24": {"eps": 24 / 255, "trigger_resolution": 16},
     "lowres16": {"trigger_resolution": 16},  # the default eps 16 (fewer clean-model answers than eps 24)
+    # a negative shadow (a clean copy extracted from the unprotected victim) in the trigger step, so the
+    # stronger triggers that survive the counter-measures stop transferring to innocent models
+    "neg1-eps20": {"eps": 20 / 255, "negative_weight": 1.0},
+    "neg1-eps24": {"eps": 24 / 255, "negative_weight": 1.0},
 }
 
 

@@ -29,7 +29,7 @@ def test_cli_chain_train_protect_extract_verify(tmp_path):
     bundle = tmp_path / "bundle"
     r = run("protect", str(victim), "--shadow-limit", "800", "--owner-limit", "400", "--iters", "1", "--shadow-arch", "cnn_small",
             "--shadow-epochs", "1", "--honeypot-steps", "20", "--references", "cnn_small", "--reference-epochs", "1",
-            "--reference-finetune", "100",
+            "--reference-finetune", "100", "--negative-weight", "1",
             "--output", str(bundle))
     assert r.returncode == 0, r.stderr
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -38,6 +38,8 @@ def test_cli_chain_train_protect_extract_verify(tmp_path):
     assert [r["arch"] for r in manifest["verification"]["reference"]] == [
         "cnn_small", *(f"cnn_small+finetune-e{e}-lr{lr:g}" for e, lr in ((3, 0.01), (10, 0.01), (3, 0.05), (10, 0.05)))]
     assert manifest["verification"]["reference_finetune"]["images"] == 100
+    # --negative-weight: the negative shadow is trained and reported
+    assert manifest["config"]["negative_weight"] == 1.0 and 0 <= manifest["history"][0]["negative_asr"] <= 1
     # protecting again into the same place is refused and leaves the bundle intact
     r = run("protect", str(victim), "--shadow-limit", "100", "--iters", "0", "--references", "", "--output", str(bundle), "--work-dir", str(tmp_path / "w2"))
     assert r.returncode == 2 and "already exists" in r.stderr
@@ -60,6 +62,7 @@ def test_cli_chain_train_protect_extract_verify(tmp_path):
     (["train", "--data", "imagefolder", "--output", "x.safetensors"], "root"),
     (["train", "--arch", "vgg99", "--data-limit", "10", "--epochs", "0", "--output", "x.safetensors"], "vgg99"),
     (["verify", "no-such-bundle", "no-such-model"], "no manifest"),
+    (["protect", "missing.safetensors", "--negative-weight", "nan", "--output", "b"], "negative_weight"),
     (["extract", "missing.safetensors", "--output", "s.safetensors"], "not found"),
 ])
 def test_cli_bad_input_gives_one_clear_error(tmp_path, args, message):

@@ -1,4 +1,6 @@
 """Unit tests of the honeypot layer, the trigger and the three steps of the bi-level loop."""
+import copy
+
 import pytest
 import torch
 
@@ -149,3 +151,47 @@ def test_low_resolution_trigger_is_smooth_within_eps_and_still_works():
         ProtectConfig(trigger="patch", trigger_resolution=8)
     with pytest.raises(ValueError, match="trigger_resolution"):
         ProtectConfig(trigger_resolution=-1)
+
+
+def test_negative_shadow_keeps_the_trigger_off_a_clean_model():
+    """negative_weight > 0 adds −log(1 − p_target) of a clean model to the trigger step. Shadow A and
+    its near copy B (A fine-tuned one epoch, so a UAP on A transfers to B, as it does from a shadow
+    to an innocent extracted copy): the plain UAP moves B to the target about as much as A; with the
+    negative term on B it moves B far less, and A still more than B. Off, old keys are unchanged."""
+    train = load_dataset("shapes", split="train", n=1500)
+    torch.manual_seed(0)
+    a = create_model("cnn_small", 10)
+    fit(a, train.images, train.labels, FitConfig(epochs=3, seed=0), progress=False)
+    b = copy.deepcopy(a)
+    fit(b, train.images[:500], train.labels[:500], FitConfig(epochs=1, lr=0.01, seed=3), progress=False)
+    a.eval(), b.eval()
+    x = train.float()[:500]
+    rate = {}
+    for w in (0.0, 5.0):
+        cfg = ProtectConfig(target=3, eps=32 / 255, trigger_passes=3, negative_weight=w)
+        trig = generate_trigger(a, Trigger.uap(32, cfg.eps), train.images, cfg, 0, negative=b)
+        assert trig.pattern.abs().max() <= cfg.eps + 1e-6
+        with torch.no_grad():
+            rate[w] = [float((m(trig.stamp(x)).argmax(1) == 3).float().mean()) for m in (a, b)]
+    assert rate[0.0][1] > 0.3, rate  # the plain UAP transfers to the clean copy...
+    assert rate[5.0][1] < rate[0.0][1] / 2, rate  # ...the negative shadow's far less
+    assert rate[5.0][0] > rate[5.0][1] + 0.05, rate  # and it still aims at the shadow
+    assert "negative_weight" not in ProtectConfig().key_dict()
+    assert ProtectConfig(negative_weight=1.0).hash() != ProtectConfig().hash()
+    with pytest.raises(ValueError, match="negative_weight"):
+        ProtectConfig(negative_weight=float("nan"))
+
+
+def test_protect_with_negative_shadow_records_and_resumes(tmp_path):
+    shadow = load_dataset("shapes", split="shadow", n=400).images
+    owner = load_dataset("shapes", split="train", n=300).images
+    torch.manual_seed(0)
+    victim = create_model("cnn_small", 10).eval()
+    kw = dict(shadow_arch="cnn_small", shadow_epochs=1, trigger_passes=1, honeypot_steps=10, seed=2, negative_weight=1.0)
+    full = protect(victim, shadow, owner, ProtectConfig(outer_iters=2, **kw), progress=False)
+    assert all(0 <= h["negative_asr"] <= 1 for h in full.history) and len(full.history) == 2
+    protect(victim, shadow, owner, ProtectConfig(outer_iters=1, **kw), checkpoint_dir=tmp_path, progress=False)
+    assert "negative" in torch.load(tmp_path / "protect_state.pt", weights_only=True)
+    resumed = protect(victim, shadow, owner, ProtectConfig(outer_iters=2, **kw), checkpoint_dir=tmp_path, progress=False)
+    assert torch.allclose(full.trigger.pattern, resumed.trigger.pattern, atol=1e-6)
+    assert [h["negative_asr"] for h in resumed.history] == pytest.approx([h["negative_asr"] for h in full.history], abs=1e-6)

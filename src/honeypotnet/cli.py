@@ -97,6 +97,16 @@ def cmd_protect(args) -> int:
     from .verify import FINETUNE_SETTINGS, calibrate_tau0, finetuned_references, train_reference_models
     from .training import FitConfig
 
+    # the configuration first: a bad option is reported before any file is read
+    cfg = ProtectConfig(target=args.target, trigger=args.trigger, eps=args.eps / 255, patch_size=args.patch_size,
+                        head=args.head, hidden=args.hidden, lam=args.lam, outer_iters=args.iters,
+                        shadow_arch=args.shadow_arch, shadow_epochs=args.shadow_epochs,
+                        shadow_warm_start=not args.shadow_reinit, trigger_passes=args.trigger_passes,
+                        honeypot_steps=args.honeypot_steps, shadow_norm_weight=args.shadow_norm_weight,
+                        shadow_finetune_epochs=args.shadow_finetune_epochs, shadow_finetune_lr=args.shadow_finetune_lr,
+                        shadow_finetune_images=args.shadow_finetune_images,
+                        trigger_resolution=args.trigger_resolution, negative_weight=args.negative_weight,
+                        seed=args.seed)
     if args.victim.endswith(".th") or args.arch:
         if not args.arch:
             raise ValueError("--arch is needed with a foreign checkpoint")
@@ -107,14 +117,6 @@ def cmd_protect(args) -> int:
     owner = _load(args, "owner", size=args.image_size)
     k = info.get("num_classes") or args.num_classes
     classes = info.get("classes") or owner.classes or [str(i) for i in range(k)]
-    cfg = ProtectConfig(target=args.target, trigger=args.trigger, eps=args.eps / 255, patch_size=args.patch_size,
-                        head=args.head, hidden=args.hidden, lam=args.lam, outer_iters=args.iters,
-                        shadow_arch=args.shadow_arch, shadow_epochs=args.shadow_epochs,
-                        shadow_warm_start=not args.shadow_reinit, trigger_passes=args.trigger_passes,
-                        honeypot_steps=args.honeypot_steps, shadow_norm_weight=args.shadow_norm_weight,
-                        shadow_finetune_epochs=args.shadow_finetune_epochs, shadow_finetune_lr=args.shadow_finetune_lr,
-                        shadow_finetune_images=args.shadow_finetune_images,
-                        trigger_resolution=args.trigger_resolution, seed=args.seed)
     out = Path(args.output)
     work = Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".work")
     t0 = time.time()
@@ -255,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--patch-size", type=int, default=6)
     s.add_argument("--trigger-resolution", type=int, default=0, metavar="R",
                    help="UAP optimised on an RxR grid and upsampled: a low-frequency trigger (default 0 = full resolution)")
+    s.add_argument("--negative-weight", type=float, default=0.0, metavar="W",
+                   help="weight of a negative shadow (a clean copy extracted from the unprotected victim) in the "
+                        "trigger step: keeps the trigger off innocent models (default 0 = off)")
     s.add_argument("--head", choices=["residual", "linear"], default="residual")
     s.add_argument("--hidden", type=int, default=256)
     s.add_argument("--lam", type=float, default=3.0)

@@ -202,6 +202,12 @@ class ProtectConfig:
     # image size, so blur and JPEG, which remove high frequencies, leave most of it. 0 = full
     # resolution (the specification).
     trigger_resolution: int = 0
+    # A negative shadow (issue 8): a second shadow of `shadow_arch` is extracted from the *unprotected*
+    # victim on the shadow set (an innocent copy), and the trigger step also minimises
+    # negative_weight · −log(1 − p_target) on it, so the trigger aims at what the honeypot taught and
+    # not at the target class's natural features, which clean copies share (they raise clean-model
+    # ASR and false positives). 0 = off (the specification).
+    negative_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.trigger not in ("uap", "patch"):
@@ -221,6 +227,8 @@ class ProtectConfig:
             raise ValueError("shadow_finetune_epochs must be >= 0, shadow_finetune_lr > 0, shadow_finetune_images >= 1")
         if self.trigger_resolution < 0 or (self.trigger_resolution and self.trigger != "uap"):
             raise ValueError("trigger_resolution must be >= 0 (0 = full resolution) and is for the 'uap' trigger only")
+        if not self.negative_weight >= 0:  # also rejects NaN
+            raise ValueError("negative_weight must be >= 0 (0 = no negative shadow)")
 
     def key_dict(self) -> dict:
         """asdict() without the fields added after the first release while they hold their default
@@ -239,7 +247,8 @@ class ProtectConfig:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-_LATE_FIELDS = ("shadow_finetune_epochs", "shadow_finetune_lr", "shadow_finetune_images", "trigger_resolution")
+_LATE_FIELDS = ("shadow_finetune_epochs", "shadow_finetune_lr", "shadow_finetune_images", "trigger_resolution",
+                "negative_weight")
 
 
 @dataclass
@@ -276,30 +285,37 @@ def compute_features(features: nn.Module, images: torch.Tensor, trigger: Trigger
     return torch.cat(out)
 
 
-def simulate_extraction(shadow: nn.Module, honeypot: HoneypotLayer, shadow_images: torch.Tensor,
-                        shadow_feats: torch.Tensor, cfg: ProtectConfig, iteration: int, progress: bool = False) -> nn.Module:
-    """Step 1: train the shadow on the shadow set labelled by F_H's current soft answers."""
+def simulate_extraction(shadow: nn.Module, honeypot: nn.Module, shadow_images: torch.Tensor,
+                        shadow_feats: torch.Tensor, cfg: ProtectConfig, iteration: int, progress: bool = False,
+                        desc: str = "shadow", seed_offset: int = 0) -> nn.Module:
+    """Step 1: train the shadow on the shadow set labelled by F_H's current soft answers.
+    (`honeypot` may be any head on the victim's features: the victim's own head trains the negative
+    shadow.)"""
     with torch.no_grad():
         answers = torch.softmax(honeypot(shadow_feats.to(_dev(honeypot))), 1).cpu()
     fit(shadow, shadow_images, answers,
-        FitConfig(epochs=cfg.shadow_epochs, batch_size=cfg.shadow_batch, lr=cfg.shadow_lr, seed=cfg.seed * 1000 + iteration),
-        progress=progress, desc=f"shadow {iteration + 1}")
+        FitConfig(epochs=cfg.shadow_epochs, batch_size=cfg.shadow_batch, lr=cfg.shadow_lr,
+                  seed=cfg.seed * 1000 + iteration + seed_offset),
+        progress=progress, desc=f"{desc} {iteration + 1}")
     return shadow.eval()
 
 
 def generate_trigger(shadow: nn.Module | list[nn.Module], trigger: Trigger, images: torch.Tensor, cfg: ProtectConfig,
-                     iteration: int) -> Trigger:
+                     iteration: int, negative: nn.Module | None = None) -> Trigger:
     """Step 2: targeted UAP on the shadow with momentum sign steps (MI-FGSM), then projection.
 
     g <- μ·g + ∇/‖∇‖₁ ;  δ <- δ − α·sign(g) ;  δ <- Π(δ)   (minimising CE(S(x ⊕ δ), y_t))
     Several shadows: the mean of their CE losses (one trigger for all of them).
     cfg.trigger_resolution r > 0: the steps act on an r×r δ that is upsampled (bilinear, so still
     within ±eps) to the image; it starts from the current δ area-downsampled.
+    negative: a clean copy (the negative shadow); cfg.negative_weight · mean(−log(1 − p_target)) on it
+    is added to the loss, steering δ away from what makes an innocent model answer the target.
     """
     shadows = list(shadow) if isinstance(shadow, (list, tuple)) else [shadow]
+    negatives = [negative] if negative is not None and cfg.negative_weight > 0 else []
     alpha = cfg.trigger_step or (cfg.eps / 8 if trigger.family == "uap" else 0.02)
-    params = [p for s in shadows for p in s.parameters()]
-    for s in shadows:
+    params = [p for s in shadows + negatives for p in s.parameters()]
+    for s in shadows + negatives:
         s.eval()
     for p in params:
         p.requires_grad_(False)
@@ -322,6 +338,10 @@ def generate_trigger(shadow: nn.Module | list[nn.Module], trigger: Trigger, imag
             delta = var.clone().requires_grad_(True)
             stamped = trigger.stamp(x, full(delta))
             loss = sum(F.cross_entropy(s(stamped), target[: len(x)]) for s in shadows) / len(shadows)
+            for neg in negatives:  # −log(1 − p_t), computed stably from the log-probabilities
+                logp = F.log_softmax(neg(stamped), 1)
+                others = torch.cat([logp[:, : cfg.target], logp[:, cfg.target + 1 :]], 1)
+                loss = loss - cfg.negative_weight * torch.logsumexp(others, 1).mean()
             (grad,) = torch.autograd.grad(loss, delta)
             g = cfg.momentum * g + grad / grad.abs().sum().clamp_min(1e-12)
             with torch.no_grad():
@@ -433,6 +453,7 @@ def protect(victim: nn.Module, shadow_images: torch.Tensor, owner_images: torch.
     opt = torch.optim.Adam(honeypot.parameters(), lr=cfg.honeypot_lr)
     trigger = (Trigger.uap(size, cfg.eps) if cfg.trigger == "uap" else Trigger.patch(size, cfg.patch_size, seed=cfg.seed)).to(device)
     shadow = create_model(cfg.shadow_arch, k).to(device)
+    negative = create_model(cfg.shadow_arch, k).to(device) if cfg.negative_weight > 0 else None
     history: list[dict] = []
     start = 0
 
@@ -447,6 +468,8 @@ def protect(victim: nn.Module, shadow_images: torch.Tensor, owner_images: torch.
         opt.load_state_dict(state["opt"])
         trigger.load_state_dict(state["trigger"])
         shadow.load_state_dict(state["shadow"])
+        if negative is not None:
+            negative.load_state_dict(state["negative"])
         history = json.loads(state["history"])
         start = int(state["iteration"])
 
@@ -457,20 +480,24 @@ def protect(victim: nn.Module, shadow_images: torch.Tensor, owner_images: torch.
             shadow = create_model(cfg.shadow_arch, k).to(device)
         simulate_extraction(shadow, honeypot, shadow_images, shadow_feats, cfg, it, progress)
         inherited = _shadow_asr(shadow, trigger, shadow_images, cfg.target)  # backdoor learnt by extraction
-        if cfg.shadow_finetune_epochs:
-            ft = finetuned_copy(shadow, ft_images, ft_labels, cfg, it, progress)
-            generate_trigger([shadow, ft], trigger, shadow_images, cfg, it)
-        else:
-            generate_trigger(shadow, trigger, shadow_images, cfg, it)
+        extra = {}
+        if negative is not None:  # the innocent copy, extracted from the unprotected victim (warm start)
+            simulate_extraction(negative, head, shadow_images, shadow_feats, cfg, it, progress, "negative shadow", 500)
+        shadows = [shadow, finetuned_copy(shadow, ft_images, ft_labels, cfg, it, progress)] if cfg.shadow_finetune_epochs \
+            else shadow
+        generate_trigger(shadows, trigger, shadow_images, cfg, it, negative)
+        if negative is not None:
+            extra["negative_asr"] = _shadow_asr(negative, trigger, shadow_images, cfg.target)
         stamped_feats = compute_features(features, images, trigger, device=device)
         losses = finetune_honeypot(honeypot, opt, clean_feats, clean_logits, stamped_feats, cfg, it, len(shadow_images))
         record = {"iteration": it + 1, "inherited_asr": inherited, **losses, **_iteration_stats(shadow, honeypot, trigger, shadow_images,
-                                                                     clean_feats, clean_logits, stamped_feats, cfg)}
+                                                                     clean_feats, clean_logits, stamped_feats, cfg), **extra}
         history.append(record)
         bar.set_postfix(inherited=f"{inherited:.2f}", shadow_asr=f"{record['shadow_asr']:.2f}", fidelity=f"{record['fidelity']:.3f}")
         if ckpt:
             atomic_torch_save({"config_hash": run_key, "iteration": it + 1, "honeypot": honeypot.state_dict(),
                                "opt": opt.state_dict(), "trigger": trigger.state_dict(), "shadow": shadow.state_dict(),
+                               **({"negative": negative.state_dict()} if negative is not None else {}),
                                "history": json.dumps(history)}, ckpt)
 
     protected = install_honeypot(victim, honeypot)
