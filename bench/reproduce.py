@@ -59,7 +59,7 @@ import torch
 
 import honeypotnet
 from honeypotnet import honeypot as hp_module
-from honeypotnet.attacks import query_oracle, random_extraction, train_substitute
+from honeypotnet.attacks import query_oracle, random_extraction
 from honeypotnet.bundle import load_bundle, load_model, save_bundle, save_model
 from honeypotnet.data import DatasetError, load_dataset
 from honeypotnet.data.files import unpack_archive_once
@@ -428,12 +428,8 @@ class Reproduction:
 
         def run(d: Path) -> dict:
             cfg = FitConfig(epochs=self.p.reference_epochs, seed=100 + seed)
-            if self.device.type == "cpu":
-                refs = train_reference_models(self.victim().cpu(), self.data.shadow, archs, 10, cfg, progress=self.progress)
-            else:  # train_reference_models has no device argument: the same steps, on the device
-                answers = query_oracle(ModelOracle(self.victim()), self.data.shadow, batch_size=500)
-                refs = [(a, train_substitute(a, 10, self.data.shadow, answers, cfg, progress=self.progress,
-                                             device=self.device)) for a in archs]
+            refs = train_reference_models(self.victim(), self.data.shadow, archs, 10, cfg, progress=self.progress,
+                                          device=self.device)
             for arch, m in refs:
                 save_model(m, d / f"{arch}.safetensors", arch, 10, self.data.classes)
             return {"archs": archs, "cta": {a: accuracy(m, self.eval_images, self.eval_labels) for a, m in refs}}

@@ -83,6 +83,10 @@ VARIANTS: dict[str, dict] = {
     # stronger triggers that survive the counter-measures stop transferring to innocent models
     "neg1-eps20": {"eps": 20 / 255, "negative_weight": 1.0},
     "neg1-eps24": {"eps": 24 / 255, "negative_weight": 1.0},
+    "neg0.25-eps24": {"eps": 24 / 255, "negative_weight": 0.25},  # a weaker negative term
+    # the negative shadow and the thief's fine-tuning simulated in the loop: aim at what the honeypot
+    # taught, and at the part of it that survives fine-tuning
+    "neg1-eps24-ft2": {"eps": 24 / 255, "negative_weight": 1.0, "shadow_finetune_epochs": 2},
 }
 
 

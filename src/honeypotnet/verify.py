@@ -73,14 +73,18 @@ def calibrate_tau0(
 
 
 def train_reference_models(victim: nn.Module, query_images: torch.Tensor, archs: list[str], num_classes: int,
-                           fit_config: FitConfig | None = None, progress: bool = False) -> list[tuple[str, nn.Module]]:
+                           fit_config: FitConfig | None = None, progress: bool = False,
+                           device=None) -> list[tuple[str, nn.Module]]:
     """Clean substitutes of the *unprotected* victim (what an innocent thief-free model looks like
-    to the verifier): one per architecture, trained on the victim's soft answers to `query_images`."""
-    answers = query_oracle(ModelOracle(victim), query_images)
+    to the verifier): one per architecture, trained on the victim's soft answers to `query_images`.
+    device: where the substitutes train (default: the victim's device, which answers the queries)."""
+    answers = query_oracle(ModelOracle(victim), query_images, batch_size=500)
+    device = device or next(victim.parameters()).device
     out = []
     for i, arch in enumerate(archs):
         cfg = fit_config or FitConfig(epochs=10, seed=1000 + i)
-        out.append((arch, train_substitute(arch, num_classes, query_images, answers, cfg, progress=progress)))
+        out.append((arch, train_substitute(arch, num_classes, query_images, answers, cfg, progress=progress,
+                                           device=device)))
     return out
 
 
