@@ -195,3 +195,12 @@ def test_protect_with_negative_shadow_records_and_resumes(tmp_path):
     resumed = protect(victim, shadow, owner, ProtectConfig(outer_iters=2, **kw), checkpoint_dir=tmp_path, progress=False)
     assert torch.allclose(full.trigger.pattern, resumed.trigger.pattern, atol=1e-6)
     assert [h["negative_asr"] for h in resumed.history] == pytest.approx([h["negative_asr"] for h in full.history], abs=1e-6)
+    # the victim as the innocent model: no negative shadow is trained, the victim's response is
+    # reported, and the caller's victim is left as it was
+    flags = [p.requires_grad for p in victim.parameters()]
+    vic = protect(victim, shadow, owner, ProtectConfig(outer_iters=1, **{**kw, "negative_models": "victim"}), progress=False)
+    assert "negative_asr" not in vic.history[0] and 0 <= vic.history[0]["victim_asr"] <= 1
+    assert [p.requires_grad for p in victim.parameters()] == flags
+    assert "negative_models" not in ProtectConfig().key_dict()
+    with pytest.raises(ValueError, match="negative_models"):
+        ProtectConfig(negative_models="everyone")

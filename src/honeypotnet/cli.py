@@ -106,7 +106,7 @@ def cmd_protect(args) -> int:
                         shadow_finetune_epochs=args.shadow_finetune_epochs, shadow_finetune_lr=args.shadow_finetune_lr,
                         shadow_finetune_images=args.shadow_finetune_images,
                         trigger_resolution=args.trigger_resolution, negative_weight=args.negative_weight,
-                        seed=args.seed)
+                        negative_models=args.negative_models, seed=args.seed)
     if args.victim.endswith(".th") or args.arch:
         if not args.arch:
             raise ValueError("--arch is needed with a foreign checkpoint")
@@ -260,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--negative-weight", type=float, default=0.0, metavar="W",
                    help="weight of a negative shadow (a clean copy extracted from the unprotected victim) in the "
                         "trigger step: keeps the trigger off innocent models (default 0 = off)")
+    s.add_argument("--negative-models", choices=["shadow", "victim", "shadow+victim"], default="shadow",
+                   help="the innocent models of --negative-weight: the negative shadow, the unprotected victim, or both")
     s.add_argument("--head", choices=["residual", "linear"], default="residual")
     s.add_argument("--hidden", type=int, default=256)
     s.add_argument("--lam", type=float, default=3.0)

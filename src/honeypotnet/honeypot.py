@@ -208,6 +208,10 @@ class ProtectConfig:
     # not at the target class's natural features, which clean copies share (they raise clean-model
     # ASR and false positives). 0 = off (the specification).
     negative_weight: float = 0.0
+    # which innocent models the negative term uses: "shadow" (the negative shadow, of shadow_arch),
+    # "victim" (the unprotected victim itself: no training, its architecture), or "shadow+victim".
+    # Measured: a CNN negative shadow stops transfer to clean CNN copies but not to clean ResNet-20s.
+    negative_models: str = "shadow"
 
     def __post_init__(self) -> None:
         if self.trigger not in ("uap", "patch"):
@@ -229,6 +233,8 @@ class ProtectConfig:
             raise ValueError("trigger_resolution must be >= 0 (0 = full resolution) and is for the 'uap' trigger only")
         if not self.negative_weight >= 0:  # also rejects NaN
             raise ValueError("negative_weight must be >= 0 (0 = no negative shadow)")
+        if self.negative_models not in ("shadow", "victim", "shadow+victim"):
+            raise ValueError(f"negative_models must be 'shadow', 'victim' or 'shadow+victim', got {self.negative_models!r}")
 
     def key_dict(self) -> dict:
         """asdict() without the fields added after the first release while they hold their default
@@ -248,7 +254,7 @@ class ProtectConfig:
 
 
 _LATE_FIELDS = ("shadow_finetune_epochs", "shadow_finetune_lr", "shadow_finetune_images", "trigger_resolution",
-                "negative_weight")
+                "negative_weight", "negative_models")
 
 
 @dataclass
@@ -301,22 +307,24 @@ def simulate_extraction(shadow: nn.Module, honeypot: nn.Module, shadow_images: t
 
 
 def generate_trigger(shadow: nn.Module | list[nn.Module], trigger: Trigger, images: torch.Tensor, cfg: ProtectConfig,
-                     iteration: int, negative: nn.Module | None = None) -> Trigger:
+                     iteration: int, negative: nn.Module | list[nn.Module] | None = None) -> Trigger:
     """Step 2: targeted UAP on the shadow with momentum sign steps (MI-FGSM), then projection.
 
     g <- μ·g + ∇/‖∇‖₁ ;  δ <- δ − α·sign(g) ;  δ <- Π(δ)   (minimising CE(S(x ⊕ δ), y_t))
     Several shadows: the mean of their CE losses (one trigger for all of them).
     cfg.trigger_resolution r > 0: the steps act on an r×r δ that is upsampled (bilinear, so still
     within ±eps) to the image; it starts from the current δ area-downsampled.
-    negative: a clean copy (the negative shadow); cfg.negative_weight · mean(−log(1 − p_target)) on it
-    is added to the loss, steering δ away from what makes an innocent model answer the target.
+    negative: clean model(s) (the negative shadow, the victim); cfg.negative_weight · mean(−log(1 − p_target))
+    on each is added to the loss, steering δ away from what makes an innocent model answer the target.
     """
     shadows = list(shadow) if isinstance(shadow, (list, tuple)) else [shadow]
-    negatives = [negative] if negative is not None and cfg.negative_weight > 0 else []
+    negatives = [] if negative is None or cfg.negative_weight == 0 else \
+        list(negative) if isinstance(negative, (list, tuple)) else [negative]
     alpha = cfg.trigger_step or (cfg.eps / 8 if trigger.family == "uap" else 0.02)
     params = [p for s in shadows + negatives for p in s.parameters()]
     for s in shadows + negatives:
         s.eval()
+    was = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(False)
     dev = trigger.pattern.device
@@ -354,8 +362,8 @@ def generate_trigger(shadow: nn.Module | list[nn.Module], trigger: Trigger, imag
         with torch.no_grad():
             trigger.pattern.copy_(full(var))
             trigger.project_()
-    for p in params:
-        p.requires_grad_(True)
+    for p, w in zip(params, was):  # as they were (the victim, a negative model, stays frozen)
+        p.requires_grad_(w)
     return trigger
 
 
@@ -453,7 +461,10 @@ def protect(victim: nn.Module, shadow_images: torch.Tensor, owner_images: torch.
     opt = torch.optim.Adam(honeypot.parameters(), lr=cfg.honeypot_lr)
     trigger = (Trigger.uap(size, cfg.eps) if cfg.trigger == "uap" else Trigger.patch(size, cfg.patch_size, seed=cfg.seed)).to(device)
     shadow = create_model(cfg.shadow_arch, k).to(device)
-    negative = create_model(cfg.shadow_arch, k).to(device) if cfg.negative_weight > 0 else None
+    negative = create_model(cfg.shadow_arch, k).to(device) if cfg.negative_weight > 0 and "shadow" in cfg.negative_models \
+        else None
+    negatives = ([negative] if negative is not None else []) + \
+        ([victim] if cfg.negative_weight > 0 and "victim" in cfg.negative_models else [])
     history: list[dict] = []
     start = 0
 
@@ -485,9 +496,11 @@ def protect(victim: nn.Module, shadow_images: torch.Tensor, owner_images: torch.
             simulate_extraction(negative, head, shadow_images, shadow_feats, cfg, it, progress, "negative shadow", 500)
         shadows = [shadow, finetuned_copy(shadow, ft_images, ft_labels, cfg, it, progress)] if cfg.shadow_finetune_epochs \
             else shadow
-        generate_trigger(shadows, trigger, shadow_images, cfg, it, negative)
+        generate_trigger(shadows, trigger, shadow_images, cfg, it, negatives)
         if negative is not None:
             extra["negative_asr"] = _shadow_asr(negative, trigger, shadow_images, cfg.target)
+        if negatives and negatives[-1] is victim:
+            extra["victim_asr"] = _shadow_asr(victim, trigger, shadow_images, cfg.target)
         stamped_feats = compute_features(features, images, trigger, device=device)
         losses = finetune_honeypot(honeypot, opt, clean_feats, clean_logits, stamped_feats, cfg, it, len(shadow_images))
         record = {"iteration": it + 1, "inherited_asr": inherited, **losses, **_iteration_stats(shadow, honeypot, trigger, shadow_images,
