@@ -87,6 +87,9 @@ VARIANTS: dict[str, dict] = {
     # the negative shadow and the thief's fine-tuning simulated in the loop: aim at what the honeypot
     # taught, and at the part of it that survives fine-tuning
     "neg1-eps24-ft2": {"eps": 24 / 255, "negative_weight": 1.0, "shadow_finetune_epochs": 2},
+    # the victim (ResNet-20) as a second innocent model: the CNN negative shadow alone left clean
+    # ResNet-20 copies answering 8-29%
+    "negsv0.25-eps24": {"eps": 24 / 255, "negative_weight": 0.25, "negative_models": "shadow+victim"},
 }
 
 
@@ -206,7 +209,8 @@ class Robustness:
         return self.rep.units.run(f"{prot['rel']}/calibration-widened", {"protection": prot["key"], "finetuned": key},
                                   run, "calibration (widened)")
 
-    def run(self, seeds, variants, arch: str, budget: int, goals: bool, cross: str = "resnet20") -> None:
+    def run(self, seeds, variants, arch: str, budget: int, goals: bool, cross: str = "resnet20",
+            clean_goal_thieves: bool = False) -> None:
         for seed in seeds:
             for v in variants:
                 prot = self.rep.protection(seed, v, VARIANTS[v])
@@ -226,6 +230,10 @@ class Robustness:
                 # (--no-goals: the counter-measures' thief only, whose units exist already)
                 for g_arch, g_budget, mode in goal_thieves(arch, budget, cross)[: None if goals else 1]:
                     self.rep.pair(seed, prot, g_arch, g_budget, mode)
+                if clean_goal_thieves and not goals:  # the false-positive half of the goal list only
+                    for g_arch, g_budget, mode in goal_thieves(arch, budget, cross)[1:]:
+                        t = self.rep.thief(seed, "clean", g_arch, g_budget, mode, prot)
+                        self.rep.evaluate(seed, t, "clean", g_arch, g_budget, mode, prot)
 
 
 def apply_widened_null(protections: list[dict], records: list[dict], key: str) -> None:
@@ -405,6 +413,8 @@ def goals(protections: list[dict], rows: list[dict], substitutes: list[dict], bu
         subs = [s for s in substitutes if s["protection"] == v]
         for g in dict.fromkeys((s["arch"], s["budget"], s["output"]) for s in subs):
             st = [s for s in subs if (s["arch"], s["budget"], s["output"]) == g and s["oracle"] == "protected"]
+            if not st:  # --clean-goal-thieves: only the clean thief of this kind was run
+                continue
             target = GOAL_THIEF_ASR["full" if g[1] == budget else "quarter"]
             worst = min(s["asr"] for s in st)
             add(f"thief ASR: {g[0]} {g[1]} {'label-only' if g[2] == 'label' else 'soft'}", _f(worst), f"≥ {100 * target:.0f}, flagged",
@@ -533,6 +543,9 @@ def parse_args(argv=None):
     ap.add_argument("--goals", action=argparse.BooleanOptionalAction, default=True,
                     help="also train and verify the label-only, cross-architecture and quarter-budget thieves "
                          "issue 8's targets name, and check the goal list (default on)")
+    ap.add_argument("--clean-goal-thieves", action="store_true",
+                    help="with --no-goals: still verify the goal list's clean thieves (shared by every variant, so "
+                         "usually cached) with each variant's trigger: the false-positive check at a fraction of the cost")
     ap.add_argument("--widened-null", action=argparse.BooleanOptionalAction, default=True,
                     help="also verify under a null calibrated over the reference models and their copies fine-tuned on "
                          "the owner's labelled images (verify.finetuned_references; default on)")
@@ -575,7 +588,7 @@ def main(argv=None) -> dict:
     owner_labelled = (train.images[opick].contiguous(), train.labels[opick].contiguous()) if args.widened_null else None
     rob = Robustness(args, p, data, device, labelled, sweep, owner_labelled)
     rob.rep.victim()
-    rob.run(args.seeds, args.variants, args.substitute, budget, args.goals, args.cross_substitute)
+    rob.run(args.seeds, args.variants, args.substitute, budget, args.goals, args.cross_substitute, args.clean_goal_thieves)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

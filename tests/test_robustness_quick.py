@@ -110,3 +110,24 @@ def test_goal_list_follows_the_measured_rows(robustness):
     assert g["Neural Cleanse anomaly index of the target"]["pass"] == (nc["target_anomaly_index"] < 2 and not nc["target_flagged"])
     md = (out / "robustness.md").read_text()
     assert "## Variants" in md and "## Goals (issue 8)" in md and "references null: " in md and "widened null: " in md and "## Over seeds" in md
+
+
+def test_clean_goal_thieves_only(robustness, shared_dir, cifar10_jpeg_root, tinyimagenet_root, tmp_path):
+    """--no-goals --clean-goal-thieves verifies every clean goal thief (cached units) but trains no
+    protected goal thief: the false-positive goal counts them all, no thief-ASR goal is claimed for
+    a thief that was not run."""
+    _, _, r = robustness
+    out = tmp_path / "clean-only"
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--reproduce-out", r["protocol"]["reproduce_out"], "--out", str(out),
+           "--shared", str(shared_dir), "--cifar-root", str(cifar10_jpeg_root), "--tin-root", str(tinyimagenet_root),
+           "--device", "cpu", "--no-progress", "--cross-substitute", "cnn_small", "--no-goals", "--clean-goal-thieves"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    c = json.loads((out / "robustness.json").read_text())
+    budget = r["protocol"]["budget"]
+    assert {(s["arch"], s["budget"], s["output"]) for s in c["substitutes"] if s["oracle"] == "protected"} == {("cnn", budget, "probs")}
+    assert len([s for s in c["substitutes"] if s["oracle"] == "clean"]) == 4
+    g = {x["goal"]: x for x in c["goals"] if x["null"] == "references"}
+    assert [k for k in g if k.startswith("thief ASR")] == [f"thief ASR: cnn {budget} soft"]
+    full_fp = next(x for x in r["goals"] if x["goal"].startswith("false positives") and x["null"] == "references")
+    assert g["false positives (clean thieves, with and without counter-measures)"] == full_fp
