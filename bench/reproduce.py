@@ -579,9 +579,10 @@ class Reproduction:
         self.substitutes.append(row)
         return row
 
-    def pair(self, seed: int, prot: dict, arch: str, budget: int, mode: str) -> None:
-        """The protected thief and the clean thief with the same budget and seed, both verified."""
-        for oracle in ("protected", "clean"):
+    def pair(self, seed: int, prot: dict, arch: str, budget: int, mode: str, oracles=("protected", "clean")) -> None:
+        """The protected thief and the clean thief with the same budget and seed, both verified
+        (`oracles`: only some of them)."""
+        for oracle in oracles:
             t = self.thief(seed, oracle, arch, budget, mode, prot)
             self.evaluate(seed, t, oracle, arch, budget, mode, prot)
 

@@ -232,8 +232,7 @@ class Robustness:
                     self.rep.pair(seed, prot, g_arch, g_budget, mode)
                 if clean_goal_thieves and not goals:  # the false-positive half of the goal list only
                     for g_arch, g_budget, mode in goal_thieves(arch, budget, cross)[1:]:
-                        t = self.rep.thief(seed, "clean", g_arch, g_budget, mode, prot)
-                        self.rep.evaluate(seed, t, "clean", g_arch, g_budget, mode, prot)
+                        self.rep.pair(seed, prot, g_arch, g_budget, mode, oracles=("clean",))
 
 
 def apply_widened_null(protections: list[dict], records: list[dict], key: str) -> None:

@@ -461,10 +461,10 @@ def protect(victim: nn.Module, shadow_images: torch.Tensor, owner_images: torch.
     opt = torch.optim.Adam(honeypot.parameters(), lr=cfg.honeypot_lr)
     trigger = (Trigger.uap(size, cfg.eps) if cfg.trigger == "uap" else Trigger.patch(size, cfg.patch_size, seed=cfg.seed)).to(device)
     shadow = create_model(cfg.shadow_arch, k).to(device)
+    victim_negative = cfg.negative_weight > 0 and "victim" in cfg.negative_models
     negative = create_model(cfg.shadow_arch, k).to(device) if cfg.negative_weight > 0 and "shadow" in cfg.negative_models \
         else None
-    negatives = ([negative] if negative is not None else []) + \
-        ([victim] if cfg.negative_weight > 0 and "victim" in cfg.negative_models else [])
+    negatives = ([negative] if negative is not None else []) + ([victim] if victim_negative else [])
     history: list[dict] = []
     start = 0
 
@@ -499,7 +499,7 @@ def protect(victim: nn.Module, shadow_images: torch.Tensor, owner_images: torch.
         generate_trigger(shadows, trigger, shadow_images, cfg, it, negatives)
         if negative is not None:
             extra["negative_asr"] = _shadow_asr(negative, trigger, shadow_images, cfg.target)
-        if negatives and negatives[-1] is victim:
+        if victim_negative:
             extra["victim_asr"] = _shadow_asr(victim, trigger, shadow_images, cfg.target)
         stamped_feats = compute_features(features, images, trigger, device=device)
         losses = finetune_honeypot(honeypot, opt, clean_feats, clean_logits, stamped_feats, cfg, it, len(shadow_images))
