@@ -228,11 +228,17 @@ class PoolOracle(Oracle):
 # ============================================================================ units (resumable steps)
 
 
-class Units:
-    """Each unit: OUT/<rel>/unit.json written last (atomically), keyed by its parameters."""
+class DeadlineReached(Exception):
+    """A unit would start after Units.deadline (its rel is the message): the run stops there."""
 
-    def __init__(self, out: Path, resume: bool) -> None:
-        self.out, self.resume = out, resume
+
+class Units:
+    """Each unit: OUT/<rel>/unit.json written last (atomically), keyed by its parameters.
+    deadline: a time.time() after which no unit starts (finished ones are still resumed): run()
+    raises DeadlineReached instead, so a run lent a machine for minutes can write what it has."""
+
+    def __init__(self, out: Path, resume: bool, deadline: float | None = None) -> None:
+        self.out, self.resume, self.deadline = out, resume, deadline
         self.timings: list[dict] = []
         self.finished: dict[str, dict] = {}  # rel -> record, for units this process ran or resumed
 
@@ -260,6 +266,8 @@ class Units:
         if d.exists() and not (self.resume and (d / "unit.key").exists() and (d / "unit.key").read_text() == key
                                and not done.exists()):
             shutil.rmtree(d)  # recompute from scratch (a partial state of the same key is kept with --resume)
+        if self.deadline is not None and time.time() > self.deadline:
+            raise DeadlineReached(rel)
         d.mkdir(parents=True, exist_ok=True)
         (d / "unit.key").write_text(key)
         t = time.time()

@@ -63,6 +63,8 @@ def test_cli_chain_train_protect_extract_verify(tmp_path):
     (["train", "--arch", "vgg99", "--data-limit", "10", "--epochs", "0", "--output", "x.safetensors"], "vgg99"),
     (["verify", "no-such-bundle", "no-such-model"], "no manifest"),
     (["protect", "missing.safetensors", "--negative-weight", "nan", "--output", "b"], "negative_weight"),
+    (["protect", "missing.safetensors", "--negative-weight", "1", "--negative-archs", "cnn", "vgg99", "--output", "b"],
+     "negative_archs"),
     (["extract", "missing.safetensors", "--output", "s.safetensors"], "not found"),
 ])
 def test_cli_bad_input_gives_one_clear_error(tmp_path, args, message):

@@ -204,3 +204,32 @@ def test_protect_with_negative_shadow_records_and_resumes(tmp_path):
     assert "negative_models" not in ProtectConfig().key_dict()
     with pytest.raises(ValueError, match="negative_models"):
         ProtectConfig(negative_models="everyone")
+
+
+def test_negative_shadows_of_several_architectures_train_checkpoint_and_resume(tmp_path):
+    """negative_archs: one negative shadow per architecture, each extracted from the unprotected victim,
+    reported per iteration and checkpointed under its own key; a resumed run ends where one whole run does."""
+    shadow = load_dataset("shapes", split="shadow", n=300).images
+    owner = load_dataset("shapes", split="train", n=200).images
+    torch.manual_seed(0)
+    victim = create_model("cnn_small", 10).eval()
+    kw = dict(shadow_arch="cnn_small", shadow_epochs=1, trigger_passes=1, honeypot_steps=10, seed=1, negative_weight=0.5,
+              negative_archs="cnn_small, resnet20")
+    cfg = ProtectConfig(outer_iters=2, **kw)
+    assert cfg.negative_shadow_archs() == ["cnn_small", "resnet20"]
+    full = protect(victim, shadow, owner, cfg, progress=False)
+    for h in full.history:
+        assert 0 <= h["negative_asr"] <= 1 and 0 <= h["negative1_resnet20_asr"] <= 1
+    protect(victim, shadow, owner, ProtectConfig(outer_iters=1, **kw), checkpoint_dir=tmp_path, progress=False)
+    state = torch.load(tmp_path / "protect_state.pt", weights_only=True)
+    assert {"negative", "negative1"} <= set(state) and any("conv" in k or "layer" in k for k in state["negative1"])
+    resumed = protect(victim, shadow, owner, cfg, checkpoint_dir=tmp_path, progress=False)
+    assert torch.allclose(full.trigger.pattern, resumed.trigger.pattern, atol=1e-6)
+    # old keys are unchanged while it holds its default; an unknown architecture is refused up front;
+    # without a negative weight (or with the victim alone) no negative shadow is trained
+    assert "negative_archs" not in ProtectConfig(negative_weight=1.0).key_dict()
+    assert ProtectConfig(negative_weight=1.0, negative_archs="cnn,resnet20").hash() != ProtectConfig(negative_weight=1.0).hash()
+    with pytest.raises(ValueError, match="vgg99"):
+        ProtectConfig(negative_weight=1.0, negative_archs="cnn,vgg99")
+    assert ProtectConfig(negative_archs="resnet20").negative_shadow_archs() == []
+    assert ProtectConfig(negative_weight=1.0, negative_models="victim", negative_archs="resnet20").negative_shadow_archs() == []

@@ -131,3 +131,24 @@ def test_clean_goal_thieves_only(robustness, shared_dir, cifar10_jpeg_root, tiny
     assert [k for k in g if k.startswith("thief ASR")] == [f"thief ASR: cnn {budget} soft"]
     full_fp = next(x for x in r["goals"] if x["goal"].startswith("false positives") and x["null"] == "references")
     assert g["false positives (clean thieves, with and without counter-measures)"] == full_fp
+
+
+def test_deadline_writes_what_finished(robustness, shared_dir, cifar10_jpeg_root, tinyimagenet_root, tmp_path):
+    """--deadline: units that finished are still resumed, the first unit that would start after it
+    stops the run, and the tables and JSON of what finished are written (exit 0): base's units all
+    exist, eps24's protection does not, so eps24 is left out and base comes back whole."""
+    _, _, r = robustness
+    out = tmp_path / "deadline"
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--reproduce-out", r["protocol"]["reproduce_out"], "--out", str(out),
+           "--shared", str(shared_dir), "--cifar-root", str(cifar10_jpeg_root), "--tin-root", str(tinyimagenet_root),
+           "--device", "cpu", "--no-progress", "--cross-substitute", "cnn_small", "--variants", "base", "eps24",
+           "--deadline", "0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    d = json.loads((out / "robustness.json").read_text())
+    assert d["stopped_at_deadline"].startswith("seed0/protect-eps24"), d["stopped_at_deadline"]
+    assert [p["protection"] for p in d["protections"]] == ["base"]
+    assert [(x["measure"], x["asr"] if "asr" in x else None) for x in d["rows"]] == \
+        [(x["measure"], x["asr"] if "asr" in x else None) for x in r["rows"]]
+    assert {g["variant"] for g in d["goals"]} == {"base"} and "deadline" in proc.stdout + proc.stderr
+    assert not (Path(r["protocol"]["reproduce_out"]) / "seed0" / "protect-eps24" / "unit.json").exists()

@@ -106,7 +106,8 @@ def cmd_protect(args) -> int:
                         shadow_finetune_epochs=args.shadow_finetune_epochs, shadow_finetune_lr=args.shadow_finetune_lr,
                         shadow_finetune_images=args.shadow_finetune_images,
                         trigger_resolution=args.trigger_resolution, negative_weight=args.negative_weight,
-                        negative_models=args.negative_models, seed=args.seed)
+                        negative_models=args.negative_models, negative_archs=",".join(args.negative_archs),
+                        seed=args.seed)
     if args.victim.endswith(".th") or args.arch:
         if not args.arch:
             raise ValueError("--arch is needed with a foreign checkpoint")
@@ -262,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "trigger step: keeps the trigger off innocent models (default 0 = off)")
     s.add_argument("--negative-models", choices=["shadow", "victim", "shadow+victim"], default="shadow",
                    help="the innocent models of --negative-weight: the negative shadow, the unprotected victim, or both")
+    s.add_argument("--negative-archs", nargs="+", default=[], metavar="ARCH",
+                   help="one negative shadow of each of these architectures (default: one of --shadow-arch)")
     s.add_argument("--head", choices=["residual", "linear"], default="residual")
     s.add_argument("--hidden", type=int, default=256)
     s.add_argument("--lam", type=float, default=3.0)

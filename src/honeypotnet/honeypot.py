@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .models import _HEAD_NAMES, ImageClassifier, _find_head, create_model, split_classifier
+from .models import _HEAD_NAMES, ImageClassifier, _find_head, create_model, list_models, split_classifier
 from .training import FitConfig, atomic_torch_save, fit, to_float
 
 # --------------------------------------------------------------------------------------------
@@ -212,6 +212,10 @@ class ProtectConfig:
     # "victim" (the unprotected victim itself: no training, its architecture), or "shadow+victim".
     # Measured: a CNN negative shadow stops transfer to clean CNN copies but not to clean ResNet-20s.
     negative_models: str = "shadow"
+    # the negative shadows' architectures, comma-separated ("cnn,resnet20": one innocent copy of each,
+    # each weighted negative_weight); "" = one of shadow_arch. A clean copy of another family than the
+    # negative shadow's kept answering the trigger (measured: CNN negative, ResNet-20 clean copies).
+    negative_archs: str = ""
 
     def __post_init__(self) -> None:
         if self.trigger not in ("uap", "patch"):
@@ -235,6 +239,17 @@ class ProtectConfig:
             raise ValueError("negative_weight must be >= 0 (0 = no negative shadow)")
         if self.negative_models not in ("shadow", "victim", "shadow+victim"):
             raise ValueError(f"negative_models must be 'shadow', 'victim' or 'shadow+victim', got {self.negative_models!r}")
+        if not isinstance(self.negative_archs, str):
+            raise ValueError("negative_archs must be a comma-separated string of architectures")
+        unknown = [a for a in self.negative_shadow_archs() if a not in list_models()]
+        if unknown:
+            raise ValueError(f"negative_archs: unknown architecture(s) {unknown}; known: {list_models()}")
+
+    def negative_shadow_archs(self) -> list[str]:
+        """The architectures of the negative shadows (one each; [] when none is trained)."""
+        if not (self.negative_weight > 0 and "shadow" in self.negative_models):
+            return []
+        return [a.strip() for a in self.negative_archs.split(",") if a.strip()] or [self.shadow_arch]
 
     def key_dict(self) -> dict:
         """asdict() without the fields added after the first release while they hold their default
@@ -254,7 +269,7 @@ class ProtectConfig:
 
 
 _LATE_FIELDS = ("shadow_finetune_epochs", "shadow_finetune_lr", "shadow_finetune_images", "trigger_resolution",
-                "negative_weight", "negative_models")
+                "negative_weight", "negative_models", "negative_archs")
 
 
 @dataclass
@@ -462,9 +477,8 @@ def protect(victim: nn.Module, shadow_images: torch.Tensor, owner_images: torch.
     trigger = (Trigger.uap(size, cfg.eps) if cfg.trigger == "uap" else Trigger.patch(size, cfg.patch_size, seed=cfg.seed)).to(device)
     shadow = create_model(cfg.shadow_arch, k).to(device)
     victim_negative = cfg.negative_weight > 0 and "victim" in cfg.negative_models
-    negative = create_model(cfg.shadow_arch, k).to(device) if cfg.negative_weight > 0 and "shadow" in cfg.negative_models \
-        else None
-    negatives = ([negative] if negative is not None else []) + ([victim] if victim_negative else [])
+    neg_shadows = [create_model(a, k).to(device) for a in cfg.negative_shadow_archs()]
+    negatives = neg_shadows + ([victim] if victim_negative else [])
     history: list[dict] = []
     start = 0
 
@@ -479,8 +493,8 @@ def protect(victim: nn.Module, shadow_images: torch.Tensor, owner_images: torch.
         opt.load_state_dict(state["opt"])
         trigger.load_state_dict(state["trigger"])
         shadow.load_state_dict(state["shadow"])
-        if negative is not None:
-            negative.load_state_dict(state["negative"])
+        for i, neg in enumerate(neg_shadows):
+            neg.load_state_dict(state[_negative_key(i)])
         history = json.loads(state["history"])
         start = int(state["iteration"])
 
@@ -492,13 +506,13 @@ def protect(victim: nn.Module, shadow_images: torch.Tensor, owner_images: torch.
         simulate_extraction(shadow, honeypot, shadow_images, shadow_feats, cfg, it, progress)
         inherited = _shadow_asr(shadow, trigger, shadow_images, cfg.target)  # backdoor learnt by extraction
         extra = {}
-        if negative is not None:  # the innocent copy, extracted from the unprotected victim (warm start)
-            simulate_extraction(negative, head, shadow_images, shadow_feats, cfg, it, progress, "negative shadow", 500)
+        for i, neg in enumerate(neg_shadows):  # innocent copies, extracted from the unprotected victim (warm start)
+            simulate_extraction(neg, head, shadow_images, shadow_feats, cfg, it, progress, "negative shadow", 500 + i)
         shadows = [shadow, finetuned_copy(shadow, ft_images, ft_labels, cfg, it, progress)] if cfg.shadow_finetune_epochs \
             else shadow
         generate_trigger(shadows, trigger, shadow_images, cfg, it, negatives)
-        if negative is not None:
-            extra["negative_asr"] = _shadow_asr(negative, trigger, shadow_images, cfg.target)
+        for i, (arch, neg) in enumerate(zip(cfg.negative_shadow_archs(), neg_shadows)):
+            extra[_negative_key(i, arch) + "_asr"] = _shadow_asr(neg, trigger, shadow_images, cfg.target)
         if victim_negative:
             extra["victim_asr"] = _shadow_asr(victim, trigger, shadow_images, cfg.target)
         stamped_feats = compute_features(features, images, trigger, device=device)
@@ -510,13 +524,20 @@ def protect(victim: nn.Module, shadow_images: torch.Tensor, owner_images: torch.
         if ckpt:
             atomic_torch_save({"config_hash": run_key, "iteration": it + 1, "honeypot": honeypot.state_dict(),
                                "opt": opt.state_dict(), "trigger": trigger.state_dict(), "shadow": shadow.state_dict(),
-                               **({"negative": negative.state_dict()} if negative is not None else {}),
+                               **{_negative_key(i): neg.state_dict() for i, neg in enumerate(neg_shadows)},
                                "history": json.dumps(history)}, ckpt)
 
     protected = install_honeypot(victim, honeypot)
     for p in protected.parameters():
         p.requires_grad_(True)
     return ProtectResult(protected.cpu().eval(), trigger.cpu(), cfg, history)
+
+
+def _negative_key(i: int, arch: str | None = None) -> str:
+    """Checkpoint key (history key with `arch`, + "_asr") of the i-th negative shadow: "negative" for
+    the first (the single negative shadow's key before negative_archs existed), then "negative<i>"
+    ("negative<i>_<arch>")."""
+    return "negative" if i == 0 else f"negative{i}_{arch}" if arch else f"negative{i}"
 
 
 @torch.no_grad()
