@@ -229,7 +229,8 @@ def test_negative_shadows_of_several_architectures_train_checkpoint_and_resume(t
     # without a negative weight (or with the victim alone) no negative shadow is trained
     assert "negative_archs" not in ProtectConfig(negative_weight=1.0).key_dict()
     assert ProtectConfig(negative_weight=1.0, negative_archs="cnn,resnet20").hash() != ProtectConfig(negative_weight=1.0).hash()
-    with pytest.raises(ValueError, match="vgg99"):
-        ProtectConfig(negative_weight=1.0, negative_archs="cnn,vgg99")
+    for w in (1.0, 0.0):  # checked even while it has no effect
+        with pytest.raises(ValueError, match="vgg99"):
+            ProtectConfig(negative_weight=w, negative_archs="cnn,vgg99")
     assert ProtectConfig(negative_archs="resnet20").negative_shadow_archs() == []
     assert ProtectConfig(negative_weight=1.0, negative_models="victim", negative_archs="resnet20").negative_shadow_archs() == []

@@ -241,7 +241,7 @@ class ProtectConfig:
             raise ValueError(f"negative_models must be 'shadow', 'victim' or 'shadow+victim', got {self.negative_models!r}")
         if not isinstance(self.negative_archs, str):
             raise ValueError("negative_archs must be a comma-separated string of architectures")
-        unknown = [a for a in self.negative_shadow_archs() if a not in list_models()]
+        unknown = [a.strip() for a in self.negative_archs.split(",") if a.strip() and a.strip() not in list_models()]
         if unknown:
             raise ValueError(f"negative_archs: unknown architecture(s) {unknown}; known: {list_models()}")
 
