@@ -3,6 +3,8 @@
     python bench/robustness.py                          # base protection, seed 0, cnn thief at 20k
     python bench/robustness.py --variants base eps20 --seeds 0 1 2
     python bench/robustness.py --quick                  # the same on reproduce.py's quick protocol (a test)
+    python bench/robustness.py --device cuda --variants negcr0.25-eps24 --seeds 0 1 2 --deadline 380
+                                                        # a machine lent for minutes: what finished is written
 
 Protocol: bench/reproduce.py's (victim, shadow set, pool, calibrated tau0, verification half); its
 units are shared: the protection and the thieves are reproduce.py units in `--reproduce-out`
