@@ -237,8 +237,9 @@ class Units:
     deadline: a time.time() after which no unit starts (finished ones are still resumed): run()
     raises DeadlineReached instead, so a run lent a machine for minutes can write what it has."""
 
-    def __init__(self, out: Path, resume: bool, deadline: float | None = None) -> None:
-        self.out, self.resume, self.deadline = out, resume, deadline
+    def __init__(self, out: Path, resume: bool) -> None:
+        self.out, self.resume = out, resume
+        self.deadline: float | None = None
         self.timings: list[dict] = []
         self.finished: dict[str, dict] = {}  # rel -> record, for units this process ran or resumed
 
@@ -263,11 +264,11 @@ class Units:
                 self.finished[rel] = rec
                 self.timings.append({"unit": rel, "stage": stage, "seconds": rec.get("seconds", 0.0), "resumed": True})
                 return dict(rec)
+        if self.deadline is not None and time.time() > self.deadline:  # before anything on disk is removed
+            raise DeadlineReached(rel)
         if d.exists() and not (self.resume and (d / "unit.key").exists() and (d / "unit.key").read_text() == key
                                and not done.exists()):
             shutil.rmtree(d)  # recompute from scratch (a partial state of the same key is kept with --resume)
-        if self.deadline is not None and time.time() > self.deadline:
-            raise DeadlineReached(rel)
         d.mkdir(parents=True, exist_ok=True)
         (d / "unit.key").write_text(key)
         t = time.time()

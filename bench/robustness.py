@@ -605,13 +605,13 @@ def main(argv=None) -> dict:
         rp.log(f"deadline ({args.deadline:g} s) reached before unit {stopped}: writing what finished")
     except Exception as e:  # write what finished (minutes of a lent machine), then fail as usual
         rp.log(f"stopped by {e!r}: writing what finished, then re-raising")
-        write_results(args, rob, p, sweep, budget, labelled_n, device, t0, None, repr(e))
+        write_results(args, rob, budget, labelled_n, t0, None, repr(e))
         raise
-    return write_results(args, rob, p, sweep, budget, labelled_n, device, t0, stopped)
+    return write_results(args, rob, budget, labelled_n, t0, stopped)
 
 
-def write_results(args, rob: Robustness, p, sweep: Sweep, budget: int, labelled_n: int, device, t0: float,
-                  stopped: str | None, error: str | None = None) -> dict:
+def write_results(args, rob: Robustness, budget: int, labelled_n: int, t0: float, stopped: str | None,
+                  error: str | None = None) -> dict:
     """The tables, JSON and plot of every unit that finished (stopped: the unit the deadline stopped
     the run at; error: the exception that stopped it)."""
     if stopped or error:  # a variant whose protection finished but none of whose thieves did would only add empty rows
@@ -628,10 +628,9 @@ def write_results(args, rob: Robustness, p, sweep: Sweep, budget: int, labelled_
                           "## Over seeds", summary_table(rob.rows),
                           "## Every run", format_table(rob.protections, rob.rows)])
     picks = thief_picks(rob.rows)
-    try:
-        victim_cta = accuracy(rob.rep.victim(), rob.rep.eval_images, rob.rep.eval_labels)
-    except Exception:  # noqa: BLE001 - the victim itself did not finish (deadline or error)
-        victim_cta = None
+    sweep = rob.sweep
+    victim = rob.rep._victim  # None when the victim's unit itself did not finish (deadline or error)
+    victim_cta = None if victim is None else accuracy(victim, rob.rep.eval_images, rob.rep.eval_labels)
     results = {"benchmark": "bench/robustness.py", "mode": "quick" if args.quick else "full",
                "command": " ".join([Path(sys.executable).name, *sys.argv]),
                "protocol": {"reproduce_out": args.reproduce_out, "variants": {v: {k: rp._jsonable(x) for k, x in VARIANTS[v].items()}
@@ -642,7 +641,7 @@ def write_results(args, rob: Robustness, p, sweep: Sweep, budget: int, labelled_
                             "sweep": {"finetune": sweep.finetune, "prune": sweep.prune, "prune_finetune": sweep.prune_finetune,
                                       "purify": sweep.purify, "cleanse_steps": sweep.cleanse_steps,
                                       "cleanse_images": sweep.cleanse_images}},
-               "machine": rp.machine_info(device), "protections": rob.protections, "rows": rob.rows,
+               "machine": rp.machine_info(rob.device), "protections": rob.protections, "rows": rob.rows,
                "substitutes": substitutes, "goals": checks,
                "thief_picks": [{"variant": k[0], "oracle": k[1], **v} for k, v in picks.items()],
                "victim_cta": victim_cta,

@@ -241,15 +241,18 @@ class ProtectConfig:
             raise ValueError(f"negative_models must be 'shadow', 'victim' or 'shadow+victim', got {self.negative_models!r}")
         if not isinstance(self.negative_archs, str):
             raise ValueError("negative_archs must be a comma-separated string of architectures")
-        unknown = [a.strip() for a in self.negative_archs.split(",") if a.strip() and a.strip() not in list_models()]
+        unknown = [a for a in self._listed_negative_archs() if a not in list_models()]
         if unknown:
             raise ValueError(f"negative_archs: unknown architecture(s) {unknown}; known: {list_models()}")
+
+    def _listed_negative_archs(self) -> list[str]:
+        return [a.strip() for a in self.negative_archs.split(",") if a.strip()]
 
     def negative_shadow_archs(self) -> list[str]:
         """The architectures of the negative shadows (one each; [] when none is trained)."""
         if not (self.negative_weight > 0 and "shadow" in self.negative_models):
             return []
-        return [a.strip() for a in self.negative_archs.split(",") if a.strip()] or [self.shadow_arch]
+        return self._listed_negative_archs() or [self.shadow_arch]
 
     def key_dict(self) -> dict:
         """asdict() without the fields added after the first release while they hold their default
@@ -477,7 +480,8 @@ def protect(victim: nn.Module, shadow_images: torch.Tensor, owner_images: torch.
     trigger = (Trigger.uap(size, cfg.eps) if cfg.trigger == "uap" else Trigger.patch(size, cfg.patch_size, seed=cfg.seed)).to(device)
     shadow = create_model(cfg.shadow_arch, k).to(device)
     victim_negative = cfg.negative_weight > 0 and "victim" in cfg.negative_models
-    neg_shadows = [create_model(a, k).to(device) for a in cfg.negative_shadow_archs()]
+    neg_archs = cfg.negative_shadow_archs()
+    neg_shadows = [create_model(a, k).to(device) for a in neg_archs]
     negatives = neg_shadows + ([victim] if victim_negative else [])
     history: list[dict] = []
     start = 0
@@ -511,7 +515,7 @@ def protect(victim: nn.Module, shadow_images: torch.Tensor, owner_images: torch.
         shadows = [shadow, finetuned_copy(shadow, ft_images, ft_labels, cfg, it, progress)] if cfg.shadow_finetune_epochs \
             else shadow
         generate_trigger(shadows, trigger, shadow_images, cfg, it, negatives)
-        for i, (arch, neg) in enumerate(zip(cfg.negative_shadow_archs(), neg_shadows)):
+        for i, (arch, neg) in enumerate(zip(neg_archs, neg_shadows)):
             extra[_negative_key(i, arch) + "_asr"] = _shadow_asr(neg, trigger, shadow_images, cfg.target)
         if victim_negative:
             extra["victim_asr"] = _shadow_asr(victim, trigger, shadow_images, cfg.target)
