@@ -9,9 +9,10 @@
 # Then one device call: command `bash bench/device_robustness.sh`, carry [".devdata"], timeout_s 570.
 # VARIANTS, SEEDS and DEADLINE (seconds of the full run, after a ~45 s quick smoke test) override the
 # defaults. Units live in /tmp/rep on the machine: a second call on the still-warm machine resumes them
-# (SKIP_QUICK=1). Used on 2026-11-26: two calls on one H200, about 2.5 min per variant and seed.
+# (SKIP_QUICK=1). Used on 2026-11-26: two calls on one H200, about 2.5 min per variant and seed
+# (negcr0.25-eps24, before the 5k thief also trained 24 and 48 epochs, and before -ft2 was the default here).
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 HONEYPOTNET_CACHE=/tmp/hpcache
-VARIANTS=${VARIANTS:-negcr0.25-eps24} SEEDS=${SEEDS:-0 1 2} DEADLINE=${DEADLINE:-380}
+VARIANTS=${VARIANTS:-negcr0.25-eps24-ft2} SEEDS=${SEEDS:-0 1 2} DEADLINE=${DEADLINE:-380}
 set -o pipefail
 nvidia-smi -L
 python3 -c "import torch, safetensors, matplotlib, tqdm; print(torch.__version__, torch.cuda.get_device_name())" || exit 3

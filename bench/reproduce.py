@@ -125,7 +125,7 @@ ABLATIONS: dict[str, list[tuple[str, dict]]] = {
     "shadow-norm-weight": [("paper-snw1", {"shadow_norm_weight": 1.0}), ("snw0.5", {"shadow_norm_weight": 0.5})],
 }
 
-SUBSTITUTE_COLUMNS = ["seed", "protection", "oracle", "arch", "budget", "output", "queries", "cta", "asr", "hits", "n",
+SUBSTITUTE_COLUMNS = ["seed", "protection", "oracle", "arch", "budget", "output", "epochs", "queries", "cta", "asr", "hits", "n",
                       "unstamped_rate", "tau0", "p_value", "alpha", "stolen", "verdict", "clean_accuracy",
                       "stamped_accuracy", "seconds"]
 PROTECTION_COLUMNS = ["seed", "protection", "overrides", "config", "victim_cta", "protected_cta", "cta_delta",
@@ -535,16 +535,20 @@ class Reproduction:
             log(f"[seed {seed}] protect: starting from {best[1].parent.parent.name}'s checkpoint at T={best[0]}")
 
     # ------------------------------------------------------------------ thieves
-    def thief(self, seed: int, oracle: str, arch: str, budget: int, mode: str, prot: dict | None) -> dict:
-        """One extraction: oracle "protected" (prot's bundle) or "clean" (the unprotected victim)."""
+    def thief(self, seed: int, oracle: str, arch: str, budget: int, mode: str, prot: dict | None,
+              epochs: int | None = None) -> dict:
+        """One extraction: oracle "protected" (prot's bundle) or "clean" (the unprotected victim);
+        `epochs` other than the protocol's thief_epochs is a unit of its own (its name ends -e<epochs>)."""
+        epochs = epochs or self.p.thief_epochs
+        suffix = "" if epochs == self.p.thief_epochs else f"-e{epochs}"
         if oracle == "protected":
             model, model_key, answers_rel = prot["bundle"].model.to(self.device), prot["key"], f"{prot['rel']}/pool-answers"
-            rel = f"seed{seed}/thief-{prot['protection']}-{arch}-{budget}-{mode}"
+            rel = f"seed{seed}/thief-{prot['protection']}-{arch}-{budget}-{mode}{suffix}"
         else:
             model, model_key, answers_rel = self.victim(), self.victim_key(), "victim/pool-answers"
-            rel = f"seed{seed}/thief-clean-{arch}-{budget}-{mode}"
+            rel = f"seed{seed}/thief-clean-{arch}-{budget}-{mode}{suffix}"
         probs = self.pool_answers(answers_rel, model, model_key)
-        fitc = FitConfig(epochs=self.p.thief_epochs, seed=seed)
+        fitc = FitConfig(epochs=epochs, seed=seed)
         params = {"model": model_key, "arch": arch, "budget": budget, "mode": mode, "fit": asdict(fitc), "seed": seed,
                   "pool": len(self.data.pool)}
 
@@ -581,18 +585,20 @@ class Reproduction:
         v = {k: v[k] for k in ("n", "hits", "asr", "unstamped_rate", "tau0", "p_value", "alpha", "stolen", "verdict",
                                "clean_accuracy", "stamped_accuracy")}
         row = {"seed": seed, "protection": prot["protection"], "oracle": oracle, "arch": arch, "budget": budget,
-               "output": mode, "queries": thief["queries"], "cta": thief["cta"], **v, "seconds": thief["seconds"]}
+               "output": mode, "epochs": thief["params"]["fit"]["epochs"], "queries": thief["queries"], "cta": thief["cta"],
+               **v, "seconds": thief["seconds"]}
         log(f"[seed {seed}] {prot['protection']:>12} {oracle:>9} {arch:>8} {budget:>6} {mode:>5}: CTA {100 * row['cta']:.2f}%  "
             f"ASR {100 * row['asr']:.2f}%  unstamped {100 * row['unstamped_rate']:.2f}%  p {row['p_value']:.3g}  "
             f"{row['verdict']}  [{thief['seconds']:.0f} s{', resumed' if thief.get('resumed') else ''}]")
         self.substitutes.append(row)
         return row
 
-    def pair(self, seed: int, prot: dict, arch: str, budget: int, mode: str, oracles=("protected", "clean")) -> None:
-        """The protected thief and the clean thief with the same budget and seed, both verified
-        (`oracles`: only some of them)."""
+    def pair(self, seed: int, prot: dict, arch: str, budget: int, mode: str, oracles=("protected", "clean"),
+             epochs: int | None = None) -> None:
+        """The protected thief and the clean thief with the same budget, seed and epochs (default the
+        protocol's thief_epochs), both verified (`oracles`: only some of them)."""
         for oracle in oracles:
-            t = self.thief(seed, oracle, arch, budget, mode, prot)
+            t = self.thief(seed, oracle, arch, budget, mode, prot, epochs)
             self.evaluate(seed, t, oracle, arch, budget, mode, prot)
 
     # ------------------------------------------------------------------ plans

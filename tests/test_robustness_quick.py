@@ -79,25 +79,35 @@ def test_goal_list_follows_the_measured_rows(robustness):
     trained and verified (protected and clean), and each verdict agrees with the numbers it reports."""
     out, _, r = robustness
     budget = r["protocol"]["budget"]
-    assert [tuple(t) for t in r["protocol"]["goal_thieves"]] == [("cnn", budget, "probs"), ("cnn", budget, "label"),
-                                                                  ("cnn_small", budget, "probs"), ("cnn", budget // 4, "probs")]
-    for arch, b, mode in r["protocol"]["goal_thieves"]:
-        got = {s["oracle"] for s in r["substitutes"] if (s["arch"], s["budget"], s["output"]) == (arch, b, mode)}
-        assert got == {"protected", "clean"}, (arch, b, mode)
+    epochs = 4  # the quick protocol's thief epochs; the quarter-budget thief also trains twice as long
+    assert [tuple(t) for t in r["protocol"]["goal_thieves"]] == [
+        ("cnn", budget, "probs", None), ("cnn", budget, "label", None), ("cnn_small", budget, "probs", None),
+        ("cnn", budget // 4, "probs", epochs), ("cnn", budget // 4, "probs", 2 * epochs)]
+    for arch, b, mode, e in r["protocol"]["goal_thieves"]:
+        got = {s["oracle"] for s in r["substitutes"]
+               if (s["arch"], s["budget"], s["output"], s["epochs"]) == (arch, b, mode, e or epochs)}
+        assert got == {"protected", "clean"}, (arch, b, mode, e)
     g = {x["goal"]: x for x in r["goals"] if x["null"] == "references"}
     gw = {x["goal"]: x for x in r["goals"] if x["null"] == "widened"}
     assert set(gw) == set(g) and r["protections"][0]["tau0_widened"] >= r["protections"][0]["tau0"]
     prot = r["protections"][0]
     assert g["victim CTA drop"]["pass"] == (-prot["cta_delta"] <= 0.002 + 1e-9)
-    subs = [s for s in r["substitutes"] if s["oracle"] == "protected"]
+    subs = [s for s in r["substitutes"] if s["oracle"] == "protected" and s["budget"] == budget]
     for s in subs:
         goal = g[f"thief ASR: {s['arch']} {s['budget']} {'label-only' if s['output'] == 'label' else 'soft'}"]
-        target = 0.95 if s["budget"] == budget else 0.85
-        assert goal["pass"] == (s["asr"] >= target and s["stolen"])
+        assert goal["pass"] == (s["asr"] >= 0.95 and s["stolen"])
+    # the quarter-budget goal is the thief's pick: its most accurate copy over the epochs it tried
+    quarter = [s for s in r["substitutes"] if s["oracle"] == "protected" and s["budget"] == budget // 4]
+    assert sorted(s["epochs"] for s in quarter) == [epochs, 2 * epochs]
+    assert quarter[0]["cta"] != quarter[1]["cta"]  # training longer changed the copy
+    qpick = max(quarter, key=lambda s: s["cta"])
+    goal = g[f"thief ASR: cnn {budget // 4} soft, thief's pick of {epochs}/{2 * epochs} epochs"]
+    assert goal["pass"] == (qpick["asr"] >= 0.85 and qpick["stolen"]) and goal["n"] == 1
+    assert f"({qpick['epochs']} ep, seed 0)" in goal["worst"]
     clean_rows = [x for x in r["rows"] if x["oracle"] == "clean" and x["measure"] != "neural-cleanse"]
     fp = sum(x["stolen"] for x in clean_rows) + sum(s["stolen"] for s in r["substitutes"] if s["oracle"] == "clean")
     fp_goal = next(x for x in r["goals"] if x["goal"].startswith("false positives"))
-    assert fp_goal["worst"] == str(fp) and fp_goal["pass"] == (fp == 0) and fp_goal["n"] == len(clean_rows) + 4
+    assert fp_goal["worst"] == str(fp) and fp_goal["pass"] == (fp == 0) and fp_goal["n"] == len(clean_rows) + 5
     pick = max((x for x in r["rows"] if x["oracle"] == "protected" and x["measure"].startswith("finetune")),
                key=lambda x: x["cta"])
     assert g["fine-tune, thief's pick"]["pass"] == (pick["asr"] >= 0.5 and pick["stolen"])
@@ -109,7 +119,8 @@ def test_goal_list_follows_the_measured_rows(robustness):
     nc = next(x for x in r["rows"] if x["oracle"] == "protected" and x["measure"] == "neural-cleanse")
     assert g["Neural Cleanse anomaly index of the target"]["pass"] == (nc["target_anomaly_index"] < 2 and not nc["target_flagged"])
     md = (out / "robustness.md").read_text()
-    assert "## Variants" in md and "## Goals (issue 8)" in md and "references null: " in md and "widened null: " in md and "## Over seeds" in md
+    assert f"| {qpick['epochs']} * |" in md  # the goal thieves' table marks the thief's pick
+    assert "## Variants" in md and "## Goals (issue 8)" in md and "## Goal thieves" in md and "references null: " in md and "widened null: " in md and "## Over seeds" in md
 
 
 def test_clean_goal_thieves_only(robustness, shared_dir, cifar10_jpeg_root, tinyimagenet_root, tmp_path):
@@ -126,7 +137,7 @@ def test_clean_goal_thieves_only(robustness, shared_dir, cifar10_jpeg_root, tiny
     c = json.loads((out / "robustness.json").read_text())
     budget = r["protocol"]["budget"]
     assert {(s["arch"], s["budget"], s["output"]) for s in c["substitutes"] if s["oracle"] == "protected"} == {("cnn", budget, "probs")}
-    assert len([s for s in c["substitutes"] if s["oracle"] == "clean"]) == 4
+    assert len([s for s in c["substitutes"] if s["oracle"] == "clean"]) == 5
     g = {x["goal"]: x for x in c["goals"] if x["null"] == "references"}
     assert [k for k in g if k.startswith("thief ASR")] == [f"thief ASR: cnn {budget} soft"]
     full_fp = next(x for x in r["goals"] if x["goal"].startswith("false positives") and x["null"] == "references")
