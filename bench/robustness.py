@@ -267,7 +267,7 @@ def apply_widened_null(protections: list[dict], records: list[dict], key: str) -
         r["stolen_widened"] = r["p_value_widened"] < r["alpha"]
 
 
-def goal_thieves(arch: str, budget: int, cross: str, quarter_epochs: tuple[int, ...] = (12,)) -> list[tuple[str, int, str, int | None]]:
+def goal_thieves(arch: str, budget: int, cross: str, quarter_epochs: tuple[int, ...]) -> list[tuple[str, int, str, int | None]]:
     """(arch, budget, output, epochs) of the thieves issue 8's targets name: soft-label, label-only and
     cross-architecture (`cross`) at the full budget (the protocol's epochs: None), soft-label at a
     quarter of it (20k and 5k) once per `quarter_epochs` (goals() keeps the thief's pick)."""
@@ -331,12 +331,17 @@ def thief_picks(rows: list[dict], family: str = "finetune") -> dict:
     return picks
 
 
+def _thief_kind(s: dict) -> tuple:
+    """A substitute's thief up to its training epochs: (protection, oracle, arch, budget, output, seed)."""
+    return s["protection"], s["oracle"], s["arch"], s["budget"], s["output"], s["seed"]
+
+
 def epoch_picks(substitutes: list[dict]) -> dict:
-    """(protection, oracle, arch, budget, output, seed) -> the substitute with the best clean accuracy
-    over the epoch counts it was trained at: the copy a thief who sweeps them keeps."""
+    """_thief_kind -> the substitute with the best clean accuracy over the epoch counts it was
+    trained at: the copy a thief who sweeps them keeps."""
     picks: dict = {}
     for s in substitutes:
-        k = (s["protection"], s["oracle"], s["arch"], s["budget"], s["output"], s["seed"])
+        k = _thief_kind(s)
         if k not in picks or s["cta"] > picks[k]["cta"]:
             picks[k] = s
     return picks
@@ -448,12 +453,12 @@ def goals(protections: list[dict], rows: list[dict], substitutes: list[dict], bu
                 continue
             target = GOAL_THIEF_ASR["full" if g[1] == budget else "quarter"]
             name = f"thief ASR: {g[0]} {g[1]} {'label-only' if g[2] == 'label' else 'soft'}"
-            epochs = sorted({s.get("epochs") for s in st}, key=lambda e: e or 0)
+            epochs = sorted({s["epochs"] for s in st})
             if len(epochs) > 1:  # trained at several epoch counts: the thief keeps its most accurate copy
                 st = list(epoch_picks(st).values())
                 name += f", thief's pick of {'/'.join(map(str, epochs))} epochs"
             w = min(st, key=lambda s: s["asr"])
-            add(name, _f(w["asr"]) + (f" ({w.get('epochs')} ep, seed {w['seed']})" if len(epochs) > 1 else ""),
+            add(name, _f(w["asr"]) + (f" ({w['epochs']} ep, seed {w['seed']})" if len(epochs) > 1 else ""),
                 f"≥ {100 * target:.0f}, flagged", w["asr"] >= target and all(s[flag] for s in st), len(st))
         clean_subs = [s for s in subs if s["oracle"] == "clean"]
         clean_none = [r for r in rows if r["variant"] == v and r["oracle"] == "clean" and r["measure"] == "none"]
@@ -492,14 +497,13 @@ def substitutes_table(substitutes: list[dict]) -> str:
     """Every goal thief (protected and clean) with its epochs, accuracy, ASR and verdicts; * marks the
     copy a thief who swept the epochs keeps (best clean accuracy), where several were trained."""
     picks = {id(s) for s in epoch_picks(substitutes).values()}
-    key = lambda s: (s["protection"], s["oracle"], s["arch"], s["budget"], s["output"], s["seed"])  # noqa: E731
-    counts = Counter(map(key, substitutes))
+    counts = Counter(map(_thief_kind, substitutes))
     out = ["| variant | seed | thief | output | queries | epochs | oracle | CTA | ASR | verdict | widened null |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in substitutes:
-        star = " *" if counts[key(s)] > 1 and id(s) in picks else ""
+        star = " *" if counts[_thief_kind(s)] > 1 and id(s) in picks else ""
         wide = ("STOLEN" if s["stolen_widened"] else "not flagged") if "stolen_widened" in s else "—"
-        out.append(f"| {s['protection']} | {s['seed']} | {s['arch']} | {s['output']} | {s['budget']} | {s.get('epochs', '—')}{star} | "
+        out.append(f"| {s['protection']} | {s['seed']} | {s['arch']} | {s['output']} | {s['budget']} | {s['epochs']}{star} | "
                    f"{s['oracle']} | {_f(s['cta'])} | {_f(s['asr'])} | {'STOLEN' if s['stolen'] else 'not flagged'} | {wide} |")
     return "\n".join(out)
 
