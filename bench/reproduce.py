@@ -536,11 +536,16 @@ class Reproduction:
 
     # ------------------------------------------------------------------ thieves
     def thief(self, seed: int, oracle: str, arch: str, budget: int, mode: str, prot: dict | None,
-              epochs: int | None = None) -> dict:
+              epochs: int | None = None, thief_seed: int | None = None) -> dict:
         """One extraction: oracle "protected" (prot's bundle) or "clean" (the unprotected victim);
-        `epochs` other than the protocol's thief_epochs is a unit of its own (its name ends -e<epochs>)."""
+        `epochs` other than the protocol's thief_epochs is a unit of its own (its name ends -e<epochs>),
+        and so is a `thief_seed` other than the run's seed (-t<thief_seed>: the thief's initialisation,
+        batch order and, below the pool's size, query subset, against the same protection)."""
         epochs = epochs or self.p.thief_epochs
         suffix = "" if epochs == self.p.thief_epochs else f"-e{epochs}"
+        if thief_seed is not None and thief_seed != seed:
+            suffix += f"-t{thief_seed}"
+        tseed = seed if thief_seed is None else thief_seed
         if oracle == "protected":
             model, model_key, answers_rel = prot["bundle"].model.to(self.device), prot["key"], f"{prot['rel']}/pool-answers"
             rel = f"seed{seed}/thief-{prot['protection']}-{arch}-{budget}-{mode}{suffix}"
@@ -548,13 +553,13 @@ class Reproduction:
             model, model_key, answers_rel = self.victim(), self.victim_key(), "victim/pool-answers"
             rel = f"seed{seed}/thief-clean-{arch}-{budget}-{mode}{suffix}"
         probs = self.pool_answers(answers_rel, model, model_key)
-        fitc = FitConfig(epochs=epochs, seed=seed)
-        params = {"model": model_key, "arch": arch, "budget": budget, "mode": mode, "fit": asdict(fitc), "seed": seed,
+        fitc = FitConfig(epochs=epochs, seed=tseed)
+        params = {"model": model_key, "arch": arch, "budget": budget, "mode": mode, "fit": asdict(fitc), "seed": tseed,
                   "pool": len(self.data.pool)}
 
         def run(d: Path) -> dict:
             orc = PoolOracle(probs, self.data.pool, OutputMode(mode))
-            res = random_extraction(orc, self.data.pool, budget, arch, 10, fitc, seed=seed, progress=self.progress,
+            res = random_extraction(orc, self.data.pool, budget, arch, 10, fitc, seed=tseed, progress=self.progress,
                                     work_dir=d / "work", device=self.device)
             # a resumed extraction (its answers cached in work/) pays here only the queries still missing
             if len(res.answers) != budget or orc.queries > budget:

@@ -49,6 +49,7 @@ and protection variant, mean over seeds with a min..max band, the clean substitu
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -185,6 +186,8 @@ class Robustness:
             return {"norms": res.norms, "anomaly_index": res.anomaly_index, "flagged": res.flagged,
                     "target_anomaly_index": res.anomaly_index[tgt], "target_flagged": tgt in res.flagged,
                     "target_norm_rank": sorted(res.norms).index(res.norms[tgt]), "nc_seconds": round(time.time() - t, 1)}
+        if not sw.cleanse_steps:  # a sweep without Neural Cleanse (bench/spread.py)
+            return
         r = unit("neural-cleanse", {"steps": sw.cleanse_steps, "images": sw.cleanse_images}, nc)
         rp.log(f"[{variant:>16} {oracle:>9}] neural cleanse: target anomaly index {r['target_anomaly_index']:.2f} "
             f"(rank {r['target_norm_rank']} of {len(r['norms'])} by mask norm), flagged {r['flagged']}")
@@ -612,6 +615,9 @@ def parse_args(argv=None):
                     help="start no unit (protection, thief, counter-measure) after this many seconds; write the "
                          "tables, JSON and plot of what finished (for a machine lent for minutes; default none)")
     ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty())
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="run nothing: write one report (to --out) from these robustness.json files, runs of other "
+                         "seeds or variants made elsewhere (one process per seed on a GPU, bench/device_robustness.sh)")
     args = ap.parse_args(argv)
     suffix = "-quick" if args.quick else ""
     args.reproduce_out = args.reproduce_out or str(REPO / "runs" / f"reproduce{suffix}")
@@ -622,8 +628,26 @@ def parse_args(argv=None):
     return args
 
 
+def labelled_sets(data, p, n: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The thief's clean labelled set (n cifar10-jpeg/train images outside the owner subset) and the
+    owner's (n images of the owner subset, never the thief's: the widened null's fine-tuned references)."""
+    train = load_dataset("imagefolder", data.info["cifar_root"], "train")
+    owner_idx = rp._subset(len(train), p.owner, 1)
+    free = torch.ones(len(train), dtype=torch.bool)
+    free[owner_idx] = False
+    g = torch.Generator().manual_seed(4)
+    cand = free.nonzero().flatten()
+    pick = cand[torch.randperm(len(cand), generator=g)[:n]]
+    g = torch.Generator().manual_seed(5)
+    opick = owner_idx[torch.randperm(len(owner_idx), generator=g)[:n]]
+    return ((train.images[pick].contiguous(), train.labels[pick].contiguous()),
+            (train.images[opick].contiguous(), train.labels[opick].contiguous()))
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
     p = rp.QUICK if args.quick else rp.FULL
     sweep = QUICK_SWEEP if args.quick else Sweep()
@@ -632,20 +656,8 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     t0 = time.time()
     data = rp.load_data(reproduce_args(args), p)
-    # the thief's clean labelled set: cifar10-jpeg/train images outside the owner subset
-    train = load_dataset("imagefolder", data.info["cifar_root"], "train")
-    owner_idx = rp._subset(len(train), p.owner, 1)
-    free = torch.ones(len(train), dtype=torch.bool)
-    free[owner_idx] = False
-    g = torch.Generator().manual_seed(4)
-    cand = free.nonzero().flatten()
-    pick = cand[torch.randperm(len(cand), generator=g)[:labelled_n]]
-    labelled = (train.images[pick].contiguous(), train.labels[pick].contiguous())
-    # the owner's labelled images for the widened null: from the owner subset (never the thief's)
-    g = torch.Generator().manual_seed(5)
-    opick = owner_idx[torch.randperm(len(owner_idx), generator=g)[:labelled_n]]
-    owner_labelled = (train.images[opick].contiguous(), train.labels[opick].contiguous()) if args.widened_null else None
-    rob = Robustness(args, p, data, device, labelled, sweep, owner_labelled)
+    labelled, owner_labelled = labelled_sets(data, p, labelled_n)
+    rob = Robustness(args, p, data, device, labelled, sweep, owner_labelled if args.widened_null else None)
     if args.deadline is not None:
         rob.rep.units.deadline = t0 + args.deadline
     stopped = None
@@ -670,16 +682,8 @@ def write_results(args, rob: Robustness, budget: int, labelled_n: int, t0: float
         done = {(r["seed"], r["variant"]) for r in rob.rows}
         rob.protections = [p_ for p_ in rob.protections if (p_["seed"], p_["protection"]) in done]
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     substitutes = rob.rep.substitutes
-    apply_widened_null(rob.protections, rob.rows, "variant")
-    apply_widened_null(rob.protections, substitutes, "protection")
-    checks = goals(rob.protections, rob.rows, substitutes, budget) + goals(rob.protections, rob.rows, substitutes, budget, True)
-    table = "\n\n".join(["## Variants", variants_table(rob.protections, rob.rows), "## Goals (issue 8)", goals_table(checks),
-                          "## Goal thieves", substitutes_table(substitutes),
-                          "## Over seeds", summary_table(rob.rows),
-                          "## Every run", format_table(rob.protections, rob.rows)])
+    table, checks = report(rob.protections, rob.rows, substitutes, budget)
     picks = thief_picks(rob.rows)
     sweep = rob.sweep
     victim = rob.rep._victim  # None when the victim's unit itself did not finish (deadline or error)
@@ -700,12 +704,87 @@ def write_results(args, rob: Robustness, budget: int, labelled_n: int, t0: float
                "thief_picks": [{"variant": k[0], "oracle": k[1], **v} for k, v in picks.items()],
                "victim_cta": victim_cta,
                "seconds": round(time.time() - t0, 1), "stopped_at_deadline": stopped, "error": error}
+    save(Path(args.out), results, table, t0)
+    return results
+
+
+def report(protections: list[dict], rows: list[dict], substitutes: list[dict], budget: int) -> tuple[str, list[dict]]:
+    """The markdown report and the goal checks (under both nulls) of finished runs."""
+    apply_widened_null(protections, rows, "variant")
+    apply_widened_null(protections, substitutes, "protection")
+    checks = goals(protections, rows, substitutes, budget) + goals(protections, rows, substitutes, budget, True)
+    table = "\n\n".join(["## Variants", variants_table(protections, rows), "## Goals (issue 8)", goals_table(checks),
+                          "## Goal thieves", substitutes_table(substitutes),
+                          "## Over seeds", summary_table(rows),
+                          "## Every run", format_table(protections, rows)])
+    return table, checks
+
+
+def save(out: Path, results: dict, table: str, t0: float) -> None:
+    out.mkdir(parents=True, exist_ok=True)
     rp._write_json(out / "robustness.json", results)
     (out / "robustness.md").write_text(table + "\n")
-    plot(rob.rows, out / "robustness-finetune.png")
+    plot(results["rows"], out / "robustness-finetune.png")
     rp.log("")
     rp.log(table)
     rp.log(f"\nwrote {out / 'robustness.json'}, {out / 'robustness-finetune.png'}  [{time.time() - t0:.0f} s]")
+
+
+# the protocol fields that must agree for runs to be merged into one report
+_MERGE_SAME = ("budget", "substitute", "labelled", "goals", "goal_thieves", "sweep")
+
+
+def merge(paths: list[str], out: str) -> dict:
+    """One report (tables, JSON, plot) from several robustness.json files: runs of other seeds or
+    variants made elsewhere (one process per seed on a lent GPU, a CPU run of another seed).
+    Each (seed, variant) must come from one file only, and the runs must share the protocol."""
+    t0 = time.time()
+    runs = []
+    for path in paths:
+        try:
+            r = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--merge: cannot read {path}: {e}")
+        if not isinstance(r, dict) or r.get("benchmark") != "bench/robustness.py":
+            raise SystemExit(f"--merge: {path} is not a bench/robustness.py result")
+        runs.append((path, r))
+    first_path, first = runs[0]
+    for path, r in runs[1:]:
+        for k in ("mode",):
+            if r[k] != first[k]:
+                raise SystemExit(f"--merge: {path} is a {r[k]} run, {first_path} a {first[k]} run")
+        for k in _MERGE_SAME:
+            if r["protocol"].get(k) != first["protocol"].get(k):
+                raise SystemExit(f"--merge: {path} and {first_path} differ in protocol field {k!r}: "
+                                 f"{r['protocol'].get(k)!r} != {first['protocol'].get(k)!r}")
+    seen: dict[tuple, str] = {}
+    protections, rows, substitutes = [], [], []
+    for path, r in runs:
+        for p_ in r["protections"]:
+            k = (p_["seed"], p_["protection"])
+            if k in seen:
+                raise SystemExit(f"--merge: seed {k[0]} of {k[1]} is in both {seen[k]} and {path}; keep one")
+            seen[k] = path
+        protections += r["protections"]
+        rows += r["rows"]
+        mine = {(p_["seed"], p_["protection"]) for p_ in r["protections"]}
+        substitutes += [s for s in r["substitutes"] if (s["seed"], s["protection"]) in mine]
+    protections.sort(key=lambda p_: (p_["protection"], p_["seed"]))
+    budget = first["protocol"]["budget"]
+    table, checks = report(protections, rows, substitutes, budget)
+    protocol = {**first["protocol"], "seeds": sorted({p_["seed"] for p_ in protections}),
+                "variants": {k: v for _, r in runs for k, v in r["protocol"]["variants"].items()}}
+    results = {"benchmark": "bench/robustness.py", "mode": first["mode"],
+               "command": " ".join([Path(sys.executable).name, *sys.argv]),
+               "merged_from": [{"file": str(path), "command": r["command"], "machine": r["machine"],
+                                "seconds": r["seconds"], "seeds": r["protocol"]["seeds"],
+                                "stopped_at_deadline": r["stopped_at_deadline"], "error": r["error"]} for path, r in runs],
+               "protocol": protocol, "machine": first["machine"], "protections": protections, "rows": rows,
+               "substitutes": substitutes, "goals": checks,
+               "thief_picks": [{"variant": k[0], "oracle": k[1], **v} for k, v in thief_picks(rows).items()],
+               "victim_cta": first["victim_cta"], "seconds": round(sum(r["seconds"] for _, r in runs), 1),
+               "stopped_at_deadline": None, "error": None}
+    save(Path(out), results, table, t0)
     return results
 
 

@@ -163,3 +163,106 @@ def test_deadline_writes_what_finished(robustness, shared_dir, cifar10_jpeg_root
         [(x["measure"], x["asr"] if "asr" in x else None) for x in r["rows"]]
     assert {g["variant"] for g in d["goals"]} == {"base"} and "deadline" in proc.stdout + proc.stderr
     assert not (Path(r["protocol"]["reproduce_out"]) / "seed0" / "protect-eps24" / "unit.json").exists()
+
+
+def _bench(script: str, args: list[str], shared_dir, cifar10_jpeg_root, tinyimagenet_root, timeout=600):
+    cmd = [sys.executable, str(REPO / "bench" / script), *args]
+    if "--merge" not in args:
+        cmd += ["--shared", str(shared_dir), "--cifar-root", str(cifar10_jpeg_root), "--tin-root", str(tinyimagenet_root),
+                "--device", "cpu", "--no-progress"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def _reseeded(r: dict, seed: int) -> dict:
+    """The same results as if run at another seed (for merging: a second, disjoint run)."""
+    c = json.loads(json.dumps(r))
+    for rec in c["protections"] + c["rows"] + c["substitutes"]:
+        rec["seed"] = seed
+    c["protocol"]["seeds"] = [seed]
+    return c
+
+
+def test_merge_rebuilds_the_report_and_refuses_overlaps(robustness, tmp_path):
+    """--merge: one file gives back its own report byte for byte; two disjoint runs give one report over
+    both seeds (every goal counts both); the same seed twice, another protocol or a foreign file is refused."""
+    out, _, r = robustness
+    one = tmp_path / "one"
+    proc = _bench("robustness.py", ["--merge", str(out / "robustness.json"), "--out", str(one)], None, None, None)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (one / "robustness.md").read_text() == (out / "robustness.md").read_text()
+    other = tmp_path / "seed7.json"
+    other.write_text(json.dumps(_reseeded(r, 7)))
+    both = tmp_path / "both"
+    proc = _bench("robustness.py", ["--merge", str(out / "robustness.json"), str(other), "--out", str(both)], None, None, None)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((both / "robustness.json").read_text())
+    assert m["protocol"]["seeds"] == [0, 7] and len(m["merged_from"]) == 2
+    assert len(m["rows"]) == 2 * len(r["rows"]) and len(m["substitutes"]) == 2 * len(r["substitutes"])
+    single = {(g["goal"], g["null"]): g for g in r["goals"]}
+    for g in m["goals"]:
+        assert g["seeds"] == [0, 7] and g["n"] == 2 * single[(g["goal"], g["null"])]["n"], g
+        assert g["pass"] == single[(g["goal"], g["null"])]["pass"]  # the same runs twice: the same verdicts
+    proc = _bench("robustness.py", ["--merge", str(out / "robustness.json"), str(out / "robustness.json"), "--out",
+                                    str(tmp_path / "x")], None, None, None)
+    assert proc.returncode != 0 and "in both" in proc.stderr
+    changed = _reseeded(r, 8)
+    changed["protocol"]["budget"] += 1
+    other.write_text(json.dumps(changed))
+    proc = _bench("robustness.py", ["--merge", str(out / "robustness.json"), str(other), "--out", str(tmp_path / "y")],
+                  None, None, None)
+    assert proc.returncode != 0 and "'budget'" in proc.stderr
+    other.write_text("{not json")
+    proc = _bench("robustness.py", ["--merge", str(other), "--out", str(tmp_path / "z")], None, None, None)
+    assert proc.returncode != 0 and "cannot read" in proc.stderr and not (tmp_path / "z").exists()
+
+
+def test_spread_separates_the_thief_from_the_protection(robustness, shared_dir, cifar10_jpeg_root, tinyimagenet_root, tmp_path):
+    """bench/spread.py --quick: the run's own thief is robustness.py's (its units resumed: the same
+    fine-tuning results), a thief of another seed is a new unit with other weights, and the spread
+    table's within-protection SD is the SD of the two thieves' figures."""
+    _, _, r = robustness
+    rep = r["protocol"]["reproduce_out"]
+    out = tmp_path / "spread"
+    proc = _bench("spread.py", ["--quick", "--reproduce-out", rep, "--out", str(out), "--thief-seeds", "10"],
+                  shared_dir, cifar10_jpeg_root, tinyimagenet_root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((out / "spread.json").read_text())
+    own, other = s["records"]
+    assert (own["thief_seed"], other["thief_seed"]) == (0, 10) and other["thief"].endswith("-t10")
+    mine = {x["measure"]: x for x in r["rows"] if x["variant"] == "base" and x["oracle"] == "protected"}
+    assert own["asr"] == mine["none"]["asr"]
+    for m, v in own["finetune"].items():
+        assert v["asr"] == mine[m]["asr"] and v["cta"] == mine[m]["cta"]
+    assert (other["cta"], other["asr"]) != (own["cta"], own["asr"])  # another thief, not the same copy
+    part = next(p for p in s["spread"] if p["measure"].startswith("after"))
+    a, b = own["pick_asr"], other["pick_asr"]
+    assert part["within_sd"] == pytest.approx(abs(a - b) / 2 ** 0.5) and part["between_sd"] is None
+    assert part["min"] == min(a, b) and part["max"] == max(a, b)
+    assert "## Spread" in (out / "spread.md").read_text()
+    proc = _bench("spread.py", ["--quick", "--reproduce-out", rep, "--out", str(out), "--thief-seeds", "0"],
+                  shared_dir, cifar10_jpeg_root, tinyimagenet_root)
+    assert proc.returncode != 0 and "--thief-seeds must differ" in proc.stderr
+
+
+def test_self_audit_compares_with_the_real_thief(robustness, shared_dir, cifar10_jpeg_root, tinyimagenet_root, tmp_path):
+    """bench/self_audit.py --quick: the base protection (attacked by robustness.py) is audited; the real
+    thief's pick is the fine-tuning setting with the best clean accuracy in robustness.py's rows; a
+    protection without units is skipped and never trained."""
+    _, _, r = robustness
+    rep = r["protocol"]["reproduce_out"]
+    out = tmp_path / "audit"
+    proc = _bench("self_audit.py", ["--quick", "--reproduce-out", rep, "--out", str(out), "--protections", "base:0"],
+                  shared_dir, cifar10_jpeg_root, tinyimagenet_root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = json.loads((out / "self-audit.json").read_text())
+    (row,) = a["rows"]
+    ft = [x for x in r["rows"] if x["variant"] == "base" and x["oracle"] == "protected" and x["measure"].startswith("finetune")]
+    pick = max(ft, key=lambda x: x["cta"])
+    assert row["real_pick"] == pick["measure"].replace("finetune-", "") and row["real_pick_asr"] == pick["asr"]
+    assert 0 <= row["audit_copy_asr"] <= 1 and 0 <= row["audit_finetuned_asr"] <= 1
+    assert row["audit_finetuned_asr"] != row["audit_copy_asr"]  # the audit's fine-tuning did something
+    assert (Path(rep) / "seed0" / "protect-base" / "self-audit" / "unit.json").exists()
+    proc = _bench("self_audit.py", ["--quick", "--reproduce-out", rep, "--out", str(tmp_path / "none"), "--protections",
+                                    "eps24:0"], shared_dir, cifar10_jpeg_root, tinyimagenet_root)
+    assert proc.returncode != 0 and "no protection could be audited" in proc.stderr
+    assert not (Path(rep) / "seed0" / "protect-eps24" / "unit.json").exists()
