@@ -158,6 +158,27 @@ def unpack_once(tarball: Path, top: str) -> Path:
         raise SystemExit(str(e)) from e
 
 
+def load_results(paths: list[str], benchmark: str, same: tuple[str, ...]) -> list[tuple[str, dict]]:
+    """The result files `paths` of `benchmark` (its JSON "benchmark" field), for merging into one report:
+    (path, results) each; exits with a message when one cannot be read, is another benchmark's, or
+    differs from the first in mode or in one of the `same` protocol fields."""
+    runs = []
+    for path in paths:
+        try:
+            r = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--merge: cannot read {path}: {e}")
+        if not isinstance(r, dict) or r.get("benchmark") != benchmark:
+            raise SystemExit(f"--merge: {path} is not a {benchmark} result")
+        first_path, first = runs[0] if runs else (path, r)
+        bad = (["mode"] if r.get("mode") != first.get("mode") else []) + \
+            [repr(k) for k in same if r["protocol"].get(k) != first["protocol"].get(k)]
+        if bad:
+            raise SystemExit(f"--merge: {path} and {first_path} differ in {', '.join(bad)}")
+        runs.append((path, r))
+    return runs
+
+
 def machine_info(device: torch.device) -> dict:
     try:
         commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,

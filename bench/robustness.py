@@ -49,7 +49,6 @@ and protection variant, mean over seeds with a min..max band, the clean substitu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -739,24 +738,8 @@ def merge(paths: list[str], out: str) -> dict:
     variants made elsewhere (one process per seed on a lent GPU, a CPU run of another seed).
     Each (seed, variant) must come from one file only, and the runs must share the protocol."""
     t0 = time.time()
-    runs = []
-    for path in paths:
-        try:
-            r = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"--merge: cannot read {path}: {e}")
-        if not isinstance(r, dict) or r.get("benchmark") != "bench/robustness.py":
-            raise SystemExit(f"--merge: {path} is not a bench/robustness.py result")
-        runs.append((path, r))
-    first_path, first = runs[0]
-    for path, r in runs[1:]:
-        for k in ("mode",):
-            if r[k] != first[k]:
-                raise SystemExit(f"--merge: {path} is a {r[k]} run, {first_path} a {first[k]} run")
-        for k in _MERGE_SAME:
-            if r["protocol"].get(k) != first["protocol"].get(k):
-                raise SystemExit(f"--merge: {path} and {first_path} differ in protocol field {k!r}: "
-                                 f"{r['protocol'].get(k)!r} != {first['protocol'].get(k)!r}")
+    runs = rp.load_results(paths, "bench/robustness.py", _MERGE_SAME)
+    first = runs[0][1]
     seen: dict[tuple, str] = {}
     protections, rows, substitutes = [], [], []
     for path, r in runs:

@@ -11,16 +11,18 @@ would lift the worst case. The audit uses only what the owner has:
 
   1. extract a CNN copy from the protected model on the owner's shadow set (Tiny ImageNet val; the
      thieves of the protocol query Tiny ImageNet train), soft labels, the protocol's thief epochs;
-  2. fine-tune it as a suspicious thief would (10 epochs, lr 0.01, the setting the thieves' sweep
-     picked most often) on 1,000 of the owner's labelled images (never the thief's);
-  3. measure its ASR on the calibration half of the test set (the verification half stays unused).
+  2. fine-tune it as a suspicious thief would (3 and 10 epochs at lr 0.01; 10 epochs at lr 0.01 is
+     the setting the thieves' sweep picked most often) on 1,000 of the owner's labelled images
+     (never the thief's);
+  3. measure the ASR of the copy and of each fine-tuned copy on the calibration half of the test set
+     (the verification half stays unused): three audit scores.
 
 Each protection must exist already (reproduce.py / robustness.py units; none is trained here), and
 so must its real 20k CNN thief's fine-tuning sweep (robustness.py's units), which gives the real
 figures the audit is compared with: the thief's pick of fine-tuning (best clean accuracy over the
-sweep) and the e10/lr0.01 setting. Output: one row per protection and the rank correlation of the
-audit with the real pick, over all protections and within each variant (OUT/self-audit.md, .json;
-default runs/self-audit[-quick]).
+sweep). Output: one row per protection; per audit score, its rank correlation with the real pick's
+ASR over all protections and within each variant, and the real pick's ASR of the protection the
+score ranks first (OUT/self-audit.md, .json; default runs/self-audit[-quick]).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from pathlib import Path
 import torch
 
 from honeypotnet.attacks import query_oracle, train_substitute
+from honeypotnet.bundle import load_model, save_model
 from honeypotnet.countermeasures import assess, finetune
 from honeypotnet.oracles import ModelOracle
 from honeypotnet.training import FitConfig, default_device
@@ -44,7 +47,8 @@ sys.path.insert(0, str(REPO / "bench"))
 import reproduce as rp  # noqa: E402
 import robustness as rb  # noqa: E402
 
-AUDIT_FINETUNE = (10, 0.01)
+# the audit copy is fine-tuned like this (besides being measured as extracted)
+AUDIT_FINETUNES = ((3, 0.01), (10, 0.01))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -144,53 +148,61 @@ def main(argv=None) -> dict:
             rep.units.deadline = None
         b = prot["bundle"]
         fitc = FitConfig(epochs=p.thief_epochs, seed=700 + seed)
-        e, lr = AUDIT_FINETUNE
+        imgs, labels = data.test_images[data.calib], data.test_labels[data.calib]
+        rel = f"{prot['rel']}/self-audit"
 
-        def run(_d: Path, b=b, fitc=fitc, e=e, lr=lr, seed=seed) -> dict:
-            model = b.model.to(device).eval()
-            answers = query_oracle(ModelOracle(model), data.shadow, batch_size=500)
+        def extract(d: Path, b=b, fitc=fitc) -> dict:
+            answers = query_oracle(ModelOracle(b.model.to(device).eval()), data.shadow, batch_size=500)
             copy = train_substitute("cnn", 10, data.shadow, answers, fitc, progress=args.progress, device=device)
-            imgs, labels = data.test_images[data.calib], data.test_labels[data.calib]
-            before = assess(copy, b.trigger, imgs, labels, b.target, b.tau0, alpha=p.alpha)
-            after = assess(finetune(copy, ox, oy, e, lr, seed=seed), b.trigger, imgs, labels, b.target, b.tau0, alpha=p.alpha)
-            return {"copy_cta": before["cta"], "copy_asr": before["asr"], "finetuned_cta": after["cta"],
-                    "finetuned_asr": after["asr"]}
+            save_model(copy, d / "substitute.safetensors", "cnn", 10, data.classes)
+            a = assess(copy, b.trigger, imgs, labels, b.target, b.tau0, alpha=p.alpha)
+            return {"cta": a["cta"], "asr": a["asr"]}
 
-        rec = rep.units.run(f"{prot['rel']}/self-audit", {"protection": prot["key"], "fit": asdict(fitc), "finetune": [e, lr],
-                                                           "labelled": labelled_n, "shadow": len(data.shadow)}, run, "self-audit")
+        rec = rep.units.run(rel, {"protection": prot["key"], "fit": asdict(fitc), "shadow": len(data.shadow)}, extract,
+                            "self-audit copy")
+        copy, _ = load_model(Path(args.reproduce_out) / rel / "substitute.safetensors")
+        audit = {"copy": rec["asr"]}
+        seconds = rec["seconds"]
+        for e, lr in AUDIT_FINETUNES:
+            def tune(_d: Path, e=e, lr=lr, b=b, seed=seed) -> dict:
+                a = assess(finetune(copy, ox, oy, e, lr, seed=seed), b.trigger, imgs, labels, b.target, b.tau0, alpha=p.alpha)
+                return {"cta": a["cta"], "asr": a["asr"]}
+            ft_rec = rep.units.run(f"{rel}/finetune-e{e}-lr{lr:g}", {"copy": rec["key"], "epochs": e, "lr": lr,
+                                                                    "labelled": labelled_n}, tune, "self-audit fine-tune")
+            audit[f"e{e}-lr{lr:g}"] = ft_rec["asr"]
+            seconds += ft_rec["seconds"]
         ft = {k: r for k, r in real.items() if k.startswith("finetune")}
         pick_name, pick = max(ft.items(), key=lambda kv: kv[1]["cta"])
-        e10 = ft.get(f"finetune-e{e}-lr{lr:g}")
-        row = {"variant": v, "seed": seed, "tau0": prot["tau0"], "audit_copy_asr": rec["copy_asr"],
-               "audit_finetuned_asr": rec["finetuned_asr"], "audit_finetuned_cta": rec["finetuned_cta"],
+        row = {"variant": v, "seed": seed, "tau0": prot["tau0"], "audit": audit, "audit_copy_cta": rec["cta"],
                "real_asr": real["none"]["asr"], "real_pick": pick_name.replace("finetune-", ""), "real_pick_asr": pick["asr"],
-               "real_e10_asr": None if e10 is None else e10["asr"], "seconds": rec["seconds"]}
+               "real_finetune": {k.replace("finetune-", ""): r["asr"] for k, r in ft.items()}, "seconds": round(seconds, 1)}
         rows.append(row)
-        rp.log(f"[{v} seed {seed}] audit: copy ASR {100 * row['audit_copy_asr']:.1f}%, fine-tuned {100 * row['audit_finetuned_asr']:.1f}%"
+        rp.log(f"[{v} seed {seed}] audit ASR: " + ", ".join(f"{k} {100 * x:.1f}%" for k, x in audit.items()) +
                f" | real thief: {100 * row['real_asr']:.1f}%, pick ({row['real_pick']}) {100 * row['real_pick_asr']:.1f}%"
-               f"  [{rec['seconds']:.0f} s{', resumed' if rec['resumed'] else ''}]")
+               f"  [{seconds:.0f} s{', resumed' if rec['resumed'] else ''}]")
     if not rows:
         raise SystemExit("no protection could be audited (each needs its protection's units and its real thief's "
                          "fine-tuning sweep: bench/robustness.py makes both)")
+    scores = list(rows[0]["audit"])
     corr = []
     groups = [("all", rows)] + [(v, [r for r in rows if r["variant"] == v]) for v in dict.fromkeys(r["variant"] for r in rows)]
     for name, rs in groups:
-        if len(rs) >= 2:
-            x = [r["audit_finetuned_asr"] for r in rs]
-            y = [r["real_pick_asr"] for r in rs]
-            best = max(rs, key=lambda r: r["audit_finetuned_asr"])
-            corr.append({"group": name, "n": len(rs), "spearman": spearman(x, y),
+        if len(rs) < 2:
+            continue
+        y = [r["real_pick_asr"] for r in rs]
+        for score in scores:
+            best = max(rs, key=lambda r: r["audit"][score])
+            corr.append({"group": name, "score": score, "n": len(rs), "spearman": spearman([r["audit"][score] for r in rs], y),
                          "audit_best": f"seed {best['seed']}" if name != "all" else f"{best['variant']} seed {best['seed']}",
                          "audit_best_real_pick_asr": best["real_pick_asr"],
                          "real_best_pick_asr": max(y), "real_worst_pick_asr": min(y)})
-    md = ["| variant | seed | tau0 % | audit: copy ASR % | audit: fine-tuned ASR % | real thief ASR % | real pick | real pick ASR % |",
-          "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    md += [f"| {r['variant']} | {r['seed']} | {100 * r['tau0']:.1f} | {100 * r['audit_copy_asr']:.1f} | "
-           f"{100 * r['audit_finetuned_asr']:.1f} | {100 * r['real_asr']:.1f} | {r['real_pick']} | {100 * r['real_pick_asr']:.1f} |"
-           for r in rows]
-    md += ["", "| group | protections | Spearman (audit fine-tuned ASR vs real pick ASR) | audit's choice | its real pick ASR % | "
-           "best / worst real pick ASR % |", "| --- | --- | --- | --- | --- | --- |"]
-    md += [f"| {c['group']} | {c['n']} | {_corr(c['spearman'])} | {c['audit_best']} | "
+    md = ["| variant | seed | tau0 % | " + " | ".join(f"audit: {k} ASR %" for k in scores) +
+          " | real thief ASR % | real pick | real pick ASR % |", "| --- " * (6 + len(scores)) + "|"]
+    md += [f"| {r['variant']} | {r['seed']} | {100 * r['tau0']:.1f} | " + " | ".join(f"{100 * r['audit'][k]:.1f}" for k in scores) +
+           f" | {100 * r['real_asr']:.1f} | {r['real_pick']} | {100 * r['real_pick_asr']:.1f} |" for r in rows]
+    md += ["", "| group | audit score | protections | Spearman with the real pick's ASR | audit's choice | its real pick ASR % | "
+           "best / worst real pick ASR % |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    md += [f"| {c['group']} | {c['score']} | {c['n']} | {_corr(c['spearman'])} | {c['audit_best']} | "
            f"{100 * c['audit_best_real_pick_asr']:.1f} | {100 * c['real_best_pick_asr']:.1f} / "
            f"{100 * c['real_worst_pick_asr']:.1f} |" for c in corr]
     text = "\n".join(md)
@@ -198,7 +210,7 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     results = {"benchmark": "bench/self_audit.py", "mode": "quick" if args.quick else "full",
                "command": " ".join([Path(sys.executable).name, *sys.argv]),
-               "protocol": {"audit_finetune": AUDIT_FINETUNE, "thief_epochs": p.thief_epochs, "labelled": labelled_n,
+               "protocol": {"audit_finetunes": AUDIT_FINETUNES, "thief_epochs": p.thief_epochs, "labelled": labelled_n,
                             "shadow": len(data.shadow), "budget": budget, "reproduce_out": args.reproduce_out},
                "machine": rp.machine_info(device), "rows": rows, "correlation": corr, "seconds": round(time.time() - t0, 1)}
     rp._write_json(out / "self-audit.json", results)

@@ -23,7 +23,6 @@ Writes OUT/spread.md and OUT/spread.json (default runs/spread[-quick]).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -171,24 +170,11 @@ def merge(paths: list[str], out: str) -> dict:
     """One spread report from several spread.json files (e.g. one process per protection seed on a GPU).
     Each (variant, protection seed, thief seed) must come from one file only, on one protocol."""
     t0 = time.time()
-    runs = []
-    for path in paths:
-        try:
-            r = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"--merge: cannot read {path}: {e}")
-        if not isinstance(r, dict) or r.get("benchmark") != "bench/spread.py":
-            raise SystemExit(f"--merge: {path} is not a bench/spread.py result")
-        runs.append((path, r))
-    first_path, first = runs[0]
-    same = ("budget", "substitute", "labelled", "finetune")
+    runs = rp.load_results(paths, "bench/spread.py", ("budget", "substitute", "labelled", "finetune"))
+    first = runs[0][1]
     seen: dict[tuple, str] = {}
     records = []
     for path, r in runs:
-        bad = [k for k in same if r["protocol"].get(k) != first["protocol"].get(k)] + \
-            (["mode"] if r["mode"] != first["mode"] else [])
-        if bad:
-            raise SystemExit(f"--merge: {path} and {first_path} differ in {', '.join(bad)}")
         for rec in r["records"]:
             k = (rec["variant"], rec["seed"], rec["thief_seed"])
             if k in seen:

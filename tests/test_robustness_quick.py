@@ -259,9 +259,13 @@ def test_self_audit_compares_with_the_real_thief(robustness, shared_dir, cifar10
     ft = [x for x in r["rows"] if x["variant"] == "base" and x["oracle"] == "protected" and x["measure"].startswith("finetune")]
     pick = max(ft, key=lambda x: x["cta"])
     assert row["real_pick"] == pick["measure"].replace("finetune-", "") and row["real_pick_asr"] == pick["asr"]
-    assert 0 <= row["audit_copy_asr"] <= 1 and 0 <= row["audit_finetuned_asr"] <= 1
-    assert row["audit_finetuned_asr"] != row["audit_copy_asr"]  # the audit's fine-tuning did something
-    assert (Path(rep) / "seed0" / "protect-base" / "self-audit" / "unit.json").exists()
+    assert set(row["audit"]) == {"copy", "e3-lr0.01", "e10-lr0.01"}
+    assert all(0 <= x <= 1 for x in row["audit"].values())
+    assert row["audit"]["e10-lr0.01"] != row["audit"]["copy"]  # the audit's fine-tuning did something
+    audit_dir = Path(rep) / "seed0" / "protect-base" / "self-audit"
+    assert (audit_dir / "unit.json").exists() and (audit_dir / "substitute.safetensors").exists()
+    assert (audit_dir / "finetune-e10-lr0.01" / "unit.json").exists()
+    assert {c["score"] for c in a["correlation"]} == set()  # one protection: nothing to correlate
     proc = _bench("self_audit.py", ["--quick", "--reproduce-out", rep, "--out", str(tmp_path / "none"), "--protections",
                                     "eps24:0"], shared_dir, cifar10_jpeg_root, tinyimagenet_root)
     assert proc.returncode != 0 and "no protection could be audited" in proc.stderr
