@@ -5,6 +5,8 @@
     python bench/robustness.py --quick                  # the same on reproduce.py's quick protocol (a test)
     python bench/robustness.py --device cuda --variants negcr0.25-eps24 --seeds 0 1 2 --deadline 380
                                                         # a machine lent for minutes: what finished is written
+    python bench/robustness.py --merge s0/robustness.json s1/robustness.json --out DIR
+                                                        # one report from runs made elsewhere (one per seed)
 
 Protocol: bench/reproduce.py's (victim, shadow set, pool, calibrated tau0, verification half); its
 units are shared: the protection and the thieves are reproduce.py units in `--reproduce-out`
@@ -752,7 +754,8 @@ def merge(paths: list[str], out: str) -> dict:
         rows += r["rows"]
         mine = {(p_["seed"], p_["protection"]) for p_ in r["protections"]}
         substitutes += [s for s in r["substitutes"] if (s["seed"], s["protection"]) in mine]
-    protections.sort(key=lambda p_: (p_["protection"], p_["seed"]))
+    order = {v: i for i, v in enumerate(dict.fromkeys(p_["protection"] for p_ in protections))}
+    protections.sort(key=lambda p_: (order[p_["protection"]], p_["seed"]))
     budget = first["protocol"]["budget"]
     table, checks = report(protections, rows, substitutes, budget)
     protocol = {**first["protocol"], "seeds": sorted({p_["seed"] for p_ in protections}),

@@ -23,6 +23,7 @@ Writes OUT/spread.md and OUT/spread.json (default runs/spread[-quick]).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -103,7 +104,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.merge:
         return merge(args.merge, args.out)
-    torch.set_num_threads(int(rb.os.environ.get("OMP_NUM_THREADS", rb.os.cpu_count() or 1)))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
     p = rp.QUICK if args.quick else rp.FULL
     full = rb.QUICK_SWEEP if args.quick else rb.Sweep()
     sweep = rb.Sweep(finetune=full.finetune, prune=[], purify=[], cleanse_steps=0)  # fine-tuning only
