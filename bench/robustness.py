@@ -645,15 +645,20 @@ def labelled_sets(data, p, n: int) -> tuple[tuple[torch.Tensor, torch.Tensor], t
             (train.images[opick].contiguous(), train.labels[opick].contiguous()))
 
 
+def sizes(args) -> tuple[rp.Protocol, int, int]:
+    """The protocol of `args` (quick or full), the thief's budget and the size of the labelled sets
+    (quick: both divided by 10); sets torch's threads from OMP_NUM_THREADS."""
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    p = rp.QUICK if args.quick else rp.FULL
+    return p, args.budget // p.budget_scale, max(20, args.labelled // (10 if args.quick else 1))
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.merge:
         return merge(args.merge, args.out)
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
-    p = rp.QUICK if args.quick else rp.FULL
+    p, budget, labelled_n = sizes(args)
     sweep = QUICK_SWEEP if args.quick else Sweep()
-    budget = args.budget // p.budget_scale
-    labelled_n = max(20, args.labelled // (10 if args.quick else 1))
     device = torch.device(args.device)
     t0 = time.time()
     data = rp.load_data(reproduce_args(args), p)

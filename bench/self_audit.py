@@ -27,7 +27,6 @@ score ranks first (OUT/self-audit.md, .json; default runs/self-audit[-quick]).
 from __future__ import annotations
 
 import argparse
-import os
 import json
 import statistics
 import sys
@@ -110,10 +109,7 @@ def _corr(x: float | None) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
-    p = rp.QUICK if args.quick else rp.FULL
-    budget = args.budget // p.budget_scale
-    labelled_n = max(20, args.labelled // (10 if args.quick else 1))
+    p, budget, labelled_n = rb.sizes(args)
     device = torch.device(args.device)
     out_units = Path(args.reproduce_out)
     if args.protections:
