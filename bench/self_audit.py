@@ -157,7 +157,7 @@ def main(argv=None) -> dict:
 
         rec = rep.units.run(rel, {"protection": prot["key"], "fit": asdict(fitc), "shadow": len(data.shadow)}, extract,
                             "self-audit copy")
-        copy, _ = load_model(Path(args.reproduce_out) / rel / "substitute.safetensors")
+        copy = load_model(Path(args.reproduce_out) / rel / "substitute.safetensors")[0].to(device)
         audit = {"copy": rec["asr"]}
         seconds = rec["seconds"]
         for e, lr in AUDIT_FINETUNES:
