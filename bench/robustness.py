@@ -620,13 +620,18 @@ def parse_args(argv=None):
                     help="run nothing: write one report (to --out) from these robustness.json files, runs of other "
                          "seeds or variants made elsewhere (one process per seed on a GPU, bench/device_robustness.sh)")
     args = ap.parse_args(argv)
-    suffix = "-quick" if args.quick else ""
-    args.reproduce_out = args.reproduce_out or str(REPO / "runs" / f"reproduce{suffix}")
-    args.out = args.out or str(REPO / "runs" / f"robustness{suffix}")
+    default_dirs(args, "robustness")
     if args.variants[0] != "base" and "base" in args.variants:
         args.variants.remove("base")
         args.variants.insert(0, "base")
     return args
+
+
+def default_dirs(args, name: str) -> None:
+    """--reproduce-out and --out where not given: runs/reproduce and runs/<name> (--quick: with -quick)."""
+    suffix = "-quick" if args.quick else ""
+    args.reproduce_out = args.reproduce_out or str(REPO / "runs" / f"reproduce{suffix}")
+    args.out = args.out or str(REPO / "runs" / f"{name}{suffix}")
 
 
 def labelled_sets(data, p, n: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:

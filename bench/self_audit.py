@@ -64,9 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default=str(default_device()))
     ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty())
     args = ap.parse_args(argv)
-    suffix = "-quick" if args.quick else ""
-    args.reproduce_out = args.reproduce_out or str(REPO / "runs" / f"reproduce{suffix}")
-    args.out = args.out or str(REPO / "runs" / f"self-audit{suffix}")
+    rb.default_dirs(args, "self-audit")
     return args
 
 
@@ -169,7 +167,10 @@ def main(argv=None) -> dict:
             audit[f"e{e}-lr{lr:g}"] = ft_rec["asr"]
             seconds += ft_rec["seconds"]
         ft = {k: r for k, r in real.items() if k.startswith("finetune")}
-        pick_name, pick = max(ft.items(), key=lambda kv: kv[1]["cta"])
+        # robustness.py's rule for the thief's pick, on the real thief's unit records
+        (pick,) = rb.thief_picks([{"variant": v, "oracle": "protected", "seed": seed, "measure": k, **r}
+                                  for k, r in real.items()]).values()
+        pick_name = pick["measure"]
         row = {"variant": v, "seed": seed, "tau0": prot["tau0"], "audit": audit, "audit_copy_cta": rec["cta"],
                "real_asr": real["none"]["asr"], "real_pick": pick_name.replace("finetune-", ""), "real_pick_asr": pick["asr"],
                "real_finetune": {k.replace("finetune-", ""): r["asr"] for k, r in ft.items()}, "seconds": round(seconds, 1)}

@@ -57,11 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if not args.merge and any(t in args.seeds for t in args.thief_seeds):
         ap.error("--thief-seeds must differ from --seeds (each protection's own seed already gives one thief)")
-    suffix = "-quick" if args.quick else ""
-    args.reproduce_out = args.reproduce_out or str(REPO / "runs" / f"reproduce{suffix}")
-    args.out = args.out or str(REPO / "runs" / f"spread{suffix}")
-    # what robustness.Robustness reads from its options
-    args.widened_null, args.goals, args.clean_goal_thieves, args.cross_substitute = False, False, False, "resnet20"
+    rb.default_dirs(args, "spread")
     return args
 
 
@@ -122,7 +118,7 @@ def main(argv=None) -> dict:
                 rob.counter_measures(seed, v, prot, "protected", thief)
                 rows = rob.rows[n:]
                 none = next(r for r in rows if r["measure"] == "none")
-                pick = max((r for r in rows if r["measure"].startswith("finetune")), key=lambda r: r["cta"])
+                (pick,) = rb.thief_picks(rows).values()  # this thief's rows only: one pick
                 records.append({"variant": v, "seed": seed, "thief_seed": ts, "thief": thief["rel"],
                                 "cta": none["cta"], "asr": none["asr"], "stolen": none["stolen"],
                                 "pick": pick["measure"].replace("finetune-", ""), "pick_cta": pick["cta"],

@@ -13,7 +13,16 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "bench" / "robustness.py"
+
+
+def _bench(script: str, args: list[str], shared_dir, cifar10_jpeg_root, tinyimagenet_root, timeout=600):
+    """bench/<script> with `args`, on the test data and the CPU (a --merge reads files only)."""
+    cmd = [sys.executable, str(REPO / "bench" / script), *args]
+    if "--merge" not in args:
+        cmd += ["--shared", str(shared_dir), "--cifar-root", str(cifar10_jpeg_root), "--tin-root", str(tinyimagenet_root),
+                "--device", "cpu", "--no-progress"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +31,8 @@ def robustness(reproduce_quick, shared_dir, cifar10_jpeg_root, tinyimagenet_root
     rep = tmp / "reproduce"
     shutil.copytree(reproduce_quick[0], rep)
     out = tmp / "out"
-    cmd = [sys.executable, str(SCRIPT), "--quick", "--reproduce-out", str(rep), "--out", str(out), "--shared",
-           str(shared_dir), "--cifar-root", str(cifar10_jpeg_root), "--tin-root", str(tinyimagenet_root),
-           "--device", "cpu", "--no-progress", "--cross-substitute", "cnn_small"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=REPO)
+    proc = _bench("robustness.py", ["--quick", "--reproduce-out", str(rep), "--out", str(out), "--cross-substitute", "cnn_small"],
+                  shared_dir, cifar10_jpeg_root, tinyimagenet_root, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout, json.loads((out / "robustness.json").read_text())
 
@@ -63,10 +70,8 @@ def test_counter_measures_do_something(robustness):
 def test_resume_reuses_every_unit(robustness, shared_dir, cifar10_jpeg_root, tinyimagenet_root):
     out, _, r = robustness
     rep = r["protocol"]["reproduce_out"]
-    cmd = [sys.executable, str(SCRIPT), "--quick", "--reproduce-out", rep, "--out", str(out), "--shared",
-           str(shared_dir), "--cifar-root", str(cifar10_jpeg_root), "--tin-root", str(tinyimagenet_root),
-           "--device", "cpu", "--no-progress", "--cross-substitute", "cnn_small"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    proc = _bench("robustness.py", ["--quick", "--reproduce-out", rep, "--out", str(out), "--cross-substitute", "cnn_small"],
+                  shared_dir, cifar10_jpeg_root, tinyimagenet_root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     again = json.loads((out / "robustness.json").read_text())
     assert all(row["resumed"] for row in again["rows"])
@@ -129,10 +134,9 @@ def test_clean_goal_thieves_only(robustness, shared_dir, cifar10_jpeg_root, tiny
     a thief that was not run."""
     _, _, r = robustness
     out = tmp_path / "clean-only"
-    cmd = [sys.executable, str(SCRIPT), "--quick", "--reproduce-out", r["protocol"]["reproduce_out"], "--out", str(out),
-           "--shared", str(shared_dir), "--cifar-root", str(cifar10_jpeg_root), "--tin-root", str(tinyimagenet_root),
-           "--device", "cpu", "--no-progress", "--cross-substitute", "cnn_small", "--no-goals", "--clean-goal-thieves"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    proc = _bench("robustness.py", ["--quick", "--reproduce-out", r["protocol"]["reproduce_out"], "--out", str(out),
+                                    "--cross-substitute", "cnn_small", "--no-goals", "--clean-goal-thieves"],
+                  shared_dir, cifar10_jpeg_root, tinyimagenet_root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     c = json.loads((out / "robustness.json").read_text())
     budget = r["protocol"]["budget"]
@@ -150,11 +154,9 @@ def test_deadline_writes_what_finished(robustness, shared_dir, cifar10_jpeg_root
     exist, eps24's protection does not, so eps24 is left out and base comes back whole."""
     _, _, r = robustness
     out = tmp_path / "deadline"
-    cmd = [sys.executable, str(SCRIPT), "--quick", "--reproduce-out", r["protocol"]["reproduce_out"], "--out", str(out),
-           "--shared", str(shared_dir), "--cifar-root", str(cifar10_jpeg_root), "--tin-root", str(tinyimagenet_root),
-           "--device", "cpu", "--no-progress", "--cross-substitute", "cnn_small", "--variants", "base", "eps24",
-           "--deadline", "0"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    proc = _bench("robustness.py", ["--quick", "--reproduce-out", r["protocol"]["reproduce_out"], "--out", str(out),
+                                    "--cross-substitute", "cnn_small", "--variants", "base", "eps24", "--deadline", "0"],
+                  shared_dir, cifar10_jpeg_root, tinyimagenet_root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     d = json.loads((out / "robustness.json").read_text())
     assert d["stopped_at_deadline"].startswith("seed0/protect-eps24"), d["stopped_at_deadline"]
@@ -163,14 +165,6 @@ def test_deadline_writes_what_finished(robustness, shared_dir, cifar10_jpeg_root
         [(x["measure"], x["asr"] if "asr" in x else None) for x in r["rows"]]
     assert {g["variant"] for g in d["goals"]} == {"base"} and "deadline" in proc.stdout + proc.stderr
     assert not (Path(r["protocol"]["reproduce_out"]) / "seed0" / "protect-eps24" / "unit.json").exists()
-
-
-def _bench(script: str, args: list[str], shared_dir, cifar10_jpeg_root, tinyimagenet_root, timeout=600):
-    cmd = [sys.executable, str(REPO / "bench" / script), *args]
-    if "--merge" not in args:
-        cmd += ["--shared", str(shared_dir), "--cifar-root", str(cifar10_jpeg_root), "--tin-root", str(tinyimagenet_root),
-                "--device", "cpu", "--no-progress"]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
 def _reseeded(r: dict, seed: int) -> dict:
