@@ -104,6 +104,11 @@ VARIANTS: dict[str, dict] = {
     # from 29.2 to 61.4% on seed 0, where negcr0.25-eps24 fails fine-tuning)
     "negcr0.25-eps24-ft2": {"eps": 24 / 255, "negative_weight": 0.25, "negative_archs": "cnn,resnet20",
                             "shadow_finetune_epochs": 2},
+    # ... and fine-tuned copies of both negative shadows in the negative term (2 epochs at lr 0.05 each
+    # iteration): on the H200, seed 2, clean CNN copies fine-tuned by their innocent owners answered
+    # negcr0.25-eps24-ft2's trigger 15-51% (6 false positives) where the plain negative shadows did not
+    "negcrft-eps24-ft2": {"eps": 24 / 255, "negative_weight": 0.25, "negative_archs": "cnn,resnet20",
+                          "shadow_finetune_epochs": 2, "negative_finetune_epochs": 2},
 }
 
 

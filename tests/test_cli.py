@@ -65,6 +65,7 @@ def test_cli_chain_train_protect_extract_verify(tmp_path):
     (["protect", "missing.safetensors", "--negative-weight", "nan", "--output", "b"], "negative_weight"),
     (["protect", "missing.safetensors", "--negative-weight", "1", "--negative-archs", "cnn", "vgg99", "--output", "b"],
      "negative_archs"),
+    (["protect", "missing.safetensors", "--negative-finetune-epochs", "2", "--output", "b"], "negative_finetune_epochs"),
     (["extract", "missing.safetensors", "--output", "s.safetensors"], "not found"),
 ])
 def test_cli_bad_input_gives_one_clear_error(tmp_path, args, message):

@@ -234,3 +234,38 @@ def test_negative_shadows_of_several_architectures_train_checkpoint_and_resume(t
             ProtectConfig(negative_weight=w, negative_archs="cnn,vgg99")
     assert ProtectConfig(negative_archs="resnet20").negative_shadow_archs() == []
     assert ProtectConfig(negative_weight=1.0, negative_models="victim", negative_archs="resnet20").negative_shadow_archs() == []
+
+
+def test_fine_tuned_negative_copies_join_the_negative_term(tmp_path):
+    """negative_finetune_epochs: every iteration each negative shadow's fine-tuned copy is trained on the
+    owner images, its response is recorded, the trigger changes because of it, the negative shadows
+    themselves are not fine-tuned in place, and a resumed run ends where one whole run does."""
+    shadow = load_dataset("shapes", split="shadow", n=300).images
+    owner = load_dataset("shapes", split="train", n=200).images
+    torch.manual_seed(0)
+    victim = create_model("cnn_small", 10).eval()
+    kw = dict(shadow_arch="cnn_small", shadow_epochs=1, trigger_passes=1, honeypot_steps=10, seed=3, negative_weight=1.0,
+              negative_archs="cnn_small", shadow_finetune_images=100)
+    plain = protect(victim, shadow, owner, ProtectConfig(outer_iters=2, **kw), progress=False)
+    cfg = ProtectConfig(outer_iters=2, negative_finetune_epochs=1, negative_finetune_lr=0.1, **kw)
+    full = protect(victim, shadow, owner, cfg, progress=False)
+    assert all(0 <= h["negative_ft_asr"] <= 1 for h in full.history)
+    assert "negative_ft_asr" not in plain.history[0]
+    assert not torch.allclose(full.trigger.pattern, plain.trigger.pattern)
+    # after one iteration the negative shadow is the one the plain run has (its copy was fine-tuned,
+    # not the shadow itself)
+    protect(victim, shadow, owner, ProtectConfig(outer_iters=1, **kw), checkpoint_dir=tmp_path / "plain", progress=False)
+    protect(victim, shadow, owner, ProtectConfig(outer_iters=1, negative_finetune_epochs=1, negative_finetune_lr=0.1, **kw),
+            checkpoint_dir=tmp_path, progress=False)
+    neg_plain = torch.load(tmp_path / "plain" / "protect_state.pt", weights_only=True)["negative"]
+    neg_ft = torch.load(tmp_path / "protect_state.pt", weights_only=True)["negative"]
+    assert all(torch.equal(neg_plain[k], neg_ft[k]) for k in neg_plain)
+    resumed = protect(victim, shadow, owner, cfg, checkpoint_dir=tmp_path, progress=False)
+    assert torch.allclose(full.trigger.pattern, resumed.trigger.pattern, atol=1e-6)
+    assert "negative_finetune_epochs" not in ProtectConfig().key_dict() and cfg.hash() != ProtectConfig(**kw).hash()
+    with pytest.raises(ValueError, match="negative_finetune"):
+        ProtectConfig(negative_finetune_epochs=2)  # no negative shadow to fine-tune
+    with pytest.raises(ValueError, match="negative_finetune"):
+        ProtectConfig(negative_weight=1.0, negative_finetune_epochs=-1)
+    with pytest.raises(ValueError, match="owner_images"):
+        protect(victim, shadow, None, cfg, progress=False)

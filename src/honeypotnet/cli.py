@@ -107,7 +107,8 @@ def cmd_protect(args) -> int:
                         shadow_finetune_images=args.shadow_finetune_images,
                         trigger_resolution=args.trigger_resolution, negative_weight=args.negative_weight,
                         negative_models=args.negative_models, negative_archs=",".join(args.negative_archs),
-                        seed=args.seed)
+                        negative_finetune_epochs=args.negative_finetune_epochs,
+                        negative_finetune_lr=args.negative_finetune_lr, seed=args.seed)
     if args.victim.endswith(".th") or args.arch:
         if not args.arch:
             raise ValueError("--arch is needed with a foreign checkpoint")
@@ -265,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the innocent models of --negative-weight: the negative shadow, the unprotected victim, or both")
     s.add_argument("--negative-archs", nargs="+", default=[], metavar="ARCH",
                    help="one negative shadow of each of these architectures (default: one of --shadow-arch)")
+    s.add_argument("--negative-finetune-epochs", type=int, default=0, metavar="N",
+                   help="each iteration also fine-tune a copy of every negative shadow N epochs on owner images and "
+                        "keep the trigger off those copies too (innocent models fine-tuned by their owners; default 0 = off)")
+    s.add_argument("--negative-finetune-lr", type=float, default=0.05, metavar="LR",
+                   help="learning rate of --negative-finetune-epochs (default 0.05)")
     s.add_argument("--head", choices=["residual", "linear"], default="residual")
     s.add_argument("--hidden", type=int, default=256)
     s.add_argument("--lam", type=float, default=3.0)
