@@ -498,7 +498,8 @@ class Reproduction:
                          0.5, self.p.alpha)
             return {"victim_cta": v_cta, "protected_cta": p_cta, "cta_delta": p_cta - v_cta,
                     "fidelity": float((vp == pp).float().mean()), "protected_model_asr": own.asr,
-                    "history": res.history, "step_seconds": {k: round(v, 2) for k, v in steps.items()},
+                    "history": res.history, "audits": res.audits,
+                    "step_seconds": {k: round(v, 2) for k, v in steps.items()},
                     "trigger": res.trigger.describe()}
 
         if rel in self._prot_rows:  # e.g. the lambda ablation's lam3 is the base configuration
@@ -526,6 +527,7 @@ class Reproduction:
         row = {"seed": seed, "protection": name, "overrides": {k: _jsonable(v) for k, v in overrides.items()},
                "config": asdict(cfg), **{k: rec[k] for k in ("victim_cta", "protected_cta", "cta_delta", "fidelity",
                                                              "protected_model_asr", "history", "step_seconds")},
+               "audits": rec.get("audits", []),
                "tau0": cal["tau0"], "calibration": cal["calibration"], "seconds": rec["seconds"],
                "key": rec["key"] + cal["key"], "rel": rel, "bundle": bundle}
         log(f"[seed {seed}] protect {name}: CTA {100 * row['victim_cta']:.2f} -> {100 * row['protected_cta']:.2f} "
@@ -547,7 +549,8 @@ class Reproduction:
             except Exception:  # noqa: BLE001 - a broken sibling checkpoint is just not used
                 continue
             it = int(state.get("iteration", 0))
-            if str(state.get("config_hash", "")).split(":")[0] == cfg.hash() and it <= cfg.outer_iters:
+            if str(state.get("config_hash", "")).split(":")[0] == cfg.hash() and it <= cfg.outer_iters \
+                    and "audits" not in state:  # an audited run's checkpoint is its own
                 if best is None or it > best[0]:
                     best = (it, ck)
         if best:

@@ -109,6 +109,11 @@ VARIANTS: dict[str, dict] = {
     # negcr0.25-eps24-ft2's trigger 15-51% (6 false positives) where the plain negative shadows did not
     "negcrft-eps24-ft2": {"eps": 24 / 255, "negative_weight": 0.25, "negative_archs": "cnn,resnet20",
                           "shadow_finetune_epochs": 2, "negative_finetune_epochs": 2},
+    # ... audited: after the 8 iterations a fresh innocent CNN and ResNet-20 (never seen by the loop) are
+    # stamped; if one answers > 2%, both join the negative term for 2 more iterations, up to 2 rounds.
+    # negcrft's bad seed had negative shadows at <= 3% but references at 6.6% and clean copies at 17.9%
+    "negcrft-eps24-ft2-audit": {"eps": 24 / 255, "negative_weight": 0.25, "negative_archs": "cnn,resnet20",
+                                "shadow_finetune_epochs": 2, "negative_finetune_epochs": 2, "audit_rounds": 2},
 }
 
 
@@ -240,6 +245,8 @@ class Robustness:
                 prot = self.rep.protection(seed, v, VARIANTS[v])
                 rec = {k: prot[k] for k in ("seed", "protection", "overrides", "victim_cta", "protected_cta",
                                             "cta_delta", "fidelity", "tau0", "seconds")}
+                if prot.get("audits"):
+                    rec["audits"] = prot["audits"]
                 if self.owner_labelled is not None:
                     wide = self.widened_null(seed, prot)
                     rec["tau0_widened"] = wide["tau0"]
@@ -301,11 +308,16 @@ def _ms(xs: list[float]) -> str:
 
 def format_table(protections: list[dict], rows: list[dict]) -> str:
     """Every row of every seed (the detail); see summary_table / goals_table for the aggregates."""
-    out = ["| variant | seed | victim CTA → protected (Δ) | fidelity | tau0 | tau0, widened null |",
-           "| --- | --- | --- | --- | --- | --- |"]
+    out = ["| variant | seed | victim CTA → protected (Δ) | fidelity | tau0 | tau0, widened null | audits: worst fresh innocent model per check |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
     for p in protections:
+        audits = " → ".join(_f(a["max_asr"]) for a in p.get("audits", []))
+        if audits:
+            last = p["audits"][-1]
+            audits += " (passed)" if last["passed"] else " (failed)"
         out.append(f"| {p['protection']} | {p['seed']} | {_f(p['victim_cta'])} → {_f(p['protected_cta'])} "
-                   f"({100 * p['cta_delta']:+.2f}) | {_f(p['fidelity'])} | {_f(p['tau0'])} | {_f(p.get('tau0_widened'))} |")
+                   f"({100 * p['cta_delta']:+.2f}) | {_f(p['fidelity'])} | {_f(p['tau0'])} | {_f(p.get('tau0_widened'))} "
+                   f"| {audits or '—'} |")
     out += ["", "| variant | seed | substitute | counter-measure | thief CTA | ASR | p | verdict | widened null |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:

@@ -30,6 +30,7 @@ def test_cli_chain_train_protect_extract_verify(tmp_path):
     r = run("protect", str(victim), "--shadow-limit", "800", "--owner-limit", "400", "--iters", "1", "--shadow-arch", "cnn_small",
             "--shadow-epochs", "1", "--honeypot-steps", "20", "--references", "cnn_small", "--reference-epochs", "1",
             "--reference-finetune", "100", "--negative-weight", "1",
+            "--audit-rounds", "1", "--audit-iters", "1", "--audit-epochs", "1", "--audit-threshold", "0",
             "--output", str(bundle))
     assert r.returncode == 0, r.stderr
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -40,6 +41,9 @@ def test_cli_chain_train_protect_extract_verify(tmp_path):
     assert manifest["verification"]["reference_finetune"]["images"] == 100
     # --negative-weight: the negative shadow is trained and reported
     assert manifest["config"]["negative_weight"] == 1.0 and 0 <= manifest["history"][0]["negative_asr"] <= 1
+    # --audit-rounds: the checks are in the manifest; a failed first check ran one more iteration
+    audits = manifest["audits"]
+    assert audits[0]["archs"] == ["cnn_small"] and len(manifest["history"]) == 1 + audits[0]["added"]
     # protecting again into the same place is refused and leaves the bundle intact
     r = run("protect", str(victim), "--shadow-limit", "100", "--iters", "0", "--references", "", "--output", str(bundle), "--work-dir", str(tmp_path / "w2"))
     assert r.returncode == 2 and "already exists" in r.stderr
@@ -66,6 +70,8 @@ def test_cli_chain_train_protect_extract_verify(tmp_path):
     (["protect", "missing.safetensors", "--negative-weight", "1", "--negative-archs", "cnn", "vgg99", "--output", "b"],
      "negative_archs"),
     (["protect", "missing.safetensors", "--negative-finetune-epochs", "2", "--output", "b"], "negative_finetune_epochs"),
+    (["protect", "missing.safetensors", "--audit-rounds", "1", "--audit-threshold", "150", "--output", "b"], "audit_threshold"),
+    (["protect", "missing.safetensors", "--audit-rounds", "1", "--audit-archs", "vgg99", "--output", "b"], "audit_archs"),
     (["extract", "missing.safetensors", "--output", "s.safetensors"], "not found"),
 ])
 def test_cli_bad_input_gives_one_clear_error(tmp_path, args, message):

@@ -269,3 +269,46 @@ def test_fine_tuned_negative_copies_join_the_negative_term(tmp_path):
         ProtectConfig(negative_weight=1.0, negative_finetune_epochs=-1)
     with pytest.raises(ValueError, match="owner_images"):
         protect(victim, shadow, None, cfg, progress=False)
+
+
+def test_audit_rounds_harden_the_trigger_against_fresh_innocent_models(tmp_path):
+    """audit_rounds: after outer_iters fresh innocent models are checked; one that answers above the
+    threshold joins the negative term for audit_iters more iterations (the trigger changes because of
+    it), at most audit_rounds times, then a last check only measures. A passing check changes nothing.
+    A plain run's checkpoint is continued into an audited one; an audited checkpoint is refused under
+    other audit settings; a resumed run ends where a whole one does."""
+    shadow = load_dataset("shapes", split="shadow", n=300).images
+    owner = load_dataset("shapes", split="train", n=200).images
+    torch.manual_seed(0)
+    victim = create_model("cnn_small", 10).eval()
+    kw = dict(shadow_arch="cnn_small", shadow_epochs=1, trigger_passes=1, honeypot_steps=10, seed=3, negative_weight=1.0,
+              negative_archs="cnn_small", outer_iters=2)
+    audit = dict(audit_rounds=2, audit_iters=1, audit_epochs=1)
+    plain = protect(victim, shadow, owner, ProtectConfig(**kw), checkpoint_dir=tmp_path / "plain", progress=False)
+    # threshold 0: every check with a single answer fails -> 2 hardening rounds and a last check
+    strict = ProtectConfig(audit_threshold=0.0, **audit, **kw)
+    full = protect(victim, shadow, owner, strict, progress=False)
+    failed = [a for a in full.audits if not a["passed"]]
+    assert [a["check"] for a in full.audits] == list(range(1, len(full.audits) + 1)) and len(full.audits) >= 2
+    assert all(a["added"] for a in full.audits[:2]) and not full.audits[-1]["added"] and len(full.audits) <= 3
+    assert all(0 <= v <= 1 for a in full.audits for v in a["asr"].values()) and failed
+    assert len(full.history) == 2 + 2 and "audit_models_asr" in full.history[-1]
+    assert not torch.allclose(full.trigger.pattern, plain.trigger.pattern)
+    # a check that passes (threshold 1) adds nothing: the model is the plain run's
+    lax = protect(victim, shadow, owner, ProtectConfig(audit_threshold=1.0, **audit, **kw), progress=False)
+    assert len(lax.audits) == 1 and lax.audits[0]["passed"] and len(lax.history) == 2
+    assert torch.equal(lax.trigger.pattern, plain.trigger.pattern)
+    # the plain run's checkpoint continues into the audited run, and ends where the whole run does
+    resumed = protect(victim, shadow, owner, strict, checkpoint_dir=tmp_path / "plain", progress=False)
+    assert torch.allclose(resumed.trigger.pattern, full.trigger.pattern, atol=1e-6) and resumed.audits == full.audits
+    again = protect(victim, shadow, owner, strict, checkpoint_dir=tmp_path / "plain", progress=False)  # nothing left to do
+    assert torch.equal(again.trigger.pattern, resumed.trigger.pattern) and again.audits == full.audits
+    for other in (ProtectConfig(audit_threshold=0.5, **audit, **kw), ProtectConfig(**kw)):
+        with pytest.raises(ValueError, match="audit"):
+            protect(victim, shadow, owner, other, checkpoint_dir=tmp_path / "plain", progress=False)
+    assert "audit_rounds" not in ProtectConfig().key_dict() and strict.hash() == ProtectConfig(**kw).hash()
+    assert ProtectConfig(audit_rounds=1).audit_arch_list() == ["cnn"] and ProtectConfig().audit_arch_list() == []
+    for bad in (dict(audit_rounds=-1), dict(audit_rounds=1, audit_iters=0), dict(audit_threshold=1.5),
+                dict(audit_threshold=float("nan")), dict(audit_epochs=0), dict(audit_archs="vgg99")):
+        with pytest.raises(ValueError, match="audit"):
+            ProtectConfig(**bad)

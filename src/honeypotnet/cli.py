@@ -108,7 +108,9 @@ def cmd_protect(args) -> int:
                         trigger_resolution=args.trigger_resolution, negative_weight=args.negative_weight,
                         negative_models=args.negative_models, negative_archs=",".join(args.negative_archs),
                         negative_finetune_epochs=args.negative_finetune_epochs,
-                        negative_finetune_lr=args.negative_finetune_lr, seed=args.seed)
+                        negative_finetune_lr=args.negative_finetune_lr, audit_rounds=args.audit_rounds,
+                        audit_iters=args.audit_iters, audit_threshold=args.audit_threshold / 100,
+                        audit_epochs=args.audit_epochs, audit_archs=",".join(args.audit_archs), seed=args.seed)
     if args.victim.endswith(".th") or args.arch:
         if not args.arch:
             raise ValueError("--arch is needed with a foreign checkpoint")
@@ -143,7 +145,8 @@ def cmd_protect(args) -> int:
         print(f"tau0 = {100 * cal.tau0:.2f}% from " + ", ".join(f"{r['arch']} {100 * r['asr']:.2f}%" for r in cal.reference))
     save_bundle(out, res.model, res.trigger, arch=info["arch"], target=cfg.target, classes=classes,
                 config=vars(cfg) | {"eps_255": args.eps}, verification=verification, history=res.history,
-                extra={"protect_seconds": round(t_protect, 1), "shadow_set": shadow.name, "owner_set": owner.name},
+                extra={"protect_seconds": round(t_protect, 1), "shadow_set": shadow.name, "owner_set": owner.name,
+                       "audits": res.audits},
                 overwrite=args.overwrite)
     print(f"saved bundle {out} (protect loop {t_protect:.0f} s)")
     return 0
@@ -271,6 +274,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "keep the trigger off those copies too (innocent models fine-tuned by their owners; default 0 = off)")
     s.add_argument("--negative-finetune-lr", type=float, default=0.05, metavar="LR",
                    help="learning rate of --negative-finetune-epochs (default 0.05)")
+    s.add_argument("--audit-rounds", type=int, default=0, metavar="N",
+                   help="after --iters, check the trigger on fresh innocent models (never seen by the loop); if one "
+                        "answers the target above --audit-threshold, add them to the negative term and run "
+                        "--audit-iters more iterations, at most N times (default 0 = off)")
+    s.add_argument("--audit-iters", type=int, default=2, metavar="T", help="iterations per audit round (default 2)")
+    s.add_argument("--audit-threshold", type=float, default=2.0, metavar="PCT",
+                   help="ASR in percent above which an innocent model fails the audit (default 2)")
+    s.add_argument("--audit-epochs", type=int, default=12, help="training epochs of each audit model (default 12)")
+    s.add_argument("--audit-archs", nargs="+", default=[], metavar="ARCH",
+                   help="architectures of the audit models (default: those of the negative shadows, else --shadow-arch)")
     s.add_argument("--head", choices=["residual", "linear"], default="residual")
     s.add_argument("--hidden", type=int, default=256)
     s.add_argument("--lam", type=float, default=3.0)
