@@ -239,7 +239,7 @@ class Robustness:
                                   run, "calibration (widened)")
 
     def run(self, seeds, variants, arch: str, budget: int, goals: bool, cross: str = "resnet20",
-            clean_goal_thieves: bool = False) -> None:
+            clean_goal_thieves: bool = False, goals_first: bool = False) -> None:
         for seed in seeds:
             for v in variants:
                 prot = self.rep.protection(seed, v, VARIANTS[v])
@@ -252,19 +252,29 @@ class Robustness:
                     rec["tau0_widened"] = wide["tau0"]
                     rec["widened_reference"] = wide["reference"]
                 self.protections.append(rec)
-                # the clean substitute is the same for every variant, but its verdicts are not: each
-                # variant verifies it with its own trigger and tau0 (the false-positive check)
-                for oracle in ("protected", "clean"):
-                    t = self.rep.thief(seed, oracle, arch, budget, "probs", prot)
-                    self.counter_measures(seed, v, prot, oracle, t)
-                # issue 8's "without giving up what already works": the reproduction's thieves, verified
-                # (--no-goals: the counter-measures' thief only, whose units exist already)
-                thieves = goal_thieves(arch, budget, cross, self.quarter_epochs())
-                for g_arch, g_budget, mode, epochs in thieves[: None if goals else 1]:
-                    self.rep.pair(seed, prot, g_arch, g_budget, mode, epochs=epochs)
-                if clean_goal_thieves and not goals:  # the false-positive half of the goal list only
-                    for g_arch, g_budget, mode, epochs in thieves[1:]:
-                        self.rep.pair(seed, prot, g_arch, g_budget, mode, oracles=("clean",), epochs=epochs)
+
+                def sweeps() -> None:
+                    # the clean substitute is the same for every variant, but its verdicts are not: each
+                    # variant verifies it with its own trigger and tau0 (the false-positive check)
+                    for oracle in ("protected", "clean"):
+                        t = self.rep.thief(seed, oracle, arch, budget, "probs", prot)
+                        self.counter_measures(seed, v, prot, oracle, t)
+
+                def goal_list() -> None:
+                    # issue 8's "without giving up what already works": the reproduction's thieves, verified
+                    # (--no-goals: the counter-measures' thief only, whose units exist already)
+                    thieves = goal_thieves(arch, budget, cross, self.quarter_epochs())
+                    # goals first: the last first, away from the sweeps' thief (thieves[0]) a --no-goals run starts with
+                    for g_arch, g_budget, mode, epochs in thieves[: None if goals else 1][:: -1 if goals_first else 1]:
+                        self.rep.pair(seed, prot, g_arch, g_budget, mode, epochs=epochs)
+                    if clean_goal_thieves and not goals:  # the false-positive half of the goal list only
+                        for g_arch, g_budget, mode, epochs in thieves[1:]:
+                            self.rep.pair(seed, prot, g_arch, g_budget, mode, oracles=("clean",), epochs=epochs)
+
+                # goals_first: a second process started beside a --no-goals one trains the goal thieves
+                # while the first runs the sweeps (units are locked, so neither repeats the other's work)
+                for part in ((goal_list, sweeps) if goals_first and goals else (sweeps, goal_list)):
+                    part()
 
     def quarter_epochs(self) -> tuple[int, ...]:
         return tuple(f * self.p.thief_epochs for f in self.sweep.quarter_epoch_factors)
@@ -620,6 +630,9 @@ def parse_args(argv=None):
     ap.add_argument("--goals", action=argparse.BooleanOptionalAction, default=True,
                     help="also train and verify the label-only, cross-architecture and quarter-budget thieves "
                          "issue 8's targets name, and check the goal list (default on)")
+    ap.add_argument("--goals-first", action="store_true",
+                    help="train the goal thieves before the counter-measure sweeps (run it beside a --no-goals run "
+                         "of the same seeds: the units are locked, so the two split the work)")
     ap.add_argument("--clean-goal-thieves", action="store_true",
                     help="with --no-goals: still verify the goal list's clean thieves (shared by every variant, so "
                          "usually cached) with each variant's trigger: the false-positive check at a fraction of the cost")
@@ -691,7 +704,8 @@ def main(argv=None) -> dict:
     stopped = None
     try:
         rob.rep.victim()
-        rob.run(args.seeds, args.variants, args.substitute, budget, args.goals, args.cross_substitute, args.clean_goal_thieves)
+        rob.run(args.seeds, args.variants, args.substitute, budget, args.goals, args.cross_substitute, args.clean_goal_thieves,
+                args.goals_first)
     except rp.DeadlineReached as e:
         stopped = str(e)
         rp.log(f"deadline ({args.deadline:g} s) reached before unit {stopped}: writing what finished")
