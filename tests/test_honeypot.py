@@ -206,13 +206,18 @@ def test_protect_with_negative_shadow_records_and_resumes(tmp_path):
         ProtectConfig(negative_models="everyone")
 
 
-def test_negative_shadows_of_several_architectures_train_checkpoint_and_resume(tmp_path):
-    """negative_archs: one negative shadow per architecture, each extracted from the unprotected victim,
-    reported per iteration and checkpointed under its own key; a resumed run ends where one whole run does."""
+def _negative_setup():
+    """Shadow images, owner images and an untrained cnn_small victim (the negative-term tests' setup)."""
     shadow = load_dataset("shapes", split="shadow", n=300).images
     owner = load_dataset("shapes", split="train", n=200).images
     torch.manual_seed(0)
-    victim = create_model("cnn_small", 10).eval()
+    return shadow, owner, create_model("cnn_small", 10).eval()
+
+
+def test_negative_shadows_of_several_architectures_train_checkpoint_and_resume(tmp_path):
+    """negative_archs: one negative shadow per architecture, each extracted from the unprotected victim,
+    reported per iteration and checkpointed under its own key; a resumed run ends where one whole run does."""
+    shadow, owner, victim = _negative_setup()
     kw = dict(shadow_arch="cnn_small", shadow_epochs=1, trigger_passes=1, honeypot_steps=10, seed=1, negative_weight=0.5,
               negative_archs="cnn_small, resnet20")
     cfg = ProtectConfig(outer_iters=2, **kw)
@@ -240,10 +245,7 @@ def test_fine_tuned_negative_copies_join_the_negative_term(tmp_path):
     """negative_finetune_epochs: every iteration each negative shadow's fine-tuned copy is trained on the
     owner images, its response is recorded, the trigger changes because of it, the negative shadows
     themselves are not fine-tuned in place, and a resumed run ends where one whole run does."""
-    shadow = load_dataset("shapes", split="shadow", n=300).images
-    owner = load_dataset("shapes", split="train", n=200).images
-    torch.manual_seed(0)
-    victim = create_model("cnn_small", 10).eval()
+    shadow, owner, victim = _negative_setup()
     kw = dict(shadow_arch="cnn_small", shadow_epochs=1, trigger_passes=1, honeypot_steps=10, seed=3, negative_weight=1.0,
               negative_archs="cnn_small", shadow_finetune_images=100)
     plain = protect(victim, shadow, owner, ProtectConfig(outer_iters=2, **kw), progress=False)
@@ -277,10 +279,7 @@ def test_audit_rounds_harden_the_trigger_against_fresh_innocent_models(tmp_path)
     it), at most audit_rounds times, then a last check only measures. A passing check changes nothing.
     A plain run's checkpoint is continued into an audited one; an audited checkpoint is refused under
     other audit settings; a resumed run ends where a whole one does."""
-    shadow = load_dataset("shapes", split="shadow", n=300).images
-    owner = load_dataset("shapes", split="train", n=200).images
-    torch.manual_seed(0)
-    victim = create_model("cnn_small", 10).eval()
+    shadow, owner, victim = _negative_setup()
     kw = dict(shadow_arch="cnn_small", shadow_epochs=1, trigger_passes=1, honeypot_steps=10, seed=3, negative_weight=1.0,
               negative_archs="cnn_small", outer_iters=2)
     audit = dict(audit_rounds=2, audit_iters=1, audit_epochs=1)
