@@ -44,6 +44,7 @@ def test_cli_chain_train_protect_extract_verify(tmp_path):
     # --audit-rounds: the checks are in the manifest; a failed first check ran one more iteration
     audits = manifest["audits"]
     assert audits[0]["archs"] == ["cnn_small"] and len(manifest["history"]) == 1 + audits[0]["added"]
+    assert ("audit failed" in r.stderr) == (not audits[-1]["passed"])  # the owner is told when it failed
     # protecting again into the same place is refused and leaves the bundle intact
     r = run("protect", str(victim), "--shadow-limit", "100", "--iters", "0", "--references", "", "--output", str(bundle), "--work-dir", str(tmp_path / "w2"))
     assert r.returncode == 2 and "already exists" in r.stderr

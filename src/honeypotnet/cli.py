@@ -126,6 +126,12 @@ def cmd_protect(args) -> int:
     t0 = time.time()
     res = protect(victim, shadow.images, owner.images, cfg, checkpoint_dir=work, progress=True)
     t_protect = time.time() - t0
+    if res.audits and not res.audits[-1]["passed"]:  # measured: the run whose audit failed flagged innocent models
+        a = res.audits[-1]
+        print(f"WARNING: audit failed: fresh innocent models still answer the trigger "
+              f"({', '.join(f'{n} {100 * v:.1f}%' for n, v in a['asr'].items())} > {100 * cfg.audit_threshold:g}%) "
+              f"after {len(res.audits) - 1} hardening round(s); innocent models may be flagged. "
+              "Protect again with another --seed (or more --audit-rounds).", file=sys.stderr)
     verification = None
     if args.references:
         held = owner if owner.labels is not None else None
