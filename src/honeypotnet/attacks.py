@@ -61,8 +61,9 @@ def query_oracle(oracle: Oracle, images: torch.Tensor, batch_size: int = 256, pr
 
 def train_substitute(arch: str | nn.Module, num_classes: int, images: torch.Tensor, answers: torch.Tensor,
                      fit_config: FitConfig | None = None, *, progress: bool = False,
-                     checkpoint: str | os.PathLike | None = None, device=None) -> nn.Module:
-    """A fresh substitute (registry name or module) trained on (images, answers)."""
+                     checkpoint: str | os.PathLike | None = None, device=None, desc: str = "substitute") -> nn.Module:
+    """A fresh substitute (registry name or module) trained on (images, answers); `desc` labels its
+    progress bar."""
     cfg = fit_config or FitConfig()
     if isinstance(arch, str):
         torch.manual_seed(cfg.seed)
@@ -72,7 +73,7 @@ def train_substitute(arch: str | nn.Module, num_classes: int, images: torch.Tens
     if device is not None:
         model.to(device)
     targets = answers.argmax(1) if _is_one_hot(answers) else answers
-    fit(model, images, targets, cfg, progress=progress, checkpoint=checkpoint, desc="substitute")
+    fit(model, images, targets, cfg, progress=progress, checkpoint=checkpoint, desc=desc)
     return model.eval()
 
 

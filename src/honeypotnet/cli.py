@@ -92,7 +92,7 @@ def cmd_train(args) -> int:
 
 def cmd_protect(args) -> int:
     from .bundle import load_model, save_bundle
-    from .honeypot import ProtectConfig, protect
+    from .honeypot import ProtectConfig, format_audit, protect
     from .models import create_model
     from .verify import FINETUNE_SETTINGS, calibrate_tau0, finetuned_references, train_reference_models
     from .training import FitConfig
@@ -129,7 +129,7 @@ def cmd_protect(args) -> int:
     if res.audits and not res.audits[-1]["passed"]:  # measured: the run whose audit failed flagged innocent models
         a = res.audits[-1]
         print(f"WARNING: audit failed: fresh innocent models still answer the trigger "
-              f"({', '.join(f'{n} {100 * v:.1f}%' for n, v in a['asr'].items())} > {100 * cfg.audit_threshold:g}%) "
+              f"({format_audit(a)} > {100 * cfg.audit_threshold:g}%) "
               f"after {len(res.audits) - 1} hardening round(s); innocent models may be flagged. "
               "Protect again with another --seed (or more --audit-rounds).", file=sys.stderr)
     verification = None
