@@ -498,7 +498,7 @@ class Reproduction:
                          0.5, self.p.alpha)
             return {"victim_cta": v_cta, "protected_cta": p_cta, "cta_delta": p_cta - v_cta,
                     "fidelity": float((vp == pp).float().mean()), "protected_model_asr": own.asr,
-                    "history": res.history, "audits": res.audits,
+                    "history": res.history, "audits": res.audits, "attempts": res.attempts,
                     "step_seconds": {k: round(v, 2) for k, v in steps.items()},
                     "trigger": res.trigger.describe()}
 
@@ -527,7 +527,7 @@ class Reproduction:
         row = {"seed": seed, "protection": name, "overrides": {k: _jsonable(v) for k, v in overrides.items()},
                "config": asdict(cfg), **{k: rec[k] for k in ("victim_cta", "protected_cta", "cta_delta", "fidelity",
                                                              "protected_model_asr", "history", "step_seconds")},
-               "audits": rec.get("audits", []),
+               "audits": rec.get("audits", []), "attempts": rec.get("attempts", []),
                "tau0": cal["tau0"], "calibration": cal["calibration"], "seconds": rec["seconds"],
                "key": rec["key"] + cal["key"], "rel": rel, "bundle": bundle}
         log(f"[seed {seed}] protect {name}: CTA {100 * row['victim_cta']:.2f} -> {100 * row['protected_cta']:.2f} "

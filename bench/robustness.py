@@ -114,6 +114,11 @@ VARIANTS: dict[str, dict] = {
     # negcrft's bad seed had negative shadows at <= 3% but references at 6.6% and clean copies at 17.9%
     "negcrft-eps24-ft2-audit": {"eps": 24 / 255, "negative_weight": 0.25, "negative_archs": "cnn,resnet20",
                                 "shadow_finetune_epochs": 2, "negative_finetune_epochs": 2, "audit_rounds": 2},
+    # ... gated instead of hardened: one check after the 8 iterations; if it fails, protect again from
+    # scratch with seed + 1000 (at most twice). Hardening seed 1 twice cut innocent models' response 3x but
+    # left 6 false positives; the audit's verdict matched the false positives on all three seeds
+    "negcrft-eps24-ft2-gate": {"eps": 24 / 255, "negative_weight": 0.25, "negative_archs": "cnn,resnet20",
+                               "shadow_finetune_epochs": 2, "negative_finetune_epochs": 2, "audit_restarts": 2},
 }
 
 
@@ -247,6 +252,8 @@ class Robustness:
                                             "cta_delta", "fidelity", "tau0", "seconds")}
                 if prot.get("audits"):
                     rec["audits"] = prot["audits"]
+                if prot.get("attempts"):
+                    rec["attempts"] = prot["attempts"]
                 if self.owner_labelled is not None:
                     wide = self.widened_null(seed, prot)
                     rec["tau0_widened"] = wide["tau0"]
@@ -325,6 +332,9 @@ def format_table(protections: list[dict], rows: list[dict]) -> str:
         if audits:
             last = p["audits"][-1]
             audits += " (passed)" if last["passed"] else " (failed)"
+        if len(p.get("attempts", [])) > 1:  # restarts: every run's last check, the kept run marked
+            audits = "; ".join(f"seed {a['seed']}: {_f(a['max_asr'])} ({'passed' if a['passed'] else 'failed'}"
+                               f"{', kept' if a['kept'] else ''})" for a in p["attempts"])
         out.append(f"| {p['protection']} | {p['seed']} | {_f(p['victim_cta'])} → {_f(p['protected_cta'])} "
                    f"({100 * p['cta_delta']:+.2f}) | {_f(p['fidelity'])} | {_f(p['tau0'])} | {_f(p.get('tau0_widened'))} "
                    f"| {audits or '—'} |")

@@ -31,7 +31,7 @@ def test_cli_chain_train_protect_extract_verify(tmp_path):
             "--shadow-epochs", "1", "--honeypot-steps", "20", "--references", "cnn_small", "--reference-epochs", "1",
             "--reference-finetune", "100", "--negative-weight", "1",
             "--audit-rounds", "1", "--audit-iters", "1", "--audit-epochs", "1", "--audit-threshold", "0",
-            "--output", str(bundle))
+            "--audit-restarts", "1", "--output", str(bundle))
     assert r.returncode == 0, r.stderr
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert 0 < manifest["verification"]["tau0"] <= 0.5 and manifest["history"][0]["iteration"] == 1
@@ -45,6 +45,12 @@ def test_cli_chain_train_protect_extract_verify(tmp_path):
     audits = manifest["audits"]
     assert audits[0]["archs"] == ["cnn_small"] and len(manifest["history"]) == 1 + audits[0]["added"]
     assert ("audit failed" in r.stderr) == (not audits[-1]["passed"])  # the owner is told when it failed
+    # --audit-restarts: a failed run is redone with seed + 1000; the kept run's audits are the manifest's
+    attempts = manifest["attempts"]
+    assert [a["seed"] for a in attempts] == [0, 1000][: len(attempts)] and sum(a["kept"] for a in attempts) == 1
+    assert len(attempts) == 2 or attempts[0]["passed"]
+    assert next(a for a in attempts if a["kept"])["max_asr"] == audits[-1]["max_asr"]
+    assert ("kept seed" in r.stderr) == (not audits[-1]["passed"])
     # protecting again into the same place is refused and leaves the bundle intact
     r = run("protect", str(victim), "--shadow-limit", "100", "--iters", "0", "--references", "", "--output", str(bundle), "--work-dir", str(tmp_path / "w2"))
     assert r.returncode == 2 and "already exists" in r.stderr
@@ -73,6 +79,7 @@ def test_cli_chain_train_protect_extract_verify(tmp_path):
     (["protect", "missing.safetensors", "--negative-finetune-epochs", "2", "--output", "b"], "negative_finetune_epochs"),
     (["protect", "missing.safetensors", "--audit-rounds", "1", "--audit-threshold", "150", "--output", "b"], "audit_threshold"),
     (["protect", "missing.safetensors", "--audit-rounds", "1", "--audit-archs", "vgg99", "--output", "b"], "audit_archs"),
+    (["protect", "missing.safetensors", "--audit-restarts", "-1", "--output", "b"], "audit_restarts"),
     (["extract", "missing.safetensors", "--output", "s.safetensors"], "not found"),
 ])
 def test_cli_bad_input_gives_one_clear_error(tmp_path, args, message):

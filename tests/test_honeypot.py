@@ -311,3 +311,37 @@ def test_audit_rounds_harden_the_trigger_against_fresh_innocent_models(tmp_path)
                 dict(audit_threshold=float("nan")), dict(audit_epochs=0), dict(audit_archs="vgg99")):
         with pytest.raises(ValueError, match="audit"):
             ProtectConfig(**bad)
+
+
+def test_audit_restarts_protect_again_until_a_run_passes(tmp_path):
+    """audit_restarts: a run whose last check fails is redone from scratch under restart_seed(r), at most
+    audit_restarts times; the first passing run is kept, else the one innocent models answer least. With
+    audit_rounds = 0 every run gets one check and no hardening. Restarts checkpoint in restart<r> and a
+    second call redoes nothing."""
+    shadow, owner, victim = _negative_setup()
+    kw = dict(shadow_arch="cnn_small", shadow_epochs=1, trigger_passes=1, honeypot_steps=10, seed=3, negative_weight=1.0,
+              negative_archs="cnn_small", outer_iters=1, audit_epochs=1)
+    # threshold 0 (any answer fails): every run is checked once, none is hardened, the least-answered one is kept
+    strict = ProtectConfig(audit_threshold=0.0, audit_restarts=2, **kw)
+    assert strict.audits_on() and strict.audit_arch_list() == ["cnn_small"] and strict.hash() == ProtectConfig(**kw).hash()
+    res = protect(victim, shadow, owner, strict, checkpoint_dir=tmp_path / "w", progress=False)
+    seeds = [a["seed"] for a in res.attempts]
+    assert seeds == [3 + 1000 * r for r in range(len(seeds))] == [strict.restart_seed(r) for r in range(len(seeds))]
+    assert len(seeds) == 3 if all(not a["passed"] for a in res.attempts) else res.attempts[-1]["passed"]
+    assert all(a["checks"] == 1 and a["iterations"] == 1 for a in res.attempts)  # rounds 0: no hardening
+    kept = [a for a in res.attempts if a["kept"]]
+    assert len(kept) == 1 and kept[0]["max_asr"] == min(a["max_asr"] for a in res.attempts)
+    assert res.audits[-1]["max_asr"] == kept[0]["max_asr"] and res.config is strict
+    assert all((tmp_path / "w" / f"restart{r}" / "protect_state.pt").exists() for r in range(1, len(seeds)))
+    # the kept run is that seed's own run
+    alone = protect(victim, shadow, owner, ProtectConfig(**{**kw, "seed": kept[0]["seed"]}), progress=False)
+    assert torch.equal(alone.trigger.pattern, res.trigger.pattern)
+    again = protect(victim, shadow, owner, strict, checkpoint_dir=tmp_path / "w", progress=False)  # all checkpointed
+    assert again.attempts == res.attempts and torch.equal(again.trigger.pattern, res.trigger.pattern)
+    # a run that passes ends the restarts at once: the plain run's model
+    lax = protect(victim, shadow, owner, ProtectConfig(audit_threshold=1.0, audit_restarts=2, **kw), progress=False)
+    assert [(a["seed"], a["passed"], a["kept"]) for a in lax.attempts] == [(3, True, True)]
+    plain = protect(victim, shadow, owner, ProtectConfig(**kw), progress=False)
+    assert torch.equal(lax.trigger.pattern, plain.trigger.pattern) and plain.attempts == [] and plain.audits == []
+    with pytest.raises(ValueError, match="audit_restarts"):
+        ProtectConfig(audit_restarts=-1)

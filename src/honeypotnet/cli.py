@@ -110,7 +110,8 @@ def cmd_protect(args) -> int:
                         negative_finetune_epochs=args.negative_finetune_epochs,
                         negative_finetune_lr=args.negative_finetune_lr, audit_rounds=args.audit_rounds,
                         audit_iters=args.audit_iters, audit_threshold=args.audit_threshold / 100,
-                        audit_epochs=args.audit_epochs, audit_archs=",".join(args.audit_archs), seed=args.seed)
+                        audit_epochs=args.audit_epochs, audit_archs=",".join(args.audit_archs),
+                        audit_restarts=args.audit_restarts, seed=args.seed)
     if args.victim.endswith(".th") or args.arch:
         if not args.arch:
             raise ValueError("--arch is needed with a foreign checkpoint")
@@ -130,8 +131,13 @@ def cmd_protect(args) -> int:
         a = res.audits[-1]
         print(f"WARNING: audit failed: fresh innocent models still answer the trigger "
               f"({format_audit(a)} > {100 * cfg.audit_threshold:g}%) "
-              f"after {len(res.audits) - 1} hardening round(s); innocent models may be flagged. "
-              "Protect again with another --seed (or more --audit-rounds).", file=sys.stderr)
+              f"after {len(res.audits) - 1} hardening round(s)"
+              + (f" and {len(res.attempts) - 1} restart(s), kept seed {next(a['seed'] for a in res.attempts if a['kept'])}"
+                 if res.attempts else "")
+              + "; innocent models may be flagged. Protect again with another --seed "
+              "(or more --audit-restarts).", file=sys.stderr)
+    elif len(res.attempts) > 1:
+        print(f"audit passed on restart {len(res.attempts) - 1} (seed {res.attempts[-1]['seed']})")
     verification = None
     if args.references:
         held = owner if owner.labels is not None else None
@@ -152,7 +158,7 @@ def cmd_protect(args) -> int:
     save_bundle(out, res.model, res.trigger, arch=info["arch"], target=cfg.target, classes=classes,
                 config=vars(cfg) | {"eps_255": args.eps}, verification=verification, history=res.history,
                 extra={"protect_seconds": round(t_protect, 1), "shadow_set": shadow.name, "owner_set": owner.name,
-                       "audits": res.audits},
+                       "audits": res.audits, "attempts": res.attempts},
                 overwrite=args.overwrite)
     print(f"saved bundle {out} (protect loop {t_protect:.0f} s)")
     return 0
@@ -290,6 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--audit-epochs", type=int, default=12, help="training epochs of each audit model (default 12)")
     s.add_argument("--audit-archs", nargs="+", default=[], metavar="ARCH",
                    help="architectures of the audit models (default: those of the negative shadows, else --shadow-arch)")
+    s.add_argument("--audit-restarts", type=int, default=0, metavar="K",
+                   help="when the last audit check fails, protect again from scratch with seed + 1000·r, at most K "
+                        "times; keep the first run that passes, else the one innocent models answer least "
+                        "(with --audit-rounds 0: one check per run, no hardening; default 0 = off)")
     s.add_argument("--head", choices=["residual", "linear"], default="residual")
     s.add_argument("--hidden", type=int, default=256)
     s.add_argument("--lam", type=float, default=3.0)
