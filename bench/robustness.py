@@ -328,13 +328,13 @@ def format_table(protections: list[dict], rows: list[dict]) -> str:
     out = ["| variant | seed | victim CTA → protected (Δ) | fidelity | tau0 | tau0, widened null | audits: worst fresh innocent model per check |",
            "| --- | --- | --- | --- | --- | --- | --- |"]
     for p in protections:
-        audits = " → ".join(_f(a["max_asr"]) for a in p.get("audits", []))
-        if audits:
-            last = p["audits"][-1]
-            audits += " (passed)" if last["passed"] else " (failed)"
         if len(p.get("attempts", [])) > 1:  # restarts: every run's last check, the kept run marked
             audits = "; ".join(f"seed {a['seed']}: {_f(a['max_asr'])} ({'passed' if a['passed'] else 'failed'}"
                                f"{', kept' if a['kept'] else ''})" for a in p["attempts"])
+        else:
+            audits = " → ".join(_f(a["max_asr"]) for a in p.get("audits", []))
+            if audits:
+                audits += " (passed)" if p["audits"][-1]["passed"] else " (failed)"
         out.append(f"| {p['protection']} | {p['seed']} | {_f(p['victim_cta'])} → {_f(p['protected_cta'])} "
                    f"({100 * p['cta_delta']:+.2f}) | {_f(p['fidelity'])} | {_f(p['tau0'])} | {_f(p.get('tau0_widened'))} "
                    f"| {audits or '—'} |")

@@ -536,24 +536,23 @@ def protect(victim: nn.Module, shadow_images: torch.Tensor, owner_images: torch.
     if not cfg.audit_restarts:
         return _protect_run(victim, shadow_images, owner_images, cfg, num_classes, checkpoint_dir, progress, device)
     attempts: list[dict] = []
-    best: ProtectResult | None = None
+    best: ProtectResult | None = None  # the least-answered run so far, attempts[kept]
     for r in range(cfg.audit_restarts + 1):
         seed = cfg.restart_seed(r)
-        ckdir = None if checkpoint_dir is None else Path(checkpoint_dir) / f"restart{r}" if r else checkpoint_dir
+        ckdir = Path(checkpoint_dir) / f"restart{r}" if checkpoint_dir is not None and r else checkpoint_dir
         res = _protect_run(victim, shadow_images, owner_images, replace(cfg, seed=seed), num_classes, ckdir,
                            progress, device)
         last = res.audits[-1]
         attempts.append({"attempt": r, "seed": seed, "passed": last["passed"], "max_asr": last["max_asr"],
                          "checks": len(res.audits), "iterations": len(res.history), "kept": False})
         if best is None or last["max_asr"] < best.audits[-1]["max_asr"]:
-            best = res
+            best, kept = res, r
         if last["passed"]:
             break
         if progress and r < cfg.audit_restarts:
             tqdm.write(f"run {r} (seed {seed}) failed its audit ({format_audit(last)}): "
                        f"protecting again with seed {cfg.restart_seed(r + 1)}")
-    kept = next(a for a in attempts if a["seed"] == best.config.seed)
-    kept["kept"] = True
+    attempts[kept]["kept"] = True
     return ProtectResult(best.model, best.trigger, cfg, best.history, best.audits, attempts)
 
 
