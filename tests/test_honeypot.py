@@ -4,6 +4,7 @@ import copy
 import pytest
 import torch
 
+from honeypotnet.countermeasures import purify
 from honeypotnet.data import load_dataset
 from honeypotnet.honeypot import (HoneypotLayer, ProtectConfig, Trigger, generate_trigger, head_attribute,
                                   install_honeypot, protect)
@@ -151,6 +152,38 @@ def test_low_resolution_trigger_is_smooth_within_eps_and_still_works():
         ProtectConfig(trigger="patch", trigger_resolution=8)
     with pytest.raises(ValueError, match="trigger_resolution"):
         ProtectConfig(trigger_resolution=-1)
+
+
+def test_blur_in_the_trigger_step_makes_the_trigger_survive_a_blur():
+    """trigger_blur=b also feeds each batch Gaussian-blurred (σ ~ U(b/4, b)) to the model: the trigger
+    moves blurred stamped images (purify, σ 0.5) to the target clearly more often than the plain UAP
+    does (measured 44 vs 29%), keeps most of its unblurred effect (57 vs 64%), stays within ±eps, and
+    the option leaves old configuration keys and the default run alone."""
+    train = load_dataset("shapes", split="train", n=1500)
+    torch.manual_seed(0)
+    model = create_model("cnn_small", 10)
+    fit(model, train.images, train.labels, FitConfig(epochs=3), progress=False)
+    x = train.float()[:500]
+
+    def rate(z: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float((model(z).argmax(1) == 3).float().mean())
+
+    plain, blurred = {}, {}
+    for b in (0.0, 1.0):
+        cfg = ProtectConfig(target=3, eps=32 / 255, trigger_passes=3, trigger_blur=b)
+        trig = generate_trigger(model, Trigger.uap(32, cfg.eps), train.images, cfg, 0)
+        assert trig.pattern.abs().max() <= cfg.eps + 1e-6
+        s = trig.stamp(x)
+        plain[b], blurred[b] = rate(s), rate(purify(s, "blur", sigma=0.5))
+    before = rate(x)
+    assert blurred[1.0] > blurred[0.0] + 0.08, (blurred, plain)
+    assert plain[1.0] > before + 0.3 and plain[1.0] > plain[0.0] - 0.15, (before, plain)
+    assert "trigger_blur" not in ProtectConfig().key_dict()
+    assert ProtectConfig(trigger_blur=0.75).hash() != ProtectConfig().hash()
+    for bad in (-0.5, float("nan"), 9.0):
+        with pytest.raises(ValueError, match="trigger_blur"):
+            ProtectConfig(trigger_blur=bad)
 
 
 def test_negative_shadow_keeps_the_trigger_off_a_clean_model():

@@ -105,7 +105,8 @@ def cmd_protect(args) -> int:
                         honeypot_steps=args.honeypot_steps, shadow_norm_weight=args.shadow_norm_weight,
                         shadow_finetune_epochs=args.shadow_finetune_epochs, shadow_finetune_lr=args.shadow_finetune_lr,
                         shadow_finetune_images=args.shadow_finetune_images,
-                        trigger_resolution=args.trigger_resolution, negative_weight=args.negative_weight,
+                        trigger_resolution=args.trigger_resolution, trigger_blur=args.trigger_blur,
+                        negative_weight=args.negative_weight,
                         negative_models=args.negative_models, negative_archs=",".join(args.negative_archs),
                         negative_finetune_epochs=args.negative_finetune_epochs,
                         negative_finetune_lr=args.negative_finetune_lr, audit_rounds=args.audit_rounds,
@@ -274,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--patch-size", type=int, default=6)
     s.add_argument("--trigger-resolution", type=int, default=0, metavar="R",
                    help="UAP optimised on an RxR grid and upsampled: a low-frequency trigger (default 0 = full resolution)")
+    s.add_argument("--trigger-blur", type=float, default=0.0, metavar="SIGMA",
+                   help="optimise the trigger through a random Gaussian blur of sigma up to SIGMA pixels, so it "
+                        "survives a thief's blur purification (default 0 = off)")
     s.add_argument("--negative-weight", type=float, default=0.0, metavar="W",
                    help="weight of a negative shadow (a clean copy extracted from the unprotected victim) in the "
                         "trigger step: keeps the trigger off innocent models (default 0 = off)")
