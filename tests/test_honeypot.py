@@ -158,7 +158,7 @@ def test_blur_in_the_trigger_step_makes_the_trigger_survive_a_blur():
     """trigger_blur=b also feeds each batch Gaussian-blurred (σ ~ U(b/4, b)) to the model: the trigger
     moves blurred stamped images (purify, σ 0.5) to the target clearly more often than the plain UAP
     does (measured 44 vs 29%), keeps most of its unblurred effect (57 vs 64%), stays within ±eps, and
-    the option leaves old configuration keys and the default run alone."""
+    the option leaves old configuration keys and hashes alone."""
     train = load_dataset("shapes", split="train", n=1500)
     torch.manual_seed(0)
     model = create_model("cnn_small", 10)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -22,10 +21,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.transforms.v2.functional import gaussian_blur
 from tqdm.auto import tqdm
 
 from .attacks import train_substitute
+from .countermeasures import purify
 from .models import _HEAD_NAMES, ImageClassifier, _find_head, create_model, list_models, split_classifier
 from .training import FitConfig, atomic_torch_save, fit, to_float
 
@@ -477,13 +476,12 @@ def generate_trigger(shadow: nn.Module | list[nn.Module], trigger: Trigger, imag
 
 
 def _with_blur(x: torch.Tensor, max_sigma: float, gen: torch.Generator) -> torch.Tensor:
-    """x, followed (max_sigma > 0) by a copy Gaussian-blurred with σ ~ U(0.25, 1)·max_sigma drawn from
-    gen (differentiable; kernel 2·ceil(2σ)+1, as countermeasures.purify)."""
+    """x, followed (max_sigma > 0) by a copy blurred by countermeasures.purify (the thief's blur, which
+    is differentiable on float images) with σ ~ U(0.25, 1)·max_sigma drawn from gen."""
     if max_sigma <= 0:
         return x
     sigma = (0.25 + 0.75 * float(torch.rand((), generator=gen))) * max_sigma
-    k = 2 * math.ceil(2 * sigma) + 1
-    return torch.cat([x, gaussian_blur(x, kernel_size=[k, k], sigma=[sigma, sigma])])
+    return torch.cat([x, purify(x, "blur", sigma=sigma)])
 
 
 def finetuned_copy(shadow: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: ProtectConfig,
