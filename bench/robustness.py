@@ -41,7 +41,11 @@ against tau0 10.8% and was flagged). So every verdict is also given under tau0 r
 rule) over the references plus each reference fine-tuned on 1,000 of the owner's labelled images
 (verify.finetuned_references, 4 settings), and the goal list is checked under both nulls.
 (Measured over three seeds: it raised tau0 but removed none of eps20's false positives, which came
-from clean extracted copies, not from fine-tuned references; README.)
+from clean extracted copies, not from fine-tuned references; README.) Each of those models also
+joins the widened null behind every purification of the sweep that costs it at most
+PURIFY_USABLE_DROP of accuracy (verify.purified_references): an innocent owner may blur or
+re-compress its inputs as a thief may (measured: clean copies behind blur σ 1 answered the
+blur-robust trigger of negcrft-eps24-ft2-blur 6.7 / 8.6% against tau0 5%, and were flagged).
 
 Output: markdown tables on stdout and OUT/robustness.md (goals; counter-measures over seeds; every
 run), OUT/robustness.json, and
@@ -65,7 +69,8 @@ from honeypotnet.bundle import load_model, save_model
 from honeypotnet.countermeasures import assess, fine_prune, finetune, neural_cleanse
 from honeypotnet.data import load_dataset
 from honeypotnet.training import accuracy, default_device
-from honeypotnet.verify import FINETUNE_SETTINGS, binomial_p_value, calibrate_tau0, finetuned_references
+from honeypotnet.verify import (FINETUNE_SETTINGS, PURIFY_SETTINGS, binomial_p_value, calibrate_tau0, finetuned_references,
+                                 purified_references)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,9 +137,7 @@ class Sweep:
     finetune: list[tuple[int, float]] = field(default_factory=lambda: [(e, lr) for lr in (0.01, 0.05) for e in (1, 3, 5, 10)])
     prune: list[float] = field(default_factory=lambda: [0.2, 0.5, 0.8])
     prune_finetune: tuple[int, float] = (5, 0.01)
-    purify: list[tuple[str, dict]] = field(default_factory=lambda: [
-        ("jpeg-q75", {"method": "jpeg", "quality": 75}), ("jpeg-q50", {"method": "jpeg", "quality": 50}),
-        ("blur-0.5", {"method": "blur", "sigma": 0.5}), ("blur-1.0", {"method": "blur", "sigma": 1.0})])
+    purify: list[tuple[str, dict]] = field(default_factory=lambda: [(n, dict(s)) for n, s in PURIFY_SETTINGS])
     cleanse_steps: int = 300
     cleanse_images: int = 500
     # the quarter-budget goal thief trains this many times the protocol's thief epochs and keeps the
@@ -236,17 +239,27 @@ class Robustness:
         return self._ft_refs[seed]
 
     def widened_null(self, seed: int, prot: dict) -> dict:
-        """tau0 calibrated (same rule) over the references and their fine-tuned copies."""
+        """tau0 calibrated (same rule) over the references and their fine-tuned copies, each of them
+        also behind every purification of the sweep that costs it at most PURIFY_USABLE_DROP of
+        accuracy (an innocent owner may blur or re-compress its inputs as a thief may, within what
+        the goal list counts as a usable purification: verify.purified_references)."""
         key, ft = self.finetuned_refs(seed)
         d, b = self.data, prot["bundle"]
+        purify = [(name, spec) for name, spec in self.sweep.purify]
 
         def run(_d: Path) -> dict:
-            cal = calibrate_tau0(self.rep.references(seed) + ft, b.trigger, d.test_images[d.calib], d.test_labels[d.calib],
-                                 b.target)
-            return {"tau0": cal.tau0, "rule": cal.rule, "reference": cal.reference}
+            refs = self.rep.references(seed) + ft
+            x, y = d.test_images[d.calib], d.test_labels[d.calib]
+            pur = purified_references(refs, purify, images=x, labels=y, max_drop=PURIFY_USABLE_DROP)
+            cal = calibrate_tau0(refs + pur, b.trigger, x, y, b.target)
+            return {"tau0": cal.tau0, "rule": cal.rule + f" (+ {len(pur)} of {len(refs) * len(purify)} purified references: "
+                                                     f"those within {100 * PURIFY_USABLE_DROP:g} pt of their accuracy)",
+                    "reference": cal.reference}
 
-        return self.rep.units.run(f"{prot['rel']}/calibration-widened", {"protection": prot["key"], "finetuned": key},
-                                  run, "calibration (widened)")
+        params = {"protection": prot["key"], "finetuned": key}
+        if purify:  # (a sweep without purifications keeps the key it had before they joined the null)
+            params |= {"purified": purify, "purified_max_drop": PURIFY_USABLE_DROP}
+        return self.rep.units.run(f"{prot['rel']}/calibration-widened", params, run, "calibration (widened)")
 
     def run(self, seeds, variants, arch: str, budget: int, goals: bool, cross: str = "resnet20",
             clean_goal_thieves: bool = False, goals_first: bool = False) -> None:

@@ -29,16 +29,21 @@ def test_cli_chain_train_protect_extract_verify(tmp_path):
     bundle = tmp_path / "bundle"
     r = run("protect", str(victim), "--shadow-limit", "800", "--owner-limit", "400", "--iters", "1", "--shadow-arch", "cnn_small",
             "--shadow-epochs", "1", "--honeypot-steps", "20", "--references", "cnn_small", "--reference-epochs", "1",
-            "--reference-finetune", "100", "--negative-weight", "1", "--trigger-blur", "0.5",
+            "--reference-finetune", "100", "--reference-purify", "blur-1.0,jpeg-q50", "--reference-purify-max-drop", "100",
+            "--negative-weight", "1",
+            "--trigger-blur", "0.5",
             "--audit-rounds", "1", "--audit-iters", "1", "--audit-epochs", "1", "--audit-threshold", "0",
             "--audit-restarts", "1", "--output", str(bundle))
     assert r.returncode == 0, r.stderr
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert 0 < manifest["verification"]["tau0"] <= 0.5 and manifest["history"][0]["iteration"] == 1
-    # --reference-finetune: the reference and its 4 fine-tuned copies calibrate the null
-    assert [r["arch"] for r in manifest["verification"]["reference"]] == [
-        "cnn_small", *(f"cnn_small+finetune-e{e}-lr{lr:g}" for e, lr in ((3, 0.01), (10, 0.01), (3, 0.05), (10, 0.05)))]
+    # --reference-finetune: the reference and its 4 fine-tuned copies calibrate the null;
+    # --reference-purify: ... and each of those 5 behind a blur (σ 1) and behind JPEG q50
+    plain = ["cnn_small", *(f"cnn_small+finetune-e{e}-lr{lr:g}" for e, lr in ((3, 0.01), (10, 0.01), (3, 0.05), (10, 0.05)))]
+    refs = manifest["verification"]["reference"]
+    assert [r["arch"] for r in refs] == plain + [f"{n}+{p}" for n in plain for p in ("blur-1.0", "jpeg-q50")]
     assert manifest["verification"]["reference_finetune"]["images"] == 100
+    assert [n for n, _ in manifest["verification"]["reference_purify"]["settings"]] == ["blur-1.0", "jpeg-q50"]
     # --negative-weight: the negative shadow is trained and reported
     assert manifest["config"]["negative_weight"] == 1.0 and 0 <= manifest["history"][0]["negative_asr"] <= 1
     assert manifest["config"]["trigger_blur"] == 0.5  # --trigger-blur reaches the configuration
@@ -82,6 +87,9 @@ def test_cli_chain_train_protect_extract_verify(tmp_path):
     (["protect", "missing.safetensors", "--audit-rounds", "1", "--audit-archs", "vgg99", "--output", "b"], "audit_archs"),
     (["protect", "missing.safetensors", "--audit-restarts", "-1", "--output", "b"], "audit_restarts"),
     (["protect", "missing.safetensors", "--trigger-blur", "-1", "--output", "b"], "trigger_blur"),
+    (["protect", "missing.safetensors", "--reference-purify", "blur-2", "--output", "b"], "unknown purification blur-2"),
+    (["protect", "missing.safetensors", "--reference-purify", "--reference-purify-max-drop", "nan", "--output", "b"],
+     "reference-purify-max-drop"),
     (["extract", "missing.safetensors", "--output", "s.safetensors"], "not found"),
 ])
 def test_cli_bad_input_gives_one_clear_error(tmp_path, args, message):

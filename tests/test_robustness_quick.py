@@ -96,6 +96,11 @@ def test_goal_list_follows_the_measured_rows(robustness):
     gw = {x["goal"]: x for x in r["goals"] if x["null"] == "widened"}
     assert set(gw) == set(g) and r["protections"][0]["tau0_widened"] >= r["protections"][0]["tau0"]
     prot = r["protections"][0]
+    # the widened null: the references, their fine-tuned copies, and those behind the sweep's purifications
+    # that keep their accuracy within 20 pt (JPEG q50 does on every reference measured)
+    names = [x["arch"] for x in prot["widened_reference"]]
+    purified = [n for n in names if n.rsplit("+", 1)[-1] in {p for p, _ in r["protocol"]["sweep"]["purify"]}]
+    assert any(n.endswith("+jpeg-q50") for n in purified) and len(names) == 10 + len(purified)
     assert g["victim CTA drop"]["pass"] == (-prot["cta_delta"] <= 0.002 + 1e-9)
     subs = [s for s in r["substitutes"] if s["oracle"] == "protected" and s["budget"] == budget]
     for s in subs:

@@ -4,7 +4,9 @@ import torch
 from scipy.stats import binomtest
 
 from honeypotnet.honeypot import Trigger
-from honeypotnet.verify import binomial_p_value, calibrate_tau0, clopper_pearson_upper, finetuned_references, verify
+from honeypotnet.countermeasures import purify
+from honeypotnet.verify import (binomial_p_value, calibrate_tau0, clopper_pearson_upper, finetuned_references,
+                                purified_references, verify)
 
 
 class ConstantModel(torch.nn.Module):
@@ -98,3 +100,63 @@ def test_finetuned_references_train_copies_and_widen_the_null():
     plain = calibrate_tau0([("r", ref)], trig, test.images, test.labels, 0)
     wide = calibrate_tau0([("r", ref), *out], trig, test.images, test.labels, 0)
     assert wide.tau0 >= plain.tau0 and len(wide.reference) == 3
+
+
+class SmoothModel(torch.nn.Module):
+    """Answers class 0 on images whose mean absolute difference between neighbouring pixels is below
+    a threshold (smooth images), else class 1: an innocent model that a blur moves to the target."""
+
+    def __init__(self, threshold):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.threshold = threshold
+
+    @staticmethod
+    def roughness(x):
+        return (x[..., 1:] - x[..., :-1]).abs().mean((1, 2, 3))
+
+    def forward(self, x):
+        hit = self.roughness(x) < self.threshold
+        out = torch.zeros(len(x), 10)
+        out[:, 1] = 5.0
+        out[hit, 1] = 0.0
+        out[hit, 0] = 5.0
+        return out + 0 * self.w
+
+
+def test_purified_references_put_an_innocent_model_that_blurs_its_inputs_in_the_null():
+    """An innocent model behind a blur answers the target on ~30% of the stamped images and never
+    without it: calibrated on the plain reference, verification flags it (a false positive); with
+    the reference behind each purification in the null it does not. The wrappers share the
+    reference's weights and compute model(purify(x))."""
+    g = torch.Generator().manual_seed(0)
+    amp = 20 + torch.rand(400, 1, 1, 1, generator=g) * 40  # noise of a different strength per image
+    images = (128 + amp * torch.randn(400, 3, 16, 16, generator=g)).clamp(0, 255).to(torch.uint8)
+    labels = 1 + torch.randint(0, 9, (400,), generator=g)  # no target-class (0) images
+    x = images.float() / 255
+    blurred = SmoothModel.roughness(purify(x, "blur", sigma=1.0))
+    assert SmoothModel.roughness(x).min() > blurred.quantile(0.3)  # without the blur it never answers 0
+    ref = SmoothModel(threshold=float(blurred.quantile(0.3)))
+    trigger = Trigger.uap(16)  # a zero pattern: stamping leaves the images as they are
+
+    wrapped = purified_references([("ref", ref)])
+    assert [n for n, _ in wrapped] == ["ref+jpeg-q75", "ref+jpeg-q50", "ref+blur-0.5", "ref+blur-1.0"]
+    blur1 = dict(wrapped)["ref+blur-1.0"]
+    assert blur1.model is ref and torch.equal(blur1(x), ref(purify(x, "blur", sigma=1.0)))
+
+    plain = calibrate_tau0([("ref", ref)], trigger, images, labels, 0)
+    wide = calibrate_tau0([("ref", ref), *wrapped], trigger, images, labels, 0)
+    assert plain.tau0 == 0.05 and 0.2 < dict((r["arch"], r["asr"]) for r in wide.reference)["ref+blur-1.0"] < 0.4
+    assert wide.tau0 > 0.4
+    suspect = SmoothModel(threshold=ref.threshold)  # an independent model of the same kind, blurring its inputs
+    behind_blur = purified_references([("suspect", suspect)], [("blur-1.0", {"method": "blur", "sigma": 1.0})])[0][1]
+    assert verify(behind_blur, trigger, images, labels, 0, plain.tau0).stolen  # the false positive
+    assert not verify(behind_blur, trigger, images, labels, 0, wide.tau0).stolen
+
+    # with labelled images, a wrapper that costs the reference more than max_drop of accuracy is left out
+    ones = torch.ones_like(labels)  # ref answers 1 on every unblurred image: accuracy 100%, ~70% behind blur σ 1
+    kept = [n for n, _ in purified_references([("ref", ref)], images=images, labels=ones)]
+    assert "ref+blur-1.0" not in kept and "ref+jpeg-q75" in kept
+    assert "ref+blur-1.0" in [n for n, _ in purified_references([("ref", ref)], images=images, labels=ones, max_drop=0.5)]
+    with pytest.raises(ValueError, match="both images and labels"):
+        purified_references([("ref", ref)], images=images)

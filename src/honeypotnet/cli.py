@@ -90,11 +90,25 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _purify_settings(value: str | None, known) -> list:
+    """--reference-purify: None (off), 'all', or comma-separated names of verify.PURIFY_SETTINGS."""
+    if not value:
+        return []
+    table = dict(known)
+    names = list(table) if value == "all" else [n.strip() for n in value.split(",")]
+    bad = [n for n in names if n not in table]
+    if bad or not names:
+        raise ValueError(f"--reference-purify: unknown purification {', '.join(bad) or repr(value)}; "
+                         f"choose 'all' or from {', '.join(table)}")
+    return [(n, table[n]) for n in dict.fromkeys(names)]
+
+
 def cmd_protect(args) -> int:
     from .bundle import load_model, save_bundle
     from .honeypot import ProtectConfig, format_audit, protect
     from .models import create_model
-    from .verify import FINETUNE_SETTINGS, calibrate_tau0, finetuned_references, train_reference_models
+    from .verify import (FINETUNE_SETTINGS, PURIFY_SETTINGS, calibrate_tau0, finetuned_references, purified_references,
+                         train_reference_models)
     from .training import FitConfig
 
     # the configuration first: a bad option is reported before any file is read
@@ -113,6 +127,9 @@ def cmd_protect(args) -> int:
                         audit_iters=args.audit_iters, audit_threshold=args.audit_threshold / 100,
                         audit_epochs=args.audit_epochs, audit_archs=",".join(args.audit_archs),
                         audit_restarts=args.audit_restarts, seed=args.seed)
+    purifications = _purify_settings(args.reference_purify, PURIFY_SETTINGS)
+    if not 0 <= args.reference_purify_max_drop <= 100:  # (NaN fails too)
+        raise ValueError(f"--reference-purify-max-drop must be in [0, 100] points, got {args.reference_purify_max_drop}")
     if args.victim.endswith(".th") or args.arch:
         if not args.arch:
             raise ValueError("--arch is needed with a foreign checkpoint")
@@ -149,12 +166,18 @@ def cmd_protect(args) -> int:
         if args.reference_finetune:  # widen the null: innocent copies fine-tuned on clean labels too
             n = min(args.reference_finetune, len(held))
             refs = refs + finetuned_references(refs, held.images[:n], held.labels[:n].long(), seed=args.seed)
+        if purifications:  # ... and every one of them behind each input purification a suspect may apply
+            refs = refs + purified_references(refs, purifications, images=held.images, labels=held.labels.long(),
+                                              max_drop=args.reference_purify_max_drop / 100)
         cal = calibrate_tau0(refs, res.trigger, held.images, held.labels, cfg.target)
         verification = {"tau0": cal.tau0, "rule": cal.rule, "reference": cal.reference,
                         "reference_queries": f"{len(shadow)} images of {shadow.name}, soft labels of the unprotected victim"}
         if args.reference_finetune:
             verification["reference_finetune"] = {"images": n, "settings": [list(x) for x in FINETUNE_SETTINGS],
                                                   "data": f"the first {n} labelled owner images ({owner.name})"}
+        if purifications:
+            verification["reference_purify"] = {"settings": [[name, spec] for name, spec in purifications],
+                                                "max_drop": args.reference_purify_max_drop / 100}
         print(f"tau0 = {100 * cal.tau0:.2f}% from " + ", ".join(f"{r['arch']} {100 * r['asr']:.2f}%" for r in cal.reference))
     save_bundle(out, res.model, res.trigger, arch=info["arch"], target=cfg.target, classes=classes,
                 config=vars(cfg) | {"eps_255": args.eps}, verification=verification, history=res.history,
@@ -326,6 +349,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="widen the null: also calibrate tau0 on each reference fine-tuned on the first N labelled owner "
                         "images (4 epoch x lr settings; default 0 = off). Innocent copies fine-tuned on clean labels can "
                         "answer the trigger more often than the references (README: Can the thief wash the backdoor out?)")
+    s.add_argument("--reference-purify", nargs="?", const="all", default=None, metavar="NAMES",
+                   help="widen the null: also calibrate tau0 on each reference (and fine-tuned reference) behind an "
+                        "input purification a suspect may apply: 'all' (the flag alone) or some of jpeg-q75,jpeg-q50,"
+                        "blur-0.5,blur-1.0. An innocent copy that blurs its inputs can answer a blur-robust trigger "
+                        "more often than the references (README: The trigger optimised through a blur)")
+    s.add_argument("--reference-purify-max-drop", type=float, default=20.0, metavar="PT",
+                   help="leave out a purified reference whose accuracy on the labelled owner images is more than PT "
+                        "points below its reference's (a deployment no owner would serve; default 20)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--work-dir", default=None, help="checkpoint dir for resuming (default OUTPUT.work)")
     s.add_argument("--overwrite", action="store_true")
