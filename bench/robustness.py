@@ -69,8 +69,8 @@ from honeypotnet.bundle import load_model, save_model
 from honeypotnet.countermeasures import assess, fine_prune, finetune, neural_cleanse
 from honeypotnet.data import load_dataset
 from honeypotnet.training import accuracy, default_device
-from honeypotnet.verify import (FINETUNE_SETTINGS, PURIFY_SETTINGS, binomial_p_value, calibrate_tau0, finetuned_references,
-                                 purified_references)
+from honeypotnet.verify import (FINETUNE_SETTINGS, PURIFY_MAX_DROP, PURIFY_SETTINGS, binomial_p_value, calibrate_tau0,
+                                 finetuned_references, purified_references)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,7 +127,7 @@ VARIANTS: dict[str, dict] = {
     # ... with the trigger optimised through a random blur too (σ ~ U(0.19, 0.75), beside the unblurred
     # batch): seed 0's negcrft trigger held JPEG q50 at 96% but blur σ 0.5 at 36%. Measured (CPU, seeds 0
     # and 2): blur σ 0.5 83 / 89%, but a clean copy blurred at σ 1 is flagged on both seeds (6.7 / 8.6%);
-    # seed 1: clean copies answer 13.5-18.2% (tau0 19.2%) and fine-pruning's pick leaves 37.3%
+    # seed 1: clean copies answer 12.8-23.7% (tau0 19.2%: one flagged) and fine-pruning's pick leaves 37.3%
     "negcrft-eps24-ft2-blur": {"eps": 24 / 255, "negative_weight": 0.25, "negative_archs": "cnn,resnet20",
                                "shadow_finetune_epochs": 2, "negative_finetune_epochs": 2, "trigger_blur": 0.75},
 }
@@ -246,7 +246,7 @@ class Robustness:
         the goal list counts as a usable purification: verify.purified_references)."""
         key, ft = self.finetuned_refs(seed)
         d, b = self.data, prot["bundle"]
-        purify = [(name, spec) for name, spec in self.sweep.purify]
+        purify = self.sweep.purify
 
         def run(_d: Path) -> dict:
             refs = self.rep.references(seed) + ft
@@ -484,9 +484,9 @@ GOAL_THIEF_ASR = {"full": 0.95, "quarter": 0.85}
 GOAL_CLEAN_ASR = 0.10
 GOAL_NC_INDEX = 2.0
 # a purification that costs the thief more than this much clean accuracy is reported, not a goal:
-# a thief would not serve a copy that much worse (blur σ 1 costs the CNN 34 of its 60 points;
-# JPEG q50 and blur σ 0.5 cost about 10 and stay goals)
-PURIFY_USABLE_DROP = 0.20
+# a thief would not serve a copy that much worse (the widened null leaves such purified references
+# out by the same rule)
+PURIFY_USABLE_DROP = PURIFY_MAX_DROP
 
 
 def goals(protections: list[dict], rows: list[dict], substitutes: list[dict], budget: int, widened: bool = False) -> list[dict]:

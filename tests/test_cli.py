@@ -30,8 +30,7 @@ def test_cli_chain_train_protect_extract_verify(tmp_path):
     r = run("protect", str(victim), "--shadow-limit", "800", "--owner-limit", "400", "--iters", "1", "--shadow-arch", "cnn_small",
             "--shadow-epochs", "1", "--honeypot-steps", "20", "--references", "cnn_small", "--reference-epochs", "1",
             "--reference-finetune", "100", "--reference-purify", "blur-1.0,jpeg-q50", "--reference-purify-max-drop", "100",
-            "--negative-weight", "1",
-            "--trigger-blur", "0.5",
+            "--negative-weight", "1", "--trigger-blur", "0.5",
             "--audit-rounds", "1", "--audit-iters", "1", "--audit-epochs", "1", "--audit-threshold", "0",
             "--audit-restarts", "1", "--output", str(bundle))
     assert r.returncode == 0, r.stderr

@@ -97,7 +97,7 @@ def _purify_settings(value: str | None, known) -> list:
     table = dict(known)
     names = list(table) if value == "all" else [n.strip() for n in value.split(",")]
     bad = [n for n in names if n not in table]
-    if bad or not names:
+    if bad:
         raise ValueError(f"--reference-purify: unknown purification {', '.join(bad) or repr(value)}; "
                          f"choose 'all' or from {', '.join(table)}")
     return [(n, table[n]) for n in dict.fromkeys(names)]
@@ -107,8 +107,8 @@ def cmd_protect(args) -> int:
     from .bundle import load_model, save_bundle
     from .honeypot import ProtectConfig, format_audit, protect
     from .models import create_model
-    from .verify import (FINETUNE_SETTINGS, PURIFY_SETTINGS, calibrate_tau0, finetuned_references, purified_references,
-                         train_reference_models)
+    from .verify import (FINETUNE_SETTINGS, PURIFY_MAX_DROP, PURIFY_SETTINGS, calibrate_tau0, finetuned_references,
+                         purified_references, train_reference_models)
     from .training import FitConfig
 
     # the configuration first: a bad option is reported before any file is read
@@ -128,7 +128,8 @@ def cmd_protect(args) -> int:
                         audit_epochs=args.audit_epochs, audit_archs=",".join(args.audit_archs),
                         audit_restarts=args.audit_restarts, seed=args.seed)
     purifications = _purify_settings(args.reference_purify, PURIFY_SETTINGS)
-    if not 0 <= args.reference_purify_max_drop <= 100:  # (NaN fails too)
+    max_drop = PURIFY_MAX_DROP if args.reference_purify_max_drop is None else args.reference_purify_max_drop / 100
+    if not 0 <= max_drop <= 1:  # (NaN fails too)
         raise ValueError(f"--reference-purify-max-drop must be in [0, 100] points, got {args.reference_purify_max_drop}")
     if args.victim.endswith(".th") or args.arch:
         if not args.arch:
@@ -168,7 +169,7 @@ def cmd_protect(args) -> int:
             refs = refs + finetuned_references(refs, held.images[:n], held.labels[:n].long(), seed=args.seed)
         if purifications:  # ... and every one of them behind each input purification a suspect may apply
             refs = refs + purified_references(refs, purifications, images=held.images, labels=held.labels.long(),
-                                              max_drop=args.reference_purify_max_drop / 100)
+                                              max_drop=max_drop)
         cal = calibrate_tau0(refs, res.trigger, held.images, held.labels, cfg.target)
         verification = {"tau0": cal.tau0, "rule": cal.rule, "reference": cal.reference,
                         "reference_queries": f"{len(shadow)} images of {shadow.name}, soft labels of the unprotected victim"}
@@ -177,7 +178,7 @@ def cmd_protect(args) -> int:
                                                   "data": f"the first {n} labelled owner images ({owner.name})"}
         if purifications:
             verification["reference_purify"] = {"settings": [[name, spec] for name, spec in purifications],
-                                                "max_drop": args.reference_purify_max_drop / 100}
+                                                "max_drop": max_drop}
         print(f"tau0 = {100 * cal.tau0:.2f}% from " + ", ".join(f"{r['arch']} {100 * r['asr']:.2f}%" for r in cal.reference))
     save_bundle(out, res.model, res.trigger, arch=info["arch"], target=cfg.target, classes=classes,
                 config=vars(cfg) | {"eps_255": args.eps}, verification=verification, history=res.history,
@@ -354,9 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "input purification a suspect may apply: 'all' (the flag alone) or some of jpeg-q75,jpeg-q50,"
                         "blur-0.5,blur-1.0. An innocent copy that blurs its inputs can answer a blur-robust trigger "
                         "more often than the references (README: The trigger optimised through a blur)")
-    s.add_argument("--reference-purify-max-drop", type=float, default=20.0, metavar="PT",
+    s.add_argument("--reference-purify-max-drop", type=float, default=None, metavar="PT",
                    help="leave out a purified reference whose accuracy on the labelled owner images is more than PT "
-                        "points below its reference's (a deployment no owner would serve; default 20)")
+                        "points below its reference's (a deployment no owner would serve; default 20, "
+                        "verify.PURIFY_MAX_DROP)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--work-dir", default=None, help="checkpoint dir for resuming (default OUTPUT.work)")
     s.add_argument("--overwrite", action="store_true")
