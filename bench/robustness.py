@@ -130,6 +130,17 @@ VARIANTS: dict[str, dict] = {
     # seed 1: clean copies answer 12.8-23.7% (tau0 19.2%: one flagged) and fine-pruning's pick leaves 37.3%
     "negcrft-eps24-ft2-blur": {"eps": 24 / 255, "negative_weight": 0.25, "negative_archs": "cnn,resnet20",
                                "shadow_finetune_epochs": 2, "negative_finetune_epochs": 2, "trigger_blur": 0.75},
+    # ... with the negative term at weight 1 (it was 0.25 since neg0.25-eps24, chosen when W = 1 cost
+    # robustness to fine-tuning; the fine-tuned shadow and blur came later). One more trigger step from
+    # seed 1's stored negcrft-eps24-ft2-blur state: W 0.25 -> 1 took its clean CNN copies from 18.8 to
+    # 7.1% and its references from 10.3 to 4.2% with the protected thieves at 93-100% either way
+    "negcrft-w1-eps24-ft2-blur": {"eps": 24 / 255, "negative_weight": 1.0, "negative_archs": "cnn,resnet20",
+                                  "shadow_finetune_epochs": 2, "negative_finetune_epochs": 2, "trigger_blur": 0.75},
+    # ... and the negatives' weights perturbed at every trigger step (negative_noise 0.2: the same probe
+    # took the clean CNN copies from 18.8 to 12.4%)
+    "negcrft-noise-eps24-ft2-blur": {"eps": 24 / 255, "negative_weight": 0.25, "negative_archs": "cnn,resnet20",
+                                     "shadow_finetune_epochs": 2, "negative_finetune_epochs": 2, "trigger_blur": 0.75,
+                                     "negative_noise": 0.2},
 }
 
 

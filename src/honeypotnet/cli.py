@@ -123,7 +123,8 @@ def cmd_protect(args) -> int:
                         negative_weight=args.negative_weight,
                         negative_models=args.negative_models, negative_archs=",".join(args.negative_archs),
                         negative_finetune_epochs=args.negative_finetune_epochs,
-                        negative_finetune_lr=args.negative_finetune_lr, audit_rounds=args.audit_rounds,
+                        negative_finetune_lr=args.negative_finetune_lr, negative_noise=args.negative_noise,
+                        audit_rounds=args.audit_rounds,
                         audit_iters=args.audit_iters, audit_threshold=args.audit_threshold / 100,
                         audit_epochs=args.audit_epochs, audit_archs=",".join(args.audit_archs),
                         audit_restarts=args.audit_restarts, seed=args.seed)
@@ -314,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "keep the trigger off those copies too (innocent models fine-tuned by their owners; default 0 = off)")
     s.add_argument("--negative-finetune-lr", type=float, default=0.05, metavar="LR",
                    help="learning rate of --negative-finetune-epochs (default 0.05)")
+    s.add_argument("--negative-noise", type=float, default=0.0, metavar="S",
+                   help="run every negative model with its weights times (1 + S*N(0,1)), fresh per trigger batch, so "
+                        "the trigger avoids a family of innocent models around each one (default 0 = off)")
     s.add_argument("--audit-rounds", type=int, default=0, metavar="N",
                    help="after --iters, check the trigger on fresh innocent models (never seen by the loop); if one "
                         "answers the target above --audit-threshold, add them to the negative term and run "
