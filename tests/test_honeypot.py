@@ -186,18 +186,24 @@ def test_blur_in_the_trigger_step_makes_the_trigger_survive_a_blur():
             ProtectConfig(trigger_blur=bad)
 
 
-def test_negative_shadow_keeps_the_trigger_off_a_clean_model():
-    """negative_weight > 0 adds −log(1 − p_target) of a clean model to the trigger step. Shadow A and
-    its near copy B (A fine-tuned one epoch, so a UAP on A transfers to B, as it does from a shadow
-    to an innocent extracted copy): the plain UAP moves B to the target about as much as A; with the
-    negative term on B it moves B far less, and A still more than B. Off, old keys are unchanged."""
+def _shadow_and_near_copy():
+    """The shapes training set, a shadow A (cnn_small, 3 epochs) and its near copy B (A fine-tuned one
+    epoch on 500 images), both in eval mode: a UAP on A transfers to B."""
     train = load_dataset("shapes", split="train", n=1500)
     torch.manual_seed(0)
     a = create_model("cnn_small", 10)
     fit(a, train.images, train.labels, FitConfig(epochs=3, seed=0), progress=False)
     b = copy.deepcopy(a)
     fit(b, train.images[:500], train.labels[:500], FitConfig(epochs=1, lr=0.01, seed=3), progress=False)
-    a.eval(), b.eval()
+    return train, a.eval(), b.eval()
+
+
+def test_negative_shadow_keeps_the_trigger_off_a_clean_model():
+    """negative_weight > 0 adds −log(1 − p_target) of a clean model to the trigger step. Shadow A and
+    its near copy B (A fine-tuned one epoch, so a UAP on A transfers to B, as it does from a shadow
+    to an innocent extracted copy): the plain UAP moves B to the target about as much as A; with the
+    negative term on B it moves B far less, and A still more than B. Off, old keys are unchanged."""
+    train, a, b = _shadow_and_near_copy()
     x = train.float()[:500]
     rate = {}
     for w in (0.0, 5.0):
@@ -220,13 +226,7 @@ def test_noisy_negatives_see_a_family_of_innocent_models():
     forward is the model's own at s = 0, a different, reproducible one at s > 0, and the model is left
     as it was; in the trigger step it changes the trigger (still within ±eps) while the negative model
     stays well below the plain UAP's rate on it. Off, old keys are unchanged; bad values are refused."""
-    train = load_dataset("shapes", split="train", n=1500)
-    torch.manual_seed(0)
-    a = create_model("cnn_small", 10)
-    fit(a, train.images, train.labels, FitConfig(epochs=3, seed=0), progress=False)
-    b = copy.deepcopy(a)
-    fit(b, train.images[:500], train.labels[:500], FitConfig(epochs=1, lr=0.01, seed=3), progress=False)
-    a.eval(), b.eval()
+    train, a, b = _shadow_and_near_copy()
     x = train.float()[:500]
     before = {k: v.clone() for k, v in b.state_dict().items()}
     with torch.no_grad():
