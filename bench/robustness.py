@@ -78,6 +78,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 import reproduce as rp  # noqa: E402  (the same protocol, data and resumable units)
 
+# negcrft-eps24-ft2-blur's overrides, which its weight / noise variants below start from
+NEGCRFT_BLUR = {"eps": 24 / 255, "negative_weight": 0.25, "negative_archs": "cnn,resnet20", "shadow_finetune_epochs": 2,
+                "negative_finetune_epochs": 2, "trigger_blur": 0.75}
+
 # Protection variants: name -> ProtectConfig overrides of reproduce.base_config (the library default).
 VARIANTS: dict[str, dict] = {
     "base": {},
@@ -128,25 +132,19 @@ VARIANTS: dict[str, dict] = {
     # batch): seed 0's negcrft trigger held JPEG q50 at 96% but blur σ 0.5 at 36%. Measured (CPU, seeds 0
     # and 2): blur σ 0.5 83 / 89%, but a clean copy blurred at σ 1 is flagged on both seeds (6.7 / 8.6%);
     # seed 1: clean copies answer 12.8-23.7% (tau0 19.2%: one flagged) and fine-pruning's pick leaves 37.3%
-    "negcrft-eps24-ft2-blur": {"eps": 24 / 255, "negative_weight": 0.25, "negative_archs": "cnn,resnet20",
-                               "shadow_finetune_epochs": 2, "negative_finetune_epochs": 2, "trigger_blur": 0.75},
+    "negcrft-eps24-ft2-blur": NEGCRFT_BLUR,
     # ... with the negative term at weight 1 (it was 0.25 since neg0.25-eps24, chosen when W = 1 cost
     # robustness to fine-tuning; the fine-tuned shadow and blur came later). One more trigger step from
     # seed 1's stored negcrft-eps24-ft2-blur state: W 0.25 -> 1 took its clean CNN copies from 18.8 to
     # 7.1% and its references from 10.3 to 4.2% with the protected thieves at 93-100% either way
-    "negcrft-w1-eps24-ft2-blur": {"eps": 24 / 255, "negative_weight": 1.0, "negative_archs": "cnn,resnet20",
-                                  "shadow_finetune_epochs": 2, "negative_finetune_epochs": 2, "trigger_blur": 0.75},
+    "negcrft-w1-eps24-ft2-blur": {**NEGCRFT_BLUR, "negative_weight": 1.0},
     # ... and the negatives' weights perturbed at every trigger step (negative_noise 0.2: the same probe
     # took the clean CNN copies from 18.8 to 12.4%)
-    "negcrft-noise-eps24-ft2-blur": {"eps": 24 / 255, "negative_weight": 0.25, "negative_archs": "cnn,resnet20",
-                                     "shadow_finetune_epochs": 2, "negative_finetune_epochs": 2, "trigger_blur": 0.75,
-                                     "negative_noise": 0.2},
+    "negcrft-noise-eps24-ft2-blur": {**NEGCRFT_BLUR, "negative_noise": 0.2},
     # ... both: the same probe took seed 1's clean CNN copies from 18.8 to 2.9%, a clean copy fine-tuned by
     # its owner (10 ep, lr .01) from 23.5 to 3.6%, the references from <= 10.3 to <= 3.4%, with the
     # protected thief's fine-tune pick at 84.3% (86.6 stored) and fine-pruning's 20% pick at 35.9 (38.2)
-    "negcrft-w1-noise-eps24-ft2-blur": {"eps": 24 / 255, "negative_weight": 1.0, "negative_archs": "cnn,resnet20",
-                                        "shadow_finetune_epochs": 2, "negative_finetune_epochs": 2, "trigger_blur": 0.75,
-                                        "negative_noise": 0.2},
+    "negcrft-w1-noise-eps24-ft2-blur": {**NEGCRFT_BLUR, "negative_weight": 1.0, "negative_noise": 0.2},
 }
 
 
