@@ -145,6 +145,13 @@ VARIANTS: dict[str, dict] = {
     # its owner (10 ep, lr .01) from 23.5 to 3.6%, the references from <= 10.3 to <= 3.4%, with the
     # protected thief's fine-tune pick at 84.3% (86.6 stored) and fine-pruning's 20% pick at 35.9 (38.2)
     "negcrft-w1-noise-eps24-ft2-blur": {**NEGCRFT_BLUR, "negative_weight": 1.0, "negative_noise": 0.2},
+    # ... and a fine-pruned shadow copy in the trigger step (shadow_prune 0.5: the least active half of its
+    # last-layer channels masked, then 2 epochs of fine-tuning): the weight-1 run kept 83% through the
+    # thief's fine-tuning but 48% through its fine-pruning pick (20%) and 17% at 50%, and no trigger-step
+    # change of the negative term moved fine-pruning (probe: 35-38%). 0.5 covers the thief's 20% (the
+    # least active 20% are among the least active 50%) and its 50%.
+    "negcrft-w1-noise-prune-eps24-ft2-blur": {**NEGCRFT_BLUR, "negative_weight": 1.0, "negative_noise": 0.2,
+                                              "shadow_prune": 0.5},
 }
 
 

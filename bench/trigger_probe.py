@@ -6,7 +6,8 @@
 A protect run takes 80 min on one CPU thread; most of what decides whether innocent models answer the
 trigger is the trigger step. This probe reads a finished bench/robustness.py protection of `--variant`
 (runs/reproduce/seed<S>/protect-<variant>: its checkpointed shadow, negative shadows and trigger),
-rebuilds the fine-tuned shadow and negative copies exactly as the loop's iteration T+1 would, and for
+rebuilds the fine-tuned (and fine-pruned) shadow and negative copies with the loop's own helpers
+(honeypot.finetune_set, honeypot.trigger_models) as its iteration T+1 would, and for
 each --probe (ProtectConfig overrides, JSON) runs honeypot.generate_trigger once from the stored
 trigger (~8 min at one thread). Each new trigger is then stamped on the calibration half of the test
 set (target class excluded) and read by models the loop never saw:
@@ -47,6 +48,9 @@ import reproduce as rp  # noqa: E402
 import robustness as rb  # noqa: E402
 
 THIEVES = ["cnn-20000-probs", "cnn-20000-label", "resnet20-20000-probs", "cnn-5000-probs-e48"]
+# the ProtectConfig fields honeypot.trigger_models reads: a probe changing one rebuilds the step's models
+STEP_MODEL_FIELDS = ("shadow_finetune_epochs", "shadow_finetune_lr", "shadow_finetune_images", "shadow_prune",
+                     "negative_finetune_epochs", "negative_finetune_lr")
 
 
 def asr(model, trigger, images: torch.Tensor, target: int) -> float:
@@ -88,17 +92,22 @@ def main(argv=None) -> dict:
         m = create_model(arch, k)
         m.load_state_dict(state[hp._negative_key(i)])
         negs.append(m.eval())
-    # the loop's fine-tuning set: owner images labelled by the victim, picked as _protect_run does
+    # the loop's fine-tuning set and the models its trigger step aims at, built as _protect_run builds them
     images = torch.cat([data.shadow, data.owner])
     with torch.no_grad():
         logits = torch.cat([victim(images[i : i + 1000].float() / 255) for i in range(0, len(images), 1000)])
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + 31)
-    pick = len(data.shadow) + torch.randperm(len(data.owner), generator=gen)[: cfg.shadow_finetune_images]
-    fti, ftl = images[pick], logits[pick].argmax(1)
     it = cfg.outer_iters
-    shadows = [shadow, hp.finetuned_copy(shadow, fti, ftl, cfg, it)] if cfg.shadow_finetune_epochs else [shadow]
-    neg_ft = [hp.finetuned_copy(n, fti, ftl, cfg, it, epochs=cfg.negative_finetune_epochs, lr=cfg.negative_finetune_lr,
-                                salt=500 + i) for i, n in enumerate(negs)] if cfg.negative_finetune_epochs else []
+    built: dict[tuple, tuple] = {}
+
+    def step_models(c) -> tuple[list, list]:
+        """(shadows, neg_ft) of one trigger step under c; a probe that changes none of the fields they
+        depend on reuses the stored run's."""
+        key = tuple(getattr(c, f) for f in STEP_MODEL_FIELDS)
+        if key not in built:
+            built[key] = hp.trigger_models(shadow, negs, *hp.finetune_set(len(data.shadow), images, logits, c), c, it)
+        return built[key]
+
+    step_models(cfg)
 
     cal_x, cal_y = data.test_images[data.calib], data.test_labels[data.calib]
     probe_x = cal_x[cal_y != cfg.target]
@@ -121,7 +130,7 @@ def main(argv=None) -> dict:
 
     def evaluate(trigger) -> dict:
         r = {name: asr(m, trigger, probe_x, cfg.target) for name, m in models.items()}
-        r["negative shadows and copies (max)"] = max(asr(m, trigger, probe_x, cfg.target) for m in negs + neg_ft)
+        r["negative shadows and copies (max)"] = max(asr(m, trigger, probe_x, cfg.target) for m in negs + step_models(cfg)[1])
         r["shadow"] = asr(shadow, trigger, probe_x, cfg.target)
         return r
 
@@ -131,8 +140,14 @@ def main(argv=None) -> dict:
     for pr in probes:
         trig = copy.deepcopy(bundle.trigger)
         t0 = time.time()
-        hp.generate_trigger(shadows, trig, data.shadow, replace(cfg, **pr), it, negs + neg_ft)
-        r = evaluate(trig) | {"seconds": round(time.time() - t0)}
+        c = replace(cfg, **pr)
+        shadows, neg_ft = step_models(c)
+        hp.generate_trigger(shadows, trig, data.shadow, c, it, negs + neg_ft)
+        if len(shadows) > 1:
+            r_extra = {"shadow copies": [asr(m, trig, probe_x, cfg.target) for m in shadows[1:]]}
+        else:
+            r_extra = {}
+        r = evaluate(trig) | r_extra | {"seconds": round(time.time() - t0)}
         res["probes"][json.dumps(pr, sort_keys=True)] = r
         print(json.dumps(pr, sort_keys=True), json.dumps(r), flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)

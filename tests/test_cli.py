@@ -30,7 +30,7 @@ def test_cli_chain_train_protect_extract_verify(tmp_path):
     r = run("protect", str(victim), "--shadow-limit", "800", "--owner-limit", "400", "--iters", "1", "--shadow-arch", "cnn_small",
             "--shadow-epochs", "1", "--honeypot-steps", "20", "--references", "cnn_small", "--reference-epochs", "1",
             "--reference-finetune", "100", "--reference-purify", "blur-1.0,jpeg-q50", "--reference-purify-max-drop", "100",
-            "--negative-weight", "1", "--negative-noise", "0.1", "--trigger-blur", "0.5",
+            "--negative-weight", "1", "--negative-noise", "0.1", "--trigger-blur", "0.5", "--shadow-prune", "0.5",
             "--audit-rounds", "1", "--audit-iters", "1", "--audit-epochs", "1", "--audit-threshold", "0",
             "--audit-restarts", "1", "--output", str(bundle))
     assert r.returncode == 0, r.stderr
@@ -47,6 +47,8 @@ def test_cli_chain_train_protect_extract_verify(tmp_path):
     assert manifest["config"]["negative_weight"] == 1.0 and 0 <= manifest["history"][0]["negative_asr"] <= 1
     assert manifest["config"]["trigger_blur"] == 0.5  # --trigger-blur reaches the configuration
     assert manifest["config"]["negative_noise"] == 0.1  # and --negative-noise
+    # --shadow-prune: the fine-pruned shadow copy is built and its response reported
+    assert manifest["config"]["shadow_prune"] == 0.5 and 0 <= manifest["history"][0]["shadow_pruned_asr"] <= 1
     # --audit-rounds: the checks are in the manifest; a failed first check ran one more iteration
     audits = manifest["audits"]
     assert audits[0]["archs"] == ["cnn_small"] and len(manifest["history"]) == 1 + audits[0]["added"]
@@ -88,6 +90,7 @@ def test_cli_chain_train_protect_extract_verify(tmp_path):
     (["protect", "missing.safetensors", "--audit-restarts", "-1", "--output", "b"], "audit_restarts"),
     (["protect", "missing.safetensors", "--trigger-blur", "-1", "--output", "b"], "trigger_blur"),
     (["protect", "missing.safetensors", "--negative-weight", "1", "--negative-noise", "nan", "--output", "b"], "negative_noise"),
+    (["protect", "missing.safetensors", "--shadow-prune", "1", "--output", "b"], "shadow_prune"),
     (["protect", "missing.safetensors", "--reference-purify", "blur-2", "--output", "b"], "unknown purification blur-2"),
     (["protect", "missing.safetensors", "--reference-purify", "--reference-purify-max-drop", "nan", "--output", "b"],
      "reference-purify-max-drop"),

@@ -124,7 +124,7 @@ def cmd_protect(args) -> int:
                         negative_models=args.negative_models, negative_archs=",".join(args.negative_archs),
                         negative_finetune_epochs=args.negative_finetune_epochs,
                         negative_finetune_lr=args.negative_finetune_lr, negative_noise=args.negative_noise,
-                        audit_rounds=args.audit_rounds,
+                        shadow_prune=args.shadow_prune, audit_rounds=args.audit_rounds,
                         audit_iters=args.audit_iters, audit_threshold=args.audit_threshold / 100,
                         audit_epochs=args.audit_epochs, audit_archs=",".join(args.audit_archs),
                         audit_restarts=args.audit_restarts, seed=args.seed)
@@ -318,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--negative-noise", type=float, default=0.0, metavar="S",
                    help="run every negative model with its weights times (1 + S*N(0,1)), fresh per trigger batch, so "
                         "the trigger avoids a family of innocent models around each one (default 0 = off)")
+    s.add_argument("--shadow-prune", type=float, default=0.0, metavar="P",
+                   help="each iteration also fine-prune a copy of the shadow (mask the share P of its last-layer channels "
+                        "least active on owner images, then --shadow-finetune-epochs) and aim the trigger at it too, so "
+                        "the backdoor survives a thief's Fine-Pruning (default 0 = off)")
     s.add_argument("--audit-rounds", type=int, default=0, metavar="N",
                    help="after --iters, check the trigger on fresh innocent models (never seen by the loop); if one "
                         "answers the target above --audit-threshold, add them to the negative term and run "
