@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import time
 from dataclasses import replace
@@ -40,14 +41,13 @@ import torch
 from honeypotnet import honeypot as hp
 from honeypotnet.bundle import load_bundle, load_model
 from honeypotnet.countermeasures import fine_prune, finetune
-from honeypotnet.models import create_model
+from honeypotnet.models import create_model, list_models
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 import reproduce as rp  # noqa: E402
 import robustness as rb  # noqa: E402
 
-THIEVES = ["cnn-20000-probs", "cnn-20000-label", "resnet20-20000-probs", "cnn-5000-probs-e48"]
 # the ProtectConfig fields honeypot.trigger_models reads: a probe changing one rebuilds the step's models
 STEP_MODEL_FIELDS = ("shadow_finetune_epochs", "shadow_finetune_lr", "shadow_finetune_images", "shadow_prune",
                      "negative_finetune_epochs", "negative_finetune_lr")
@@ -58,28 +58,60 @@ def asr(model, trigger, images: torch.Tensor, target: int) -> float:
     return round(100 * hp._shadow_asr(model, trigger, images, target, n=len(images)), 1)
 
 
+def _models_in(folder: Path, pattern: str, prefix: str, strip: str = "") -> dict:
+    """{prefix + name: model} for every saved model folder/<pattern> matches (sorted; none: {}). A thief's
+    name is its folder's name less `strip` ("thief-<oracle>-"), kept only where the rest starts with an
+    architecture (so variant "a" does not pick up the thieves of variant "a-blur")."""
+    out = {}
+    for f in sorted(folder.glob(pattern)):
+        if f.name == "substitute.safetensors":
+            name = f.parent.name[len(strip):]
+            if name.split("-")[0] not in list_models():
+                continue
+        else:
+            name = f.stem
+        out[f"{prefix}{name}"] = load_model(f)[0].eval()
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    rp.add_data_args(ap, victim=False)
     ap.add_argument("--seed", type=int, required=True)
     ap.add_argument("--variant", required=True, choices=sorted(rb.VARIANTS))
     ap.add_argument("--probe", action="append", default=[], metavar="JSON",
                     help="ProtectConfig overrides of one trigger step (repeatable; '{}' = the control)")
-    ap.add_argument("--runs", default=str(REPO / "runs" / "reproduce"), help="bench/reproduce.py's output folder")
-    ap.add_argument("--shared", default=str(REPO.parent / "shared"))
+    ap.add_argument("--runs", help="bench/robustness.py's --reproduce-out (default runs/reproduce; --quick: runs/reproduce-quick)")
+    ap.add_argument("--quick", action="store_true", help="the stored run is a --quick one (reproduce.py's quick protocol)")
+    ap.add_argument("--substitute", default="cnn", help="the sweeps' thief architecture (robustness.py --substitute)")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
-    probes = [json.loads(s) for s in args.probe]
-    for pr in probes:
+    probes = []
+    for text in args.probe:
+        try:
+            pr = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"--probe {text!r} is not JSON: {e}") from None
         if not isinstance(pr, dict):
             raise SystemExit(f"--probe must be a JSON object of ProtectConfig fields, got {pr!r}")
-    torch.set_num_threads(1)
-    runs, seed = Path(args.runs), args.seed
-    p = rp.FULL
-    data = rp.load_data(rp.parse_args(["--shared", args.shared, "--out", str(runs)]), p)
+        probes.append(pr)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
+    runs = Path(args.runs or REPO / "runs" / ("reproduce-quick" if args.quick else "reproduce"))
+    seed = args.seed
+    p = rp.QUICK if args.quick else rp.FULL
     cfg = replace(rp.base_config(p, seed), **rb.VARIANTS[args.variant])
     for pr in probes:
-        replace(cfg, **pr)  # a bad field or value fails here, before any work
+        try:
+            replace(cfg, **pr)  # a bad field or value fails here, before any work
+        except (TypeError, ValueError) as e:
+            raise SystemExit(f"--probe {json.dumps(pr)}: {e}") from None
     d = runs / f"seed{seed}" / f"protect-{args.variant}"
+    if not (d / "work" / "protect_state.pt").exists():
+        raise SystemExit(f"no finished protection at {d}: run bench/robustness.py --variants {args.variant} "
+                         f"--seeds {seed}{' --quick' if args.quick else ''} first")
+    data = rp.load_data(rp.parse_args(["--shared", args.shared, "--out", str(runs)]
+                                      + [a for k in ("cifar_root", "tin_root") if getattr(args, k)
+                                         for a in (f"--{k.replace('_', '-')}", getattr(args, k))]), p)
     state = torch.load(d / "work" / "protect_state.pt", weights_only=True)
     bundle = load_bundle(d / "bundle")
     victim, _ = load_model(runs / "victim" / "victim.safetensors")
@@ -87,6 +119,7 @@ def main(argv=None) -> dict:
     k = len(data.classes)
     shadow = create_model(cfg.shadow_arch, k)
     shadow.load_state_dict(state["shadow"])
+    shadow.eval()
     negs = []
     for i, arch in enumerate(cfg.negative_shadow_archs()):
         m = create_model(arch, k)
@@ -107,35 +140,38 @@ def main(argv=None) -> dict:
             built[key] = hp.trigger_models(shadow, negs, *hp.finetune_set(len(data.shadow), images, logits, c), c, it)
         return built[key]
 
-    step_models(cfg)
-
     cal_x, cal_y = data.test_images[data.calib], data.test_labels[data.calib]
     probe_x = cal_x[cal_y != cfg.target]
-    lab, _ = rb.labelled_sets(data, p, 1000)
-    load = lambda path: load_model(path)[0].eval()  # noqa: E731
-    models = {f"clean {t}": load(runs / f"seed{seed}" / f"thief-clean-{t}" / "substitute.safetensors") for t in THIEVES}
-    for arch in ("cnn", "resnet20"):
-        models[f"reference {arch}"] = load(runs / f"seed{seed}" / "references" / f"{arch}.safetensors")
-        for s in ("e3-lr0.01", "e10-lr0.01"):
-            models[f"reference {arch} fine-tuned {s}"] = load(
-                runs / f"seed{seed}" / "references-finetuned" / f"{arch}+finetune-{s}.safetensors")
-    models["clean cnn-20000-probs fine-tuned e10 lr0.01"] = finetune(models["clean cnn-20000-probs"], *lab, 10, 0.01,
-                                                                     seed=seed)
-    for t in THIEVES:
-        models[f"protected {t}"] = load(runs / f"seed{seed}" / f"thief-{args.variant}-{t}" / "substitute.safetensors")
-    thief = models["protected cnn-20000-probs"]
-    models["protected cnn-20000-probs fine-tuned e10 lr0.01"] = finetune(thief, *lab, 10, 0.01, seed=seed)
-    models["protected cnn-20000-probs fine-tuned e10 lr0.05"] = finetune(thief, *lab, 10, 0.05, seed=seed)
-    models["protected cnn-20000-probs fine-pruned 0.2"] = fine_prune(thief, *lab, 0.2, 5, 0.01, seed=seed).model
+    lab, _ = rb.labelled_sets(data, p, max(20, 1000 // p.budget_scale))
+    # every innocent and protected model the run stored (a --no-goals run has the sweeps' thieves only)
+    sd = runs / f"seed{seed}"
+    models = _models_in(sd, "thief-clean-*/substitute.safetensors", "clean ", "thief-clean-")
+    models |= _models_in(sd / "references", "*.safetensors", "reference ")
+    models |= _models_in(sd / "references-finetuned", "*+finetune-e*-lr0.01.safetensors", "reference ")
+    main_thief = f"{args.substitute}-{20000 // p.budget_scale}-probs"
+    clean = models.get(f"clean {main_thief}")
+    if clean is not None:
+        models[f"clean {main_thief} fine-tuned e10 lr0.01"] = finetune(clean, *lab, 10, 0.01, seed=seed)
+    models |= _models_in(sd, f"thief-{args.variant}-*/substitute.safetensors", "protected ", f"thief-{args.variant}-")
+    thief = models.get(f"protected {main_thief}")
+    if thief is not None:
+        models[f"protected {main_thief} fine-tuned e10 lr0.01"] = finetune(thief, *lab, 10, 0.01, seed=seed)
+        models[f"protected {main_thief} fine-tuned e10 lr0.05"] = finetune(thief, *lab, 10, 0.05, seed=seed)
+        models[f"protected {main_thief} fine-pruned 0.2"] = fine_prune(thief, *lab, 0.2, 5, 0.01, seed=seed).model
+    if not models:
+        raise SystemExit(f"no stored thief or reference model under {sd}: nothing to read the trigger with")
 
     def evaluate(trigger) -> dict:
         r = {name: asr(m, trigger, probe_x, cfg.target) for name, m in models.items()}
-        r["negative shadows and copies (max)"] = max(asr(m, trigger, probe_x, cfg.target) for m in negs + step_models(cfg)[1])
+        neg_all = negs + step_models(cfg)[1]
+        if neg_all:
+            r["negative shadows and copies (max)"] = max(asr(m, trigger, probe_x, cfg.target) for m in neg_all)
         r["shadow"] = asr(shadow, trigger, probe_x, cfg.target)
         return r
 
     out = Path(args.out or REPO / "runs" / f"trigger-probe-seed{seed}.json")
-    res = {"seed": seed, "variant": args.variant, "images": len(probe_x), "probes": {"stored": evaluate(bundle.trigger)}}
+    res = {"seed": seed, "variant": args.variant, "images": len(probe_x), "models": sorted(models),
+           "probes": {"stored": evaluate(bundle.trigger)}}
     print("stored", json.dumps(res["probes"]["stored"]), flush=True)
     for pr in probes:
         trig = copy.deepcopy(bundle.trigger)
@@ -143,15 +179,14 @@ def main(argv=None) -> dict:
         c = replace(cfg, **pr)
         shadows, neg_ft = step_models(c)
         hp.generate_trigger(shadows, trig, data.shadow, c, it, negs + neg_ft)
-        if len(shadows) > 1:
-            r_extra = {"shadow copies": [asr(m, trig, probe_x, cfg.target) for m in shadows[1:]]}
-        else:
-            r_extra = {}
-        r = evaluate(trig) | r_extra | {"seconds": round(time.time() - t0)}
+        r = evaluate(trig)
+        if len(shadows) > 1:  # the fine-tuned / fine-pruned shadow copies the step aimed at
+            r["shadow copies"] = [asr(m, trig, probe_x, cfg.target) for m in shadows[1:]]
+        r["seconds"] = round(time.time() - t0)
         res["probes"][json.dumps(pr, sort_keys=True)] = r
         print(json.dumps(pr, sort_keys=True), json.dumps(r), flush=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(res, indent=1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
     return res
 
 

@@ -269,3 +269,30 @@ def test_self_audit_compares_with_the_real_thief(robustness, shared_dir, cifar10
                                     "eps24:0"], shared_dir, cifar10_jpeg_root, tinyimagenet_root)
     assert proc.returncode != 0 and "no protection could be audited" in proc.stderr
     assert not (Path(rep) / "seed0" / "protect-eps24" / "unit.json").exists()
+
+
+def test_trigger_probe_reads_a_stored_run(robustness, shared_dir, cifar10_jpeg_root, tinyimagenet_root):
+    """bench/trigger_probe.py on the quick run's stored protection: one trigger step per --probe, read by
+    every stored innocent and protected model (measured: the stored trigger moves the protected CNN thief
+    90%, its clean twin 8%); a probe that adds the fine-pruned shadow copy reports the copies it aimed at;
+    a bad probe field is refused before any work."""
+    out, _, _ = robustness
+    rep, res_path = out.parent / "reproduce", out.parent / "probe.json"
+    base = [sys.executable, str(REPO / "bench" / "trigger_probe.py"), "--quick", "--seed", "0", "--variant", "base",
+            "--runs", str(rep), "--shared", str(shared_dir), "--cifar-root", str(cifar10_jpeg_root),
+            "--tin-root", str(tinyimagenet_root), "--out", str(res_path)]
+    bad = subprocess.run(base + ["--probe", '{"no_such_field": 1}'], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert bad.returncode != 0 and "no_such_field" in bad.stderr and not res_path.exists()
+    prune = '{"shadow_finetune_epochs": 1, "shadow_prune": 0.5}'
+    proc = subprocess.run(base + ["--probe", prune], capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(res_path.read_text())
+    thief = "protected cnn-2000-probs"
+    for name in ("clean cnn-2000-probs", thief, f"{thief} fine-pruned 0.2", f"{thief} fine-tuned e10 lr0.05", "reference cnn"):
+        assert name in res["models"], (name, res["models"])
+    assert list(res["probes"]) == ["stored", json.dumps(json.loads(prune), sort_keys=True)]
+    stored, pruned = res["probes"].values()
+    assert all(0 <= stored[m] <= 100 for m in res["models"])
+    assert stored[thief] > stored["clean cnn-2000-probs"]  # the protected thief learnt the stored trigger
+    assert "shadow copies" not in stored and len(pruned["shadow copies"]) == 2  # fine-tuned and fine-pruned copies
+    assert any(pruned[m] != stored[m] for m in res["models"])  # the step changed the trigger
