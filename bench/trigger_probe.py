@@ -42,6 +42,7 @@ from honeypotnet import honeypot as hp
 from honeypotnet.bundle import load_bundle, load_model
 from honeypotnet.countermeasures import fine_prune, finetune
 from honeypotnet.models import create_model, list_models
+from honeypotnet.training import predict_logits
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -109,9 +110,8 @@ def main(argv=None) -> dict:
     if not (d / "work" / "protect_state.pt").exists():
         raise SystemExit(f"no finished protection at {d}: run bench/robustness.py --variants {args.variant} "
                          f"--seeds {seed}{' --quick' if args.quick else ''} first")
-    data = rp.load_data(rp.parse_args(["--shared", args.shared, "--out", str(runs)]
-                                      + [a for k in ("cifar_root", "tin_root") if getattr(args, k)
-                                         for a in (f"--{k.replace('_', '-')}", getattr(args, k))]), p)
+    roots = (["--cifar-root", args.cifar_root] if args.cifar_root else []) + (["--tin-root", args.tin_root] if args.tin_root else [])
+    data = rp.load_data(rp.parse_args(["--shared", args.shared, "--out", str(runs), *roots]), p)
     state = torch.load(d / "work" / "protect_state.pt", weights_only=True)
     bundle = load_bundle(d / "bundle")
     victim, _ = load_model(runs / "victim" / "victim.safetensors")
@@ -127,8 +127,7 @@ def main(argv=None) -> dict:
         negs.append(m.eval())
     # the loop's fine-tuning set and the models its trigger step aims at, built as _protect_run builds them
     images = torch.cat([data.shadow, data.owner])
-    with torch.no_grad():
-        logits = torch.cat([victim(images[i : i + 1000].float() / 255) for i in range(0, len(images), 1000)])
+    logits = predict_logits(victim, images)
     it = cfg.outer_iters
     built: dict[tuple, tuple] = {}
 

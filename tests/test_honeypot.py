@@ -4,9 +4,8 @@ import copy
 import pytest
 import torch
 
-from honeypotnet.countermeasures import purify
+from honeypotnet.countermeasures import channel_activations, purify
 from honeypotnet.data import load_dataset
-from honeypotnet.countermeasures import channel_activations
 from honeypotnet.honeypot import (HoneypotLayer, ProtectConfig, Trigger, _noisy_forward, finetune_set, generate_trigger,
                                   head_attribute, install_honeypot, protect, pruned_copy, trigger_models)
 from honeypotnet.models import create_model, split_classifier
@@ -261,7 +260,8 @@ def test_pruned_shadow_copy_is_fine_pruned_and_the_trigger_aims_at_it():
     """shadow_prune=p: pruned_copy masks the share p of the shadow's last-layer channels least active on
     the fine-tuning images (as the thief's Fine-Pruning does) and leaves the shadow alone; trigger_models
     puts it after the fine-tuned copy; a trigger stepped on [A, pruned A] moves the pruned copy to the
-    target more often than one stepped on A alone (a toy: shapes, a 33%-accurate shadow). Off, old keys are unchanged; bad values are refused."""
+    target more often than one stepped on A alone (a toy: shapes, a 33%-accurate shadow). Off, old keys
+    are unchanged; bad values are refused."""
     train, a, _ = _shadow_and_near_copy()
     x, ft_x, ft_y = train.float()[:500], train.images[500:1000], train.labels[500:1000]
     before = {k: v.clone() for k, v in a.state_dict().items()}
