@@ -31,8 +31,10 @@ thieves of the reproduction are trained too (protected and clean); the quarter-b
 and 4 times the protocol's 12 epochs, keeping the copy with the best clean accuracy as a thief would
 (at 12 epochs a 5k-query CNN is under-trained: 46.7% CTA, 52.8% at 24). The goal list is checked
 per variant over every seed: victim drop, each thief's ASR, clean-model ASR, false positives over
-every clean substitute (with and without counter-measures), the thief's pick of fine-tuning and of
-fine-pruning, each purification a thief could live with, and the Neural Cleanse index.
+every clean substitute (with and without counter-measures; a purification that costs the clean copy
+more than PURIFY_USABLE_DROP of its accuracy is left out and named in the note, the rule that leaves
+it out of the thief's goals), the thief's pick of fine-tuning and of fine-pruning, each purification
+a thief could live with, and the Neural Cleanse index.
 
 Widened null (--widened-null, on by default): an innocent copy that its owner fine-tuned on a few
 clean labels can answer the trigger's target more often than the reference models tau0 was
@@ -496,7 +498,8 @@ def variants_table(protections: list[dict], rows: list[dict]) -> str:
             f"{100 * statistics.mean(r['asr'] for r in clean if r['measure'] == 'none'):.1f}" if clean else "—",
             f"{sum(r['stolen'] for r in clean)}/{len(clean)}{fpw}" if clean else "—"]) + " |")
     out += ["", "ASR cells: mean ASR (%) over seeds (seeds flagged / seeds). False positives: clean copies flagged, "
-                "over every counter-measure and seed (in brackets: under the widened null)."]
+                "over every counter-measure and seed, purifications that cost a copy more than "
+                f"{100 * PURIFY_USABLE_DROP:g} pt included (in brackets: under the widened null; the goal list leaves those out)."]
     return "\n".join(out)
 
 
@@ -549,9 +552,18 @@ def goals(protections: list[dict], rows: list[dict], substitutes: list[dict], bu
         if cl:
             add("clean-model ASR", _f(max(cl)), f"≤ {100 * GOAL_CLEAN_ASR:.0f}", max(cl) <= GOAL_CLEAN_ASR, len(cl))
         clean_rows = [r for r in rows if r["variant"] == v and r["oracle"] == "clean" and r["measure"] != "neural-cleanse"]
-        fp = sum(r[flag] for r in clean_subs) + sum(r[flag] for r in clean_rows)
+        # a clean copy behind a purification that costs it more than PURIFY_USABLE_DROP of its own accuracy
+        # is a deployment nobody would serve: left out of the count by the rule that leaves such purifications
+        # out of the thief's goals and out of the widened null (reported in the note, and in the variants table)
+        served, unserved = split_usable(clean_rows)
+        fp = sum(r[flag] for r in clean_subs) + sum(r[flag] for r in served)
+        note = ""
+        if unserved:
+            note = (f"not counted: {sum(r[flag] for r in unserved)} flagged of {len(unserved)} clean copies behind a "
+                    f"purification that costs them > {100 * PURIFY_USABLE_DROP:g} pt: "
+                    + ", ".join(sorted({r['measure'].replace('purify-', '') for r in unserved})))
         add("false positives (clean thieves, with and without counter-measures)", str(fp), "0", fp == 0,
-            len(clean_subs) + len(clean_rows))
+            len(clean_subs) + len(served), note)
         mine = [r for r in rows if r["variant"] == v and r["oracle"] == "protected"]
         for family, family_name in (("finetune", "fine-tune"), ("fineprune", "fine-prune")):
             picks = [r for k, r in thief_picks(mine, family).items()]
@@ -574,6 +586,19 @@ def goals(protections: list[dict], rows: list[dict], substitutes: list[dict], bu
             add("Neural Cleanse anomaly index of the target", f"{worst:.2f}", f"< {GOAL_NC_INDEX:g}",
                 worst < GOAL_NC_INDEX and not any(r["target_flagged"] for r in nc), len(nc))
     return out
+
+
+def split_usable(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Counter-measure rows split into those a party would serve and purified ones that cost their copy
+    more than PURIFY_USABLE_DROP of the accuracy it had without a counter-measure (same seed, variant
+    and oracle). A purified row whose unpurified copy is missing counts as usable."""
+    base = {(r["seed"], r["variant"], r["oracle"]): r["cta"] for r in rows if r["measure"] == "none"}
+    served, unserved = [], []
+    for r in rows:
+        b = base.get((r["seed"], r["variant"], r["oracle"]))
+        bad = r["measure"].startswith("purify") and b is not None and b - r["cta"] > PURIFY_USABLE_DROP + 1e-9
+        (unserved if bad else served).append(r)
+    return served, unserved
 
 
 def substitutes_table(substitutes: list[dict]) -> str:

@@ -294,6 +294,12 @@ def test_pruned_shadow_copy_is_fine_pruned_and_the_trigger_aims_at_it():
             ProtectConfig(shadow_prune=bad)
     with pytest.raises(ValueError, match="owner_images"):  # the pruning needs the owner's labelled images
         finetune_set(len(train.images), train.images, torch.zeros(len(train.images), 10), cfg)
+    # one test decides whether the labelled set is built and whether a step needs it
+    assert cfg.simulates_finetuning() and ProtectConfig(shadow_prune=0.3).simulates_finetuning()
+    assert ProtectConfig(shadow_finetune_epochs=1).simulates_finetuning() and not ProtectConfig().simulates_finetuning()
+    with pytest.raises(ValueError, match="ft_images"):
+        trigger_models(a, [], None, None, ProtectConfig(shadow_prune=0.3), 0)
+    assert trigger_models(a, [], None, None, ProtectConfig(), 0) == ([a], [])
 
 
 def test_protect_with_negative_shadow_records_and_resumes(tmp_path):

@@ -4,6 +4,7 @@ counter-measure visibly does something (accuracy or ASR moves), is verified, and
 JSON, table and plot. Reuses conftest's `reproduce_quick` (copied: its directory stays as it is)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -23,6 +24,44 @@ def _bench(script: str, args: list[str], shared_dir, cifar10_jpeg_root, tinyimag
                 "--device", "cpu", "--no-progress"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
+
+
+def _load_robustness():
+    spec = importlib.util.spec_from_file_location("bench_robustness", REPO / "bench" / "robustness.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_robustness"] = mod  # dataclasses need the module registered
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_false_positive_goal_leaves_out_only_unservable_purifications():
+    """The goal list's false-positive count leaves out a clean copy behind a purification that costs it
+    more than 20 pt of its own accuracy (as the thief's goals do), names it in the note, and counts
+    every other flagged clean copy: a flagged JPEG copy still fails the goal."""
+    rob = _load_robustness()
+
+    def row(oracle, measure, cta, asr, stolen):
+        return {"variant": "v", "seed": 0, "oracle": oracle, "measure": measure, "cta": cta, "asr": asr,
+                "stolen": stolen}
+
+    prot = [{"protection": "v", "seed": 0, "cta_delta": 0.0}]
+    protected = [row("protected", "none", 0.60, 0.99, True), row("protected", "purify-blur-1.0", 0.26, 0.03, False)]
+    clean = [row("clean", "none", 0.60, 0.01, False), row("clean", "purify-jpeg-q50", 0.50, 0.02, False),
+             row("clean", "purify-blur-1.0", 0.26, 0.08, True)]
+
+    def fp_goal(rows):
+        return next(g for g in rob.goals(prot, rows, [], 20000) if g["goal"].startswith("false positives"))
+
+    g = fp_goal(protected + clean)
+    assert g["pass"] and g["worst"] == "0" and g["n"] == 2
+    assert "1 flagged of 1 clean copies" in g["note"] and "blur-1.0" in g["note"]
+    assert "**no**" not in rob.goals_table(rob.goals(prot, protected + clean, [], 20000)).split("false positives")[1].split("\n")[0]
+    clean[1]["stolen"] = True  # a usable purification (10 pt) that flags the clean copy is a false positive
+    g = fp_goal(protected + clean)
+    assert not g["pass"] and g["worst"] == "1" and g["n"] == 2
+    clean[2]["cta"] = 0.45  # blur that costs 15 pt is a deployment a party would serve: counted
+    g = fp_goal(protected + clean)
+    assert g["worst"] == "2" and g["n"] == 3 and g["note"] == ""
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +154,15 @@ def test_goal_list_follows_the_measured_rows(robustness):
     assert goal["pass"] == (qpick["asr"] >= 0.85 and qpick["stolen"]) and goal["n"] == 1
     assert f"({qpick['epochs']} ep, seed 0)" in goal["worst"]
     clean_rows = [x for x in r["rows"] if x["oracle"] == "clean" and x["measure"] != "neural-cleanse"]
-    fp = sum(x["stolen"] for x in clean_rows) + sum(s["stolen"] for s in r["substitutes"] if s["oracle"] == "clean")
+    # the false-positive goal counts every clean copy a party would serve: a purification that costs the
+    # copy more than 20 pt of its accuracy is left out (named in the note), as on the thief's side
+    clean_cta = next(x["cta"] for x in clean_rows if x["measure"] == "none")
+    unserved = [x for x in clean_rows if x["measure"].startswith("purify") and clean_cta - x["cta"] > 0.2 + 1e-9]
+    served = [x for x in clean_rows if x not in unserved]
+    fp = sum(x["stolen"] for x in served) + sum(s["stolen"] for s in r["substitutes"] if s["oracle"] == "clean")
     fp_goal = next(x for x in r["goals"] if x["goal"].startswith("false positives"))
-    assert fp_goal["worst"] == str(fp) and fp_goal["pass"] == (fp == 0) and fp_goal["n"] == len(clean_rows) + 5
+    assert fp_goal["worst"] == str(fp) and fp_goal["pass"] == (fp == 0) and fp_goal["n"] == len(served) + 5
+    assert (f"{sum(x['stolen'] for x in unserved)} flagged of {len(unserved)} clean copies" in fp_goal["note"]) == bool(unserved)
     pick = max((x for x in r["rows"] if x["oracle"] == "protected" and x["measure"].startswith("finetune")),
                key=lambda x: x["cta"])
     assert g["fine-tune, thief's pick"]["pass"] == (pick["asr"] >= 0.5 and pick["stolen"])

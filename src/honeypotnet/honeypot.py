@@ -344,6 +344,12 @@ class ProtectConfig:
             return None
         return json.dumps({k: getattr(self, k) for k in (*_AUDIT_FIELDS, "outer_iters")}, sort_keys=True)
 
+    def simulates_finetuning(self) -> bool:
+        """Whether a trigger step aims at copies the simulated thief fine-tunes (or fine-prunes) on its
+        clean labelled set: the one test both _protect_run (which builds that set) and trigger_models
+        (which uses it) read, so a new simulated copy is added in one place."""
+        return bool(self.shadow_finetune_epochs or self.negative_finetune_epochs or self.shadow_prune)
+
     def negative_shadow_archs(self) -> list[str]:
         """The architectures of the negative shadows (one each; [] when none is trained)."""
         if not (self.negative_weight > 0 and "shadow" in self.negative_models):
@@ -561,6 +567,9 @@ def trigger_models(shadow: nn.Module, neg_shadows: list[nn.Module], ft_images: t
     """The models one trigger step aims at besides the plain shadow and negatives: (shadows, neg_ft).
     shadows = [shadow] + its fine-tuned copy (shadow_finetune_epochs > 0) + its fine-pruned copy
     (shadow_prune > 0); neg_ft = each negative shadow's fine-tuned copy (negative_finetune_epochs > 0)."""
+    if cfg.simulates_finetuning() and (ft_images is None or ft_labels is None):
+        raise ValueError("this config fine-tunes or fine-prunes copies of the shadows: trigger_models needs "
+                         "ft_images and ft_labels (honeypot.finetune_set)")
     shadows = [shadow]
     if cfg.shadow_finetune_epochs:
         shadows.append(finetuned_copy(shadow, ft_images, ft_labels, cfg, iteration, progress))
@@ -672,7 +681,7 @@ def _protect_run(victim, shadow_images, owner_images, cfg: ProtectConfig, num_cl
         clean_logits = head(clean_feats.to(device)).cpu()
     shadow_feats = clean_feats[: len(shadow_images)]
     ft_images = ft_labels = None
-    if cfg.shadow_finetune_epochs or cfg.negative_finetune_epochs or cfg.shadow_prune:
+    if cfg.simulates_finetuning():
         ft_images, ft_labels = finetune_set(len(shadow_images), images, clean_logits, cfg)
 
     honeypot = HoneypotLayer.from_linear(head, cfg.head, cfg.hidden).to(device)
