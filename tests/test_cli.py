@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from honeypotnet.cli import build_parser
+from honeypotnet.cli import build_parser, protect_config
+from honeypotnet.honeypot import PRESETS, ProtectConfig
 
 
 def run(*args, cwd=None):
@@ -95,11 +96,31 @@ def test_cli_chain_train_protect_extract_verify(tmp_path):
     (["protect", "missing.safetensors", "--reference-purify", "--reference-purify-max-drop", "nan", "--output", "b"],
      "reference-purify-max-drop"),
     (["extract", "missing.safetensors", "--output", "s.safetensors"], "not found"),
+    (["protect", "missing.safetensors", "--preset", "fast", "--output", "b"], "invalid choice: 'fast'"),
 ])
 def test_cli_bad_input_gives_one_clear_error(tmp_path, args, message):
     r = run(*args, cwd=tmp_path)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert message in r.stderr.lower() and "Traceback" not in r.stderr
+
+
+def test_protect_preset_fills_only_the_options_not_given():
+    """--preset robust sets its fields where the option was not given; a given option wins, even one
+    equal to the spec default; without --preset the CLI builds the library's default config."""
+    def cfg(*extra):
+        return protect_config(build_parser().parse_args(["protect", "v.safetensors", "--output", "b", *extra]))
+
+    assert cfg() == ProtectConfig() == ProtectConfig.preset("spec")
+    robust = cfg("--preset", "robust")
+    assert robust == ProtectConfig.preset("robust") != ProtectConfig()
+    assert {k: getattr(robust, k) for k in PRESETS["robust"]} == PRESETS["robust"]
+    assert robust.eps == 24 / 255 and robust.negative_archs == "cnn,resnet20" and robust.simulates_finetuning()
+    mixed = cfg("--preset", "robust", "--eps", "16", "--negative-noise", "0", "--negative-archs", "cnn", "--iters", "3")
+    assert mixed == ProtectConfig.preset("robust", eps=16 / 255, negative_noise=0.0, negative_archs="cnn", outer_iters=3)
+    with pytest.raises(ValueError, match="unknown preset"):
+        ProtectConfig.preset("fast")
+    with pytest.raises(ValueError, match="epss"):
+        ProtectConfig.preset("robust", epss=0.1)
 
 
 def test_cli_rejects_unknown_options():

@@ -34,6 +34,16 @@ def _load_robustness():
     return mod
 
 
+def test_robust_preset_is_the_measured_variant():
+    """ProtectConfig.preset("robust") (CLI --preset robust) is exactly the variant the README's
+    three-seed table measured: the same overrides of the protocol's base config."""
+    from honeypotnet.honeypot import PRESETS, ProtectConfig
+
+    rob = _load_robustness()
+    assert rob.VARIANTS["negcrft-w1-noise-eps24-ft2-blur"] == PRESETS["robust"]
+    assert ProtectConfig.preset("robust") != ProtectConfig()  # (and the base protocol is the library default)
+
+
 def test_false_positive_goal_leaves_out_only_unservable_purifications():
     """The goal list's false-positive count leaves out a clean copy behind a purification that costs it
     more than 20 pt of its own accuracy (as the thief's goals do), names it in the note, and counts

@@ -103,31 +103,46 @@ def _purify_settings(value: str | None, known) -> list:
     return [(n, table[n]) for n in dict.fromkeys(names)]
 
 
+def protect_config(args):
+    """The ProtectConfig of `protect`'s options: --preset's values for the preset fields whose option was
+    not given (their argparse defaults are None), each given option on top."""
+    from .honeypot import ProtectConfig
+
+    # --preset's fields where the option was not given (their defaults are None)
+    given = {"eps": None if args.eps is None else args.eps / 255, "trigger_blur": args.trigger_blur,
+             "negative_weight": args.negative_weight, "shadow_finetune_epochs": args.shadow_finetune_epochs,
+             "negative_archs": None if args.negative_archs is None else ",".join(args.negative_archs),
+             "negative_finetune_epochs": args.negative_finetune_epochs, "negative_noise": args.negative_noise}
+    preset = ProtectConfig.preset(args.preset)
+    given = {k: getattr(preset, k) if v is None else v for k, v in given.items()}
+    return ProtectConfig(target=args.target, trigger=args.trigger, eps=given["eps"], patch_size=args.patch_size,
+                         head=args.head, hidden=args.hidden, lam=args.lam, outer_iters=args.iters,
+                         shadow_arch=args.shadow_arch, shadow_epochs=args.shadow_epochs,
+                         shadow_warm_start=not args.shadow_reinit, trigger_passes=args.trigger_passes,
+                         honeypot_steps=args.honeypot_steps, shadow_norm_weight=args.shadow_norm_weight,
+                         shadow_finetune_epochs=given["shadow_finetune_epochs"], shadow_finetune_lr=args.shadow_finetune_lr,
+                         shadow_finetune_images=args.shadow_finetune_images,
+                         trigger_resolution=args.trigger_resolution, trigger_blur=given["trigger_blur"],
+                         negative_weight=given["negative_weight"],
+                         negative_models=args.negative_models, negative_archs=given["negative_archs"],
+                         negative_finetune_epochs=given["negative_finetune_epochs"],
+                         negative_finetune_lr=args.negative_finetune_lr, negative_noise=given["negative_noise"],
+                         shadow_prune=args.shadow_prune, audit_rounds=args.audit_rounds,
+                         audit_iters=args.audit_iters, audit_threshold=args.audit_threshold / 100,
+                         audit_epochs=args.audit_epochs, audit_archs=",".join(args.audit_archs),
+                         audit_restarts=args.audit_restarts, seed=args.seed)
+
+
 def cmd_protect(args) -> int:
     from .bundle import load_model, save_bundle
-    from .honeypot import ProtectConfig, format_audit, protect
+    from .honeypot import format_audit, protect
     from .models import create_model
     from .verify import (FINETUNE_SETTINGS, PURIFY_MAX_DROP, PURIFY_SETTINGS, calibrate_tau0, finetuned_references,
                          purified_references, train_reference_models)
     from .training import FitConfig
 
     # the configuration first: a bad option is reported before any file is read
-    cfg = ProtectConfig(target=args.target, trigger=args.trigger, eps=args.eps / 255, patch_size=args.patch_size,
-                        head=args.head, hidden=args.hidden, lam=args.lam, outer_iters=args.iters,
-                        shadow_arch=args.shadow_arch, shadow_epochs=args.shadow_epochs,
-                        shadow_warm_start=not args.shadow_reinit, trigger_passes=args.trigger_passes,
-                        honeypot_steps=args.honeypot_steps, shadow_norm_weight=args.shadow_norm_weight,
-                        shadow_finetune_epochs=args.shadow_finetune_epochs, shadow_finetune_lr=args.shadow_finetune_lr,
-                        shadow_finetune_images=args.shadow_finetune_images,
-                        trigger_resolution=args.trigger_resolution, trigger_blur=args.trigger_blur,
-                        negative_weight=args.negative_weight,
-                        negative_models=args.negative_models, negative_archs=",".join(args.negative_archs),
-                        negative_finetune_epochs=args.negative_finetune_epochs,
-                        negative_finetune_lr=args.negative_finetune_lr, negative_noise=args.negative_noise,
-                        shadow_prune=args.shadow_prune, audit_rounds=args.audit_rounds,
-                        audit_iters=args.audit_iters, audit_threshold=args.audit_threshold / 100,
-                        audit_epochs=args.audit_epochs, audit_archs=",".join(args.audit_archs),
-                        audit_restarts=args.audit_restarts, seed=args.seed)
+    cfg = protect_config(args)
     purifications = _purify_settings(args.reference_purify, PURIFY_SETTINGS)
     max_drop = PURIFY_MAX_DROP if args.reference_purify_max_drop is None else args.reference_purify_max_drop / 100
     if not 0 <= max_drop <= 1:  # (NaN fails too)
@@ -182,7 +197,7 @@ def cmd_protect(args) -> int:
                                                 "max_drop": max_drop}
         print(f"tau0 = {100 * cal.tau0:.2f}% from " + ", ".join(f"{r['arch']} {100 * r['asr']:.2f}%" for r in cal.reference))
     save_bundle(out, res.model, res.trigger, arch=info["arch"], target=cfg.target, classes=classes,
-                config=vars(cfg) | {"eps_255": args.eps}, verification=verification, history=res.history,
+                config=vars(cfg) | {"eps_255": round(cfg.eps * 255, 6), "preset": args.preset}, verification=verification, history=res.history,
                 extra={"protect_seconds": round(t_protect, 1), "shadow_set": shadow.name, "owner_set": owner.name,
                        "audits": res.audits, "attempts": res.attempts},
                 overwrite=args.overwrite)
@@ -296,28 +311,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image-size", type=int, default=None, help="resize every image to this side")
     s.add_argument("--target", type=int, default=0, help="target class y_t")
     s.add_argument("--trigger", choices=["uap", "patch"], default="uap")
-    s.add_argument("--eps", type=float, default=16, help="UAP L-inf bound in 1/255 units (default 16)")
+    s.add_argument("--preset", choices=["spec", "robust"], default="spec",
+                   help="a named configuration the other options change: 'spec' (default: PAPER.md §2 with the "
+                        "measured changes, eps 16) or 'robust' (eps 24, trigger blur 0.75, fine-tuned shadow, negative "
+                        "shadows cnn+resnet20 at weight 1 with their fine-tuned copies and noise 0.2: keeps the backdoor "
+                        "through a thief's fine-tuning, fine-pruning and purification; ~10-14x the protect time)")
+    s.add_argument("--eps", type=float, default=None, help="UAP L-inf bound in 1/255 units (default 16; robust 24)")
     s.add_argument("--patch-size", type=int, default=6)
     s.add_argument("--trigger-resolution", type=int, default=0, metavar="R",
                    help="UAP optimised on an RxR grid and upsampled: a low-frequency trigger (default 0 = full resolution)")
-    s.add_argument("--trigger-blur", type=float, default=0.0, metavar="SIGMA",
+    s.add_argument("--trigger-blur", type=float, default=None, metavar="SIGMA",
                    help="optimise the trigger through a random Gaussian blur of sigma up to SIGMA pixels, so it "
-                        "survives a thief's blur purification (default 0 = off)")
-    s.add_argument("--negative-weight", type=float, default=0.0, metavar="W",
+                        "survives a thief's blur purification (default 0 = off; robust 0.75)")
+    s.add_argument("--negative-weight", type=float, default=None, metavar="W",
                    help="weight of a negative shadow (a clean copy extracted from the unprotected victim) in the "
-                        "trigger step: keeps the trigger off innocent models (default 0 = off)")
+                        "trigger step: keeps the trigger off innocent models (default 0 = off; robust 1)")
     s.add_argument("--negative-models", choices=["shadow", "victim", "shadow+victim"], default="shadow",
                    help="the innocent models of --negative-weight: the negative shadow, the unprotected victim, or both")
-    s.add_argument("--negative-archs", nargs="+", default=[], metavar="ARCH",
-                   help="one negative shadow of each of these architectures (default: one of --shadow-arch)")
-    s.add_argument("--negative-finetune-epochs", type=int, default=0, metavar="N",
+    s.add_argument("--negative-archs", nargs="+", default=None, metavar="ARCH",
+                   help="one negative shadow of each of these architectures (default: one of --shadow-arch; "
+                        "robust: cnn resnet20)")
+    s.add_argument("--negative-finetune-epochs", type=int, default=None, metavar="N",
                    help="each iteration also fine-tune a copy of every negative shadow N epochs on owner images and "
-                        "keep the trigger off those copies too (innocent models fine-tuned by their owners; default 0 = off)")
+                        "keep the trigger off those copies too (innocent models fine-tuned by their owners; default 0 = "
+                        "off; robust 2)")
     s.add_argument("--negative-finetune-lr", type=float, default=0.05, metavar="LR",
                    help="learning rate of --negative-finetune-epochs (default 0.05)")
-    s.add_argument("--negative-noise", type=float, default=0.0, metavar="S",
+    s.add_argument("--negative-noise", type=float, default=None, metavar="S",
                    help="run every negative model with its weights times (1 + S*N(0,1)), fresh per trigger batch, so "
-                        "the trigger avoids a family of innocent models around each one (default 0 = off)")
+                        "the trigger avoids a family of innocent models around each one (default 0 = off; robust 0.2)")
     s.add_argument("--shadow-prune", type=float, default=0.0, metavar="P",
                    help="each iteration also fine-prune a copy of the shadow (mask the share P of its last-layer channels "
                         "least active on owner images, then --shadow-finetune-epochs) and aim the trigger at it too, so "
@@ -347,9 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--honeypot-steps", type=int, default=400)
     s.add_argument("--shadow-norm-weight", type=float, default=0.2,
                    help="weight of L_norm on shadow-set images (owner images 1; the spec's plain mean is 1)")
-    s.add_argument("--shadow-finetune-epochs", type=int, default=0,
+    s.add_argument("--shadow-finetune-epochs", type=int, default=None,
                    help="simulate a thief who fine-tunes its copy: aim the trigger at the shadow fine-tuned this many "
-                        "epochs on owner images labelled by the victim too (default 0 = off)")
+                        "epochs on owner images labelled by the victim too (default 0 = off; robust 2)")
     s.add_argument("--shadow-finetune-lr", type=float, default=0.02)
     s.add_argument("--shadow-finetune-images", type=int, default=1000)
     s.add_argument("--references", default="cnn,cnn_small", help="architectures of clean reference models for tau0 ('' to skip)")
