@@ -396,7 +396,8 @@ class ProtectConfig:
 # ResNet-20), their fine-tuned copies and weight noise, at weight 1. Measured on CIFAR-10 / Tiny ImageNet over
 # seeds 0-2, CPU (README, docs/results/robustness-w1n-cpu-3seeds.*): the thief's pick of fine-tuning 79.6-92.5%,
 # of fine-pruning 64.9-82.9%, JPEG q75 / q50 79.3-98.5 / 55.0-96.3%, blur σ 0.5 83.3-92.5%, all flagged; clean
-# models <= 1.2%; victim -0.20..+0.14 pt; protect 49-72 min on one CPU thread (ResNet-20 victim).
+# extracted copies <= 1.2% (<= 1.8% after a counter-measure); victim -0.20..+0.14 pt; protect 49-72 min on one CPU
+# thread (ResNet-20 victim).
 PRESETS: dict[str, dict] = {
     "spec": {},
     "robust": {"eps": 24 / 255, "trigger_blur": 0.75, "shadow_finetune_epochs": 2, "negative_weight": 1.0,
