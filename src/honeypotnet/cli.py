@@ -108,7 +108,6 @@ def protect_config(args):
     not given (their argparse defaults are None), each given option on top."""
     from .honeypot import ProtectConfig
 
-    # --preset's fields where the option was not given (their defaults are None)
     given = {"eps": None if args.eps is None else args.eps / 255, "trigger_blur": args.trigger_blur,
              "negative_weight": args.negative_weight, "shadow_finetune_epochs": args.shadow_finetune_epochs,
              "negative_archs": None if args.negative_archs is None else ",".join(args.negative_archs),
@@ -197,7 +196,8 @@ def cmd_protect(args) -> int:
                                                 "max_drop": max_drop}
         print(f"tau0 = {100 * cal.tau0:.2f}% from " + ", ".join(f"{r['arch']} {100 * r['asr']:.2f}%" for r in cal.reference))
     save_bundle(out, res.model, res.trigger, arch=info["arch"], target=cfg.target, classes=classes,
-                config=vars(cfg) | {"eps_255": round(cfg.eps * 255, 6), "preset": args.preset}, verification=verification, history=res.history,
+                config=vars(cfg) | {"eps_255": round(cfg.eps * 255, 6), "preset": args.preset},
+                verification=verification, history=res.history,
                 extra={"protect_seconds": round(t_protect, 1), "shadow_set": shadow.name, "owner_set": owner.name,
                        "audits": res.audits, "attempts": res.attempts},
                 overwrite=args.overwrite)
