@@ -572,11 +572,12 @@ def goals(protections: list[dict], rows: list[dict], substitutes: list[dict], bu
                 add(f"{family_name}, thief's pick", f"{_f(w['asr'])} ({w['measure']}, seed {w['seed']})", f"≥ {100 * GOAL_KEEP_ASR:.0f}, flagged",
                     all(r["asr"] >= GOAL_KEEP_ASR and r[flag] for r in picks), len(picks))
         nones = {r["seed"]: r for r in mine if r["measure"] == "none"}
+        unusable = {id(r) for r in split_usable(mine)[1]}  # the rule the false-positive goal uses too
         for m in dict.fromkeys(r["measure"] for r in mine if r["measure"].startswith("purify")):
             rs = [r for r in mine if r["measure"] == m]
             cost = max(nones[r["seed"]]["cta"] - r["cta"] for r in rs if r["seed"] in nones)
             w = min(rs, key=lambda r: r["asr"])
-            usable = cost <= PURIFY_USABLE_DROP
+            usable = not any(id(r) in unusable for r in rs)
             add(f"{m.replace('purify-', 'purify ')}", f"{_f(w['asr'])} (seed {w['seed']})", f"≥ {100 * GOAL_KEEP_ASR:.0f}, flagged",
                 all(r["asr"] >= GOAL_KEEP_ASR and r[flag] for r in rs) or not usable, len(rs),
                 "" if usable else f"not a goal: costs the thief {100 * cost:.1f} pt of accuracy")
