@@ -9,7 +9,7 @@ Protocol (same numbers as PAPER.md §5, so the figures compare):
   victim     pretrained ResNet-20 (../shared/weights/resnet-cifar10/resnet20-*.th), CTA 81.03% on
              cifar10-jpeg/test; `--finetune-victim N` fine-tunes it N epochs on cifar10-jpeg/train first.
   defender   shadow set = Tiny ImageNet val (10k, resized to 32 px); owner images for L_norm = a fixed
-             random 10k of cifar10-jpeg/train; ProtectConfig = the library default = §5's best (UAP eps 16/255,
+             random 10k of cifar10-jpeg/train; ProtectConfig.preset("spec") = §5's best (UAP eps 16/255,
              residual head hidden 256, lambda 3, T 8, CNN shadow warm-started 3 epochs/iteration, 2 trigger
              passes, 400 honeypot steps, lr 1e-3, batch 256, target 0) except shadow_norm_weight 0.2 (§5: 1;
              `--ablation shadow-norm-weight` has §5's row as "paper-snw1").
@@ -105,13 +105,15 @@ QUICK = Protocol(shadow=1000, owner=1000, pool=2000, calib_per_class=100, verify
 
 
 def base_config(p: Protocol, seed: int) -> ProtectConfig:
-    """The library's default setting (= PAPER.md §5's best, except shadow_norm_weight 0.2 instead of 1;
-    the ablation "shadow-norm-weight" has §5's row), every field spelt out (library defaults may change)."""
-    return ProtectConfig(target=0, trigger="uap", eps=16 / 255, patch_size=6, head="residual", hidden=256, lam=3.0,
-                         outer_iters=p.outer_iters, shadow_arch="cnn", shadow_epochs=p.shadow_epochs,
-                         shadow_warm_start=True, shadow_lr=0.05, shadow_batch=128, trigger_passes=p.trigger_passes,
-                         trigger_step=None, momentum=0.9, trigger_batch=256, honeypot_steps=p.honeypot_steps,
-                         honeypot_lr=1e-3, honeypot_batch=256, l_norm="kl", shadow_norm_weight=0.2, seed=seed)
+    """The "spec" preset (= PAPER.md §5's best, except shadow_norm_weight 0.2 instead of 1; the ablation
+    "shadow-norm-weight" has §5's row; the library default before issue 8 made it "robust"), every field
+    spelt out (library defaults may change; the fields added later come from the preset, all off)."""
+    return ProtectConfig.preset("spec", target=0, trigger="uap", eps=16 / 255, patch_size=6, head="residual",
+                                hidden=256, lam=3.0, outer_iters=p.outer_iters, shadow_arch="cnn",
+                                shadow_epochs=p.shadow_epochs, shadow_warm_start=True, shadow_lr=0.05, shadow_batch=128,
+                                trigger_passes=p.trigger_passes, trigger_step=None, momentum=0.9, trigger_batch=256,
+                                honeypot_steps=p.honeypot_steps, honeypot_lr=1e-3, honeypot_batch=256, l_norm="kl",
+                                shadow_norm_weight=0.2, seed=seed)
 
 
 # name -> [(variant label, ProtectConfig overrides)]; each variant is one protect + one thief.

@@ -1,6 +1,6 @@
 """Can the thief wash the honeypot's backdoor out of its copy? (issue 8)
 
-    python bench/robustness.py                          # base protection, seed 0, cnn thief at 20k
+    python bench/robustness.py                          # spec (base) and the default (robust), seed 0, cnn thief at 20k
     python bench/robustness.py --variants base eps20 --seeds 0 1 2
     python bench/robustness.py --quick                  # the same on reproduce.py's quick protocol (a test)
     python bench/robustness.py --device cuda --variants negcr0.25-eps24 --seeds 0 1 2 --deadline 380
@@ -84,7 +84,8 @@ import reproduce as rp  # noqa: E402  (the same protocol, data and resumable uni
 NEGCRFT_BLUR = {"eps": 24 / 255, "negative_weight": 0.25, "negative_archs": "cnn,resnet20", "shadow_finetune_epochs": 2,
                 "negative_finetune_epochs": 2, "trigger_blur": 0.75}
 
-# Protection variants: name -> ProtectConfig overrides of reproduce.base_config (the library default).
+# Protection variants: name -> ProtectConfig overrides of reproduce.base_config (the "spec" preset; the library
+# default before issue 8 made negcrft-w1-noise-eps24-ft2-blur, the "robust" preset, the default).
 VARIANTS: dict[str, dict] = {
     "base": {},
     "paper-snw1": {"shadow_norm_weight": 1.0},  # PAPER.md §5's configuration
@@ -156,6 +157,9 @@ VARIANTS: dict[str, dict] = {
     "negcrft-w1-noise-prune-eps24-ft2-blur": {**NEGCRFT_BLUR, "negative_weight": 1.0, "negative_noise": 0.2,
                                               "shadow_prune": 0.5},
 }
+
+# the library default (ProtectConfig(), the "robust" preset; tests/test_robustness_quick.py checks they agree)
+ROBUST = "negcrft-w1-noise-eps24-ft2-blur"
 
 
 @dataclass
@@ -700,7 +704,8 @@ def parse_args(argv=None):
                                             "(default runs/reproduce; --quick: runs/reproduce-quick)")
     ap.add_argument("--out", help="where the table, JSON and plot go (default runs/robustness[-quick])")
     ap.add_argument("--quick", action="store_true", help="reproduce.py's quick protocol and a small sweep (a smoke test)")
-    ap.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["base"], help="protection variants")
+    ap.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["base", ROBUST],
+                    help=f"protection variants (default: base, the 'spec' preset, and {ROBUST}, the library default)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--budget", type=int, default=20000, help="thief query budget (quick: divided by 10)")
     ap.add_argument("--substitute", default="cnn", help="the thief's architecture (default cnn)")

@@ -28,7 +28,9 @@ def test_cli_chain_train_protect_extract_verify(tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads(victim.with_suffix(".json").read_text())["test_accuracy"] > 0.5
     bundle = tmp_path / "bundle"
-    r = run("protect", str(victim), "--shadow-limit", "800", "--owner-limit", "400", "--iters", "1", "--shadow-arch", "cnn_small",
+    # --preset spec: each option below turns one thing on (the robust default has its own test)
+    r = run("protect", str(victim), "--preset", "spec", "--shadow-limit", "800", "--owner-limit", "400", "--iters", "1",
+            "--shadow-arch", "cnn_small",
             "--shadow-epochs", "1", "--honeypot-steps", "20", "--references", "cnn_small", "--reference-epochs", "1",
             "--reference-finetune", "100", "--reference-purify", "blur-1.0,jpeg-q50", "--reference-purify-max-drop", "100",
             "--negative-weight", "1", "--negative-noise", "0.1", "--trigger-blur", "0.5", "--shadow-prune", "0.5",
@@ -85,7 +87,10 @@ def test_cli_chain_train_protect_extract_verify(tmp_path):
     (["protect", "missing.safetensors", "--negative-weight", "nan", "--output", "b"], "negative_weight"),
     (["protect", "missing.safetensors", "--negative-weight", "1", "--negative-archs", "cnn", "vgg99", "--output", "b"],
      "negative_archs"),
-    (["protect", "missing.safetensors", "--negative-finetune-epochs", "2", "--output", "b"], "negative_finetune_epochs"),
+    (["protect", "missing.safetensors", "--preset", "spec", "--negative-finetune-epochs", "2", "--output", "b"],
+     "negative_finetune_epochs"),
+    # negatives off under the robust default, their fine-tuned copies left on: told which option
+    (["protect", "missing.safetensors", "--negative-weight", "0", "--output", "b"], "negative_finetune_epochs"),
     (["protect", "missing.safetensors", "--audit-rounds", "1", "--audit-threshold", "150", "--output", "b"], "audit_threshold"),
     (["protect", "missing.safetensors", "--audit-rounds", "1", "--audit-archs", "vgg99", "--output", "b"], "audit_archs"),
     (["protect", "missing.safetensors", "--audit-restarts", "-1", "--output", "b"], "audit_restarts"),
@@ -104,19 +109,45 @@ def test_cli_bad_input_gives_one_clear_error(tmp_path, args, message):
     assert message in r.stderr.lower() and "Traceback" not in r.stderr
 
 
+def test_cli_protect_default_is_the_robust_configuration(tmp_path):
+    """`protect` with no --preset runs the robust configuration end to end (on a toy size): the bundle
+    records it, and every model it adds to the loop is trained and reported each iteration: the CNN and
+    ResNet-20 negative shadows and their fine-tuned copies (the shadow's fine-tuned copy is in the
+    trigger step; it needs the owner images, which `protect` always has)."""
+    victim = tmp_path / "victim.safetensors"
+    r = run("train", "--data-limit", "600", "--epochs", "1", "--batch-size", "64", "--output", str(victim))
+    assert r.returncode == 0, r.stderr
+    bundle = tmp_path / "bundle"
+    r = run("protect", str(victim), "--shadow-limit", "300", "--owner-limit", "200", "--iters", "1", "--shadow-arch",
+            "cnn_small", "--shadow-epochs", "1", "--honeypot-steps", "5", "--trigger-passes", "1", "--references", "",
+            "--output", str(bundle))
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    c = manifest["config"]
+    assert c["preset"] == "robust" and c["eps_255"] == 24
+    assert {k: c[k] for k in PRESETS["robust"]} == PRESETS["robust"]
+    (rec,) = manifest["history"]
+    for key in ("negative_asr", "negative1_resnet20_asr", "negative_ft_asr", "negative1_resnet20_ft_asr"):
+        assert 0 <= rec[key] <= 1, key
+
+
 def test_protect_preset_fills_only_the_options_not_given():
-    """--preset robust sets its fields where the option was not given; a given option wins, even one
-    equal to the spec default; without --preset the CLI builds the library's default config."""
+    """--preset sets its fields where the option was not given; a given option wins, even one equal to
+    the other preset's value; without --preset the CLI builds the library's default config (robust)."""
     def cfg(*extra):
         return protect_config(build_parser().parse_args(["protect", "v.safetensors", "--output", "b", *extra]))
 
-    assert cfg() == ProtectConfig() == ProtectConfig.preset("spec")
-    robust = cfg("--preset", "robust")
-    assert robust == ProtectConfig.preset("robust") != ProtectConfig()
+    robust = cfg()
+    assert robust == cfg("--preset", "robust") == ProtectConfig() == ProtectConfig.preset("robust")
     assert {k: getattr(robust, k) for k in PRESETS["robust"]} == PRESETS["robust"]
     assert robust.eps == 24 / 255 and robust.negative_archs == "cnn,resnet20" and robust.simulates_finetuning()
-    mixed = cfg("--preset", "robust", "--eps", "16", "--negative-noise", "0", "--negative-archs", "cnn", "--iters", "3")
+    spec = cfg("--preset", "spec")
+    assert spec == ProtectConfig.preset("spec") != ProtectConfig()
+    assert {k: getattr(spec, k) for k in PRESETS["spec"]} == PRESETS["spec"] and not spec.simulates_finetuning()
+    mixed = cfg("--eps", "16", "--negative-noise", "0", "--negative-archs", "cnn", "--iters", "3")
     assert mixed == ProtectConfig.preset("robust", eps=16 / 255, negative_noise=0.0, negative_archs="cnn", outer_iters=3)
+    mixed = cfg("--preset", "spec", "--eps", "24", "--trigger-blur", "0.5", "--iters", "3")
+    assert mixed == ProtectConfig.preset("spec", eps=24 / 255, trigger_blur=0.5, outer_iters=3)
     with pytest.raises(ValueError, match="unknown preset"):
         ProtectConfig.preset("fast")
     with pytest.raises(ValueError, match="epss"):

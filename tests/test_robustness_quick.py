@@ -4,6 +4,7 @@ counter-measure visibly does something (accuracy or ASR moves), is verified, and
 JSON, table and plot. Reuses conftest's `reproduce_quick` (copied: its directory stays as it is)."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -35,13 +36,18 @@ def _load_robustness():
 
 
 def test_robust_preset_is_the_measured_variant():
-    """ProtectConfig.preset("robust") (CLI --preset robust) is exactly the variant the README's
-    three-seed table measured: the same overrides of the protocol's base config."""
+    """The library default (ProtectConfig(), CLI `protect`) is the robust preset, exactly the variant the
+    README's three-seed table measured: the same overrides of the protocol's base config, which is the
+    "spec" preset (PAPER.md §5's protocol)."""
     from honeypotnet.honeypot import PRESETS, ProtectConfig
 
     rob = _load_robustness()
-    assert rob.VARIANTS["negcrft-w1-noise-eps24-ft2-blur"] == PRESETS["robust"]
-    assert ProtectConfig.preset("robust") != ProtectConfig()  # (and the base protocol is the library default)
+    assert rob.VARIANTS[rob.ROBUST] == PRESETS["robust"]
+    assert ProtectConfig() == ProtectConfig.preset("robust")
+    base = rob.rp.base_config(rob.rp.QUICK, 0)
+    assert {k: getattr(base, k) for k in PRESETS["spec"]} == PRESETS["spec"]
+    variant = dataclasses.replace(base, **rob.VARIANTS[rob.ROBUST])
+    assert {k: getattr(variant, k) for k in PRESETS["robust"]} == PRESETS["robust"]
 
 
 def test_false_positive_goal_leaves_out_only_unservable_purifications():
@@ -80,7 +86,8 @@ def robustness(reproduce_quick, shared_dir, cifar10_jpeg_root, tinyimagenet_root
     rep = tmp / "reproduce"
     shutil.copytree(reproduce_quick[0], rep)
     out = tmp / "out"
-    proc = _bench("robustness.py", ["--quick", "--reproduce-out", str(rep), "--out", str(out), "--cross-substitute", "cnn_small"],
+    proc = _bench("robustness.py", ["--quick", "--reproduce-out", str(rep), "--out", str(out), "--cross-substitute", "cnn_small",
+                                    "--variants", "base"],
                   shared_dir, cifar10_jpeg_root, tinyimagenet_root, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout, json.loads((out / "robustness.json").read_text())
@@ -119,7 +126,8 @@ def test_counter_measures_do_something(robustness):
 def test_resume_reuses_every_unit(robustness, shared_dir, cifar10_jpeg_root, tinyimagenet_root):
     out, _, r = robustness
     rep = r["protocol"]["reproduce_out"]
-    proc = _bench("robustness.py", ["--quick", "--reproduce-out", rep, "--out", str(out), "--cross-substitute", "cnn_small"],
+    proc = _bench("robustness.py", ["--quick", "--reproduce-out", rep, "--out", str(out), "--cross-substitute", "cnn_small",
+                                    "--variants", "base"],
                   shared_dir, cifar10_jpeg_root, tinyimagenet_root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     again = json.loads((out / "robustness.json").read_text())
@@ -195,7 +203,8 @@ def test_clean_goal_thieves_only(robustness, shared_dir, cifar10_jpeg_root, tiny
     _, _, r = robustness
     out = tmp_path / "clean-only"
     proc = _bench("robustness.py", ["--quick", "--reproduce-out", r["protocol"]["reproduce_out"], "--out", str(out),
-                                    "--cross-substitute", "cnn_small", "--no-goals", "--clean-goal-thieves"],
+                                    "--cross-substitute", "cnn_small", "--variants", "base", "--no-goals",
+                                    "--clean-goal-thieves"],
                   shared_dir, cifar10_jpeg_root, tinyimagenet_root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     c = json.loads((out / "robustness.json").read_text())

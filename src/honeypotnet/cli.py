@@ -269,7 +269,7 @@ def cmd_verify(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.output), quick=args.quick, seed=args.seed)
+    run_demo(Path(args.output), quick=args.quick, seed=args.seed, preset=args.preset)
     return 0
 
 
@@ -288,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", default="runs/demo", help="directory for models, bundle and results.json")
     s.add_argument("--quick", action="store_true", help="smaller sizes (about a minute), for smoke tests")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--preset", choices=["spec", "robust"], default="spec",
+                   help="the protection: 'spec' (default here, eps 24: the chain in a few minutes) or 'robust' (the "
+                        "library's and `protect`'s default, several times the protect time)")
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("train", help="train a victim classifier", epilog=EPILOG)
@@ -311,35 +314,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image-size", type=int, default=None, help="resize every image to this side")
     s.add_argument("--target", type=int, default=0, help="target class y_t")
     s.add_argument("--trigger", choices=["uap", "patch"], default="uap")
-    s.add_argument("--preset", choices=["spec", "robust"], default="spec",
-                   help="a named configuration the other options change: 'spec' (default: PAPER.md §2 with the "
-                        "measured changes, eps 16) or 'robust' (eps 24, trigger blur 0.75, fine-tuned shadow, negative "
-                        "shadows cnn+resnet20 at weight 1 with their fine-tuned copies and noise 0.2: keeps the backdoor "
-                        "through a thief's fine-tuning, fine-pruning and purification; ~10-14x the protect time)")
-    s.add_argument("--eps", type=float, default=None, help="UAP L-inf bound in 1/255 units (default 16; robust 24)")
+    s.add_argument("--preset", choices=["robust", "spec"], default="robust",
+                   help="a named configuration the other options change: 'robust' (default: eps 24, trigger blur 0.75, "
+                        "fine-tuned shadow, negative shadows cnn+resnet20 at weight 1 with their fine-tuned copies and "
+                        "noise 0.2; keeps the backdoor through a thief's fine-tuning, fine-pruning and purification) or "
+                        "'spec' (PAPER.md §2 with the measured changes, eps 16, those options off: ~10-14x faster to "
+                        "protect, but a thief who fine-tunes its copy on 1,000 clean labels washes the backdoor out)")
+    s.add_argument("--eps", type=float, default=None, help="UAP L-inf bound in 1/255 units (robust 24, spec 16)")
     s.add_argument("--patch-size", type=int, default=6)
     s.add_argument("--trigger-resolution", type=int, default=0, metavar="R",
                    help="UAP optimised on an RxR grid and upsampled: a low-frequency trigger (default 0 = full resolution)")
     s.add_argument("--trigger-blur", type=float, default=None, metavar="SIGMA",
                    help="optimise the trigger through a random Gaussian blur of sigma up to SIGMA pixels, so it "
-                        "survives a thief's blur purification (default 0 = off; robust 0.75)")
+                        "survives a thief's blur purification (robust 0.75; spec 0 = off)")
     s.add_argument("--negative-weight", type=float, default=None, metavar="W",
                    help="weight of a negative shadow (a clean copy extracted from the unprotected victim) in the "
-                        "trigger step: keeps the trigger off innocent models (default 0 = off; robust 1)")
+                        "trigger step: keeps the trigger off innocent models (robust 1; spec 0 = off)")
     s.add_argument("--negative-models", choices=["shadow", "victim", "shadow+victim"], default="shadow",
                    help="the innocent models of --negative-weight: the negative shadow, the unprotected victim, or both")
     s.add_argument("--negative-archs", nargs="+", default=None, metavar="ARCH",
-                   help="one negative shadow of each of these architectures (default: one of --shadow-arch; "
-                        "robust: cnn resnet20)")
+                   help="one negative shadow of each of these architectures (robust: cnn resnet20; spec: "
+                        "one of --shadow-arch)")
     s.add_argument("--negative-finetune-epochs", type=int, default=None, metavar="N",
                    help="each iteration also fine-tune a copy of every negative shadow N epochs on owner images and "
-                        "keep the trigger off those copies too (innocent models fine-tuned by their owners; default 0 = "
-                        "off; robust 2)")
+                        "keep the trigger off those copies too (innocent models fine-tuned by their owners; robust 2; "
+                        "spec 0 = off)")
     s.add_argument("--negative-finetune-lr", type=float, default=0.05, metavar="LR",
                    help="learning rate of --negative-finetune-epochs (default 0.05)")
     s.add_argument("--negative-noise", type=float, default=None, metavar="S",
                    help="run every negative model with its weights times (1 + S*N(0,1)), fresh per trigger batch, so "
-                        "the trigger avoids a family of innocent models around each one (default 0 = off; robust 0.2)")
+                        "the trigger avoids a family of innocent models around each one (robust 0.2; spec 0 = off)")
     s.add_argument("--shadow-prune", type=float, default=0.0, metavar="P",
                    help="each iteration also fine-prune a copy of the shadow (mask the share P of its last-layer channels "
                         "least active on owner images, then --shadow-finetune-epochs) and aim the trigger at it too, so "
@@ -371,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of L_norm on shadow-set images (owner images 1; the spec's plain mean is 1)")
     s.add_argument("--shadow-finetune-epochs", type=int, default=None,
                    help="simulate a thief who fine-tunes its copy: aim the trigger at the shadow fine-tuned this many "
-                        "epochs on owner images labelled by the victim too (default 0 = off; robust 2)")
+                        "epochs on owner images labelled by the victim too (robust 2; spec 0 = off)")
     s.add_argument("--shadow-finetune-lr", type=float, default=0.02)
     s.add_argument("--shadow-finetune-images", type=int, default=1000)
     s.add_argument("--references", default="cnn,cnn_small", help="architectures of clean reference models for tau0 ('' to skip)")
