@@ -1,11 +1,11 @@
-"""The thief's whole arsenal against the real-data protocol of bench/reproduce.py (CIFAR-10 victim,
+"""The thief's whole arsenal against the real-data protocol of bench.reproduce (CIFAR-10 victim,
 Tiny ImageNet pool): active extraction, what the API returns, a thief who suspects a backdoor, and
 ART's own attacks. Every row: substitute CTA, ASR and the verification verdict (the bundle's tau0),
 protected vs unprotected (the same thief against the unprotected victim).
 
-    python bench/arsenal.py                    # reads runs/reproduce (victim, bundle, pool answers)
-    python bench/arsenal.py --quick            # runs/reproduce-quick (made first if missing), small sizes
-    python bench/arsenal.py --resume           # after a kill: finished units are skipped
+    python -m bench.arsenal                    # reads runs/reproduce (victim, bundle, pool answers)
+    python -m bench.arsenal --quick            # runs/reproduce-quick (made first if missing), small sizes
+    python -m bench.arsenal --resume           # after a kill: finished units are skipped
 
 Parts (each unit resumable: OUT/<unit>/unit.json, keyed by its parameters):
   strategies  random (KnockoffNets), entropy, kcenter, dfal (ActiveThief rounds from a random seed,
@@ -18,9 +18,10 @@ Parts (each unit resumable: OUT/<unit>/unit.json, keyed by its parameters):
               small clean labelled CIFAR-10 train set, Neural Cleanse (anomaly index per class),
               JPEG re-compression and Gaussian blur at inference.
   art         ART's KnockoffNets on the model wrapped as ART's PyTorchClassifier, and CopycatCNN on
-              the oracle wrapped as ART's BlackBoxClassifier (when ART is installed; --no-art skips).
+              the oracle wrapped as ART's BlackBoxClassifier (--no-art skips; without ART installed the
+              part is recorded as skipped in results.json, "skipped").
 
-The oracle is reproduce.py's PoolOracle over the model's pre-computed pool answers (one image = one
+The oracle is benchlib's PoolOracle over the model's pre-computed pool answers (one image = one
 query, output mode applied by the Oracle base class). The substitute is the protocol's thief ("cnn",
 FitConfig(epochs=12)); active strategies add warm-started round substitutes.
 
@@ -30,29 +31,34 @@ query budget per strategy, protected solid / clean dashed).
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import reproduce as rp  # noqa: E402  (data, PoolOracle, resumable units: the same protocol)
+from honeypotnet.active import STRATEGIES, extract
+from honeypotnet.attacks import query_oracle
+from honeypotnet.bundle import load_bundle, load_model, save_model
+from honeypotnet.countermeasures import fine_prune, finetune, neural_cleanse
+from honeypotnet.data import load_dataset
+from honeypotnet.oracles import ModelOracle, OutputMode
+from honeypotnet.purify import PurifiedModel
+from honeypotnet.training import FitConfig, accuracy
+from honeypotnet.verify import verify
 
-from honeypotnet.active import STRATEGIES, extract  # noqa: E402
-from honeypotnet.attacks import query_oracle  # noqa: E402
-from honeypotnet.bundle import load_bundle, load_model, save_model  # noqa: E402
-from honeypotnet.countermeasures import PurifiedModel, fine_prune, finetune, neural_cleanse  # noqa: E402
-from honeypotnet.data import load_dataset  # noqa: E402
-from honeypotnet.oracles import ModelOracle, OutputMode  # noqa: E402
-from honeypotnet.training import FitConfig, accuracy, default_device  # noqa: E402
-from honeypotnet.verify import verify  # noqa: E402
+from . import reproduce
+from .benchlib.args import add_common_args, add_data_args, default_out, finish_common_args
+from .benchlib.common import (command_line, log, machine_info, save_report, set_threads, stage_timings, timings_json,
+                              timings_table)
+from .benchlib.data import Data, load_data, resolve_roots
+from .benchlib.oracle import PoolOracle
+from .benchlib.protocol import FULL as PROTOCOL_FULL
+from .benchlib.protocol import QUICK as PROTOCOL_QUICK
+from .benchlib.units import Units
 
-REPO = Path(__file__).resolve().parents[1]
+NAME = "arsenal"
 MODES = {"probs": OutputMode("probs"), "top1": OutputMode("topk", k=1), "top3": OutputMode("topk", k=3),
          "rounded1": OutputMode("rounded", decimals=1), "rounded2": OutputMode("rounded", decimals=2),
          "label": OutputMode("label")}
@@ -100,17 +106,17 @@ QUICK = Plan(budgets=(500, 1000, 2000), arch="cnn_small", epochs=3, rounds=2, ro
 
 
 class Arsenal:
-    def __init__(self, args, plan: Plan, data: "rp.Data", device: torch.device) -> None:
+    def __init__(self, args, plan: Plan, data: Data, device: torch.device) -> None:
         self.args, self.plan, self.data, self.device = args, plan, data, device
         self.out = Path(args.out)
-        self.units = rp.Units(self.out, args.resume)
+        self.units = Units(self.out, args.resume)
         self.progress = args.progress
         src = Path(args.from_reproduce)
         self.source = src
         seed_dir = src / f"seed{args.reproduce_seed}" / "protect-base"
         self.bundle = load_bundle(seed_dir / "bundle")
         if self.bundle.tau0 is None:
-            raise SystemExit(f"{seed_dir / 'bundle'} has no calibrated tau0: bench/reproduce.py has not finished it")
+            raise SystemExit(f"{seed_dir / 'bundle'} has no calibrated tau0: bench.reproduce has not finished it")
         self.victim, _ = load_model(src / "victim" / "victim.safetensors")
         self.models = {"protected": self.bundle.model.to(device).eval(), "clean": self.victim.to(device).eval()}
         self.model_keys = {"protected": _file_key(seed_dir / "bundle" / "model.safetensors"),
@@ -122,11 +128,12 @@ class Arsenal:
         self.verif_images = data.test_images[data.verif]
         self.verif_labels = data.test_labels[data.verif]
         self.rows: dict[str, list[dict]] = {"strategies": [], "outputs": [], "counter": [], "art": []}
+        self.skipped: list[dict] = []  # parts that could not run (e.g. ART not installed)
         self._clean_set = None
 
     # ------------------------------------------------------------------ inputs
     def _pool_answers(self, oracle: str, path: Path) -> torch.Tensor:
-        """The model's probabilities for every pool image: reproduce.py's, checked on a sample, or computed here."""
+        """The model's probabilities for every pool image: bench.reproduce's, checked on a sample, or computed here."""
         model, pool = self.models[oracle], self.data.pool
         if path.is_file():
             ans = torch.load(path, map_location="cpu", weights_only=True)
@@ -135,7 +142,7 @@ class Arsenal:
                 fresh = ModelOracle(model)(pool[idx].to(self.device))
                 if torch.allclose(fresh, ans[idx], atol=1e-4):
                     return ans
-            rp.log(f"{path} does not match the pool / model: answering the pool again")
+            log(f"{path} does not match the pool / model: answering the pool again")
         own = self.out / f"pool-answers-{oracle}.pt"
         if own.is_file():
             ans = torch.load(own, map_location="cpu", weights_only=True)
@@ -148,7 +155,7 @@ class Arsenal:
     def clean_set(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The thief's small clean labelled set: a fixed random share of cifar10-jpeg/train."""
         if self._clean_set is None:
-            cifar_root, _ = rp.resolve_roots(self.args)
+            cifar_root, _ = resolve_roots(self.args)
             train = load_dataset("imagefolder", cifar_root, "train")
             g = torch.Generator().manual_seed(4321)
             idx = torch.randperm(len(train), generator=g)[: self.plan.cm_clean]
@@ -160,7 +167,7 @@ class Arsenal:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, model: torch.nn.Module) -> dict:
-        """CTA on the evaluation images (both halves of the test split, as reproduce.py), then verify()
+        """CTA on the evaluation images (both halves of the test split, as bench.reproduce), then verify()
         on the verification half with the bundle's trigger, target and tau0."""
         b = self.bundle
         v = verify(model, b.trigger, self.verif_images, self.verif_labels, b.target, b.tau0, self.plan.alpha)
@@ -183,7 +190,7 @@ class Arsenal:
                   "seed": p.seed, "pool": len(pool), "eval": len(self.eval_labels), "tau0": self.bundle.tau0}
 
         def run(d: Path) -> dict:
-            orc = rp.PoolOracle(self.answers[oracle], pool, om)
+            orc = PoolOracle(self.answers[oracle], pool, om)
             res = extract(orc, pool, budget, p.arch, 10, strategy, rounds=p.rounds, round_epochs=p.round_epochs,
                           fit_config=fitc, seed=p.seed, progress=self.progress, work_dir=d / "work", device=self.device)
             if len(res.indices) != budget or len(torch.unique(res.indices)) != budget or res.queries != orc.queries:
@@ -213,7 +220,7 @@ class Arsenal:
                     rec = self.thief(oracle, strategy, budget, "probs")
                     row = self._row(rec, rounds=rec.get("rounds", []))
                     self.rows["strategies"].append(row)
-                    rp.log(f"{strategy:>8} {budget:>6} {oracle:>9}: CTA {100 * row['cta']:.2f}%  ASR {100 * row['asr']:.2f}%  "
+                    log(f"{strategy:>8} {budget:>6} {oracle:>9}: CTA {100 * row['cta']:.2f}%  ASR {100 * row['asr']:.2f}%  "
                         f"{row['verdict']}  [{rec['seconds']:.0f} s{', resumed' if rec.get('resumed') else ''}]")
 
     def run_outputs(self) -> None:
@@ -230,7 +237,7 @@ class Arsenal:
                 if same:
                     row["note"] = f"the API answers exactly as with '{same}' (same substitute)"
                 self.rows["outputs"].append(row)
-                rp.log(f"output {mode:>9} {oracle:>9}: CTA {100 * row['cta']:.2f}%  ASR {100 * row['asr']:.2f}%  {row['verdict']}"
+                log(f"output {mode:>9} {oracle:>9}: CTA {100 * row['cta']:.2f}%  ASR {100 * row['asr']:.2f}%  {row['verdict']}"
                     + (f"  (= {same})" if same else ""))
 
     # ------------------------------------------------------------------ counter-measures
@@ -286,13 +293,13 @@ class Arsenal:
                        "seconds": rec["seconds"], "resumed": rec.get("resumed", False), "rel": rel}
                 if cfg["kind"] == "nc":
                     row.update({k: rec[k] for k in ("nc", "target_anomaly", "target_flagged", "any_flagged", "target_norm_rank")})
-                    rp.log(f"counter {oracle:>9} {label}: target-class anomaly index {rec['target_anomaly']:.2f} "
+                    log(f"counter {oracle:>9} {label}: target-class anomaly index {rec['target_anomaly']:.2f} "
                         f"(flagged {rec['nc']['flagged']}, smallest-mask class {rec['nc']['smallest_class']})")
                 else:
                     row.update(_eval_fields(rec))
                     if "pruned_channels" in rec:
                         row.update(pruned_channels=rec["pruned_channels"], channels=rec["channels"])
-                    rp.log(f"counter {oracle:>9} {label}: CTA {100 * before['cta']:.2f} -> {100 * rec['cta']:.2f}%  "
+                    log(f"counter {oracle:>9} {label}: CTA {100 * before['cta']:.2f} -> {100 * rec['cta']:.2f}%  "
                         f"ASR {100 * before['asr']:.2f} -> {100 * rec['asr']:.2f}%  {rec['verdict']}")
                 self.rows["counter"].append(row)
 
@@ -303,7 +310,8 @@ class Arsenal:
         try:
             require_art()
         except ImportError as e:
-            rp.log(f"{e}: skipping ART's attacks")
+            log(f"{e}: skipping ART's attacks")
+            self.skipped.append({"part": "art", "reason": str(e)})
             return
         p = self.plan
         budget = min(p.art_budget, len(self.data.pool))
@@ -312,7 +320,7 @@ class Arsenal:
                 rel = f"art-{attack}-{wrap}-{oracle}-{budget}"
 
                 def run(d: Path, attack=attack, wrap=wrap, oracle=oracle) -> dict:
-                    victim = self.models[oracle] if wrap == "pytorch" else rp.PoolOracle(self.answers[oracle], self.data.pool)
+                    victim = self.models[oracle] if wrap == "pytorch" else PoolOracle(self.answers[oracle], self.data.pool)
                     dev_type = "gpu" if self.device.type == "cuda" else "cpu"
                     theft = art_steal(victim, self.data.pool, budget, attack=attack, wrap=wrap, arch=p.arch, num_classes=10,
                                       epochs=p.art_epochs, seed=p.seed, device_type=dev_type)
@@ -326,7 +334,7 @@ class Arsenal:
                 row = {"attack": attack, "wrap": wrap, "oracle": oracle, "budget": budget, "queries": rec["queries"],
                        **_eval_fields(rec), "seconds": rec["seconds"], "resumed": rec.get("resumed", False)}
                 self.rows["art"].append(row)
-                rp.log(f"ART {attack} ({wrap}) {oracle:>9}: CTA {100 * row['cta']:.2f}%  ASR {100 * row['asr']:.2f}%  {row['verdict']}")
+                log(f"ART {attack} ({wrap}) {oracle:>9}: CTA {100 * row['cta']:.2f}%  ASR {100 * row['asr']:.2f}%  {row['verdict']}")
 
 
 def _eval_fields(rec: dict) -> dict:
@@ -343,7 +351,7 @@ def _tensor_digest(t: torch.Tensor) -> str:
 def _file_key(path: Path) -> str:
     """Identity of a model file (size + modification time + name): a rebuilt victim/bundle invalidates the units."""
     if not path.is_file():
-        raise SystemExit(f"{path} not found: run bench/reproduce.py first (or pass --from-reproduce DIR)")
+        raise SystemExit(f"{path} not found: run `python -m bench.reproduce` first (or pass --from-reproduce DIR)")
     st = path.stat()
     return f"{path.name}:{st.st_size}:{int(st.st_mtime)}"
 
@@ -364,7 +372,8 @@ def _p(r: dict) -> str:
     return "—" if p is None else ("<1e-300" if p == 0 else f"{p:.2g}")
 
 
-def format_tables(rows: dict[str, list[dict]], plan: Plan, tau0: float, timings: dict) -> str:
+def format_tables(rows: dict[str, list[dict]], plan: Plan, tau0: float, timings: dict[str, list[float]],
+                  skipped: list[dict] | None = None) -> str:
     out = [f"Verification: the bundle's tau0 = {100 * tau0:.2f}%, alpha = {plan.alpha:g}. "
            "CTA / ASR in %; (clean) = the same thief against the unprotected victim.", ""]
     pairs = _pairs(rows["strategies"], ("strategy", "budget"))
@@ -419,9 +428,9 @@ def format_tables(rows: dict[str, list[dict]], plan: Plan, tau0: float, timings:
                        f"{_pct(pr['cta'])} ({_pct(cl.get('cta'))}) | {_pct(pr['asr'])} ({_pct(cl.get('asr'))}) | "
                        f"{_verdict(pr)} / {_verdict(cl)} |")
         out.append("")
-    out += ["| stage | seconds (this run) | seconds (incl. resumed units) |", "| --- | --- | --- |"]
-    for stage, (now, total) in timings.items():
-        out.append(f"| {stage} | {now:.0f} | {total:.0f} |")
+    for sk in skipped or []:
+        out += [f"Not run: {sk['part']} ({sk['reason']}).", ""]
+    out.append(timings_table(timings))
     return "\n".join(out)
 
 
@@ -475,56 +484,48 @@ def plot_budget_curve(rows: list[dict], path: Path, tau0: float, title: str) -> 
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m bench.arsenal", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(ap, quick="a smoke run of every part on the quick reproduction's artefacts (made first with "
+                              "`python -m bench.reproduce --quick` if missing)", resume=False)
+    add_data_args(ap, victim=False)
     ap.add_argument("--from-reproduce", default=None, metavar="DIR",
-                    help="bench/reproduce.py output (default runs/reproduce; runs/reproduce-quick with --quick)")
+                    help="bench.reproduce's output (default runs/reproduce; runs/reproduce-quick with --quick)")
     ap.add_argument("--reproduce-seed", type=int, default=0, help="which seed's protected bundle (default 0)")
-    ap.add_argument("--out", default=None, help="output directory (default runs/arsenal, runs/arsenal-quick with --quick)")
-    ap.add_argument("--quick", action="store_true", help="a smoke run of every part on reproduce's quick artefacts "
-                                                         "(made first with `bench/reproduce.py --quick` if missing)")
-    rp.add_data_args(ap, victim=False)
     ap.add_argument("--budgets", type=int, nargs="+", help="query budgets (default 5000 10000 20000; quick 500 1000 2000)")
     ap.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), help="default: all")
     ap.add_argument("--modes", nargs="+", choices=list(MODES), help="API output modes (default: all)")
     ap.add_argument("--parts", nargs="+", choices=["strategies", "outputs", "counter", "art"],
                     default=["strategies", "outputs", "counter", "art"])
     ap.add_argument("--no-art", action="store_true", help="skip ART's attacks")
-    ap.add_argument("--device", default=str(default_device()))
-    ap.add_argument("--resume", action="store_true", help="skip finished units, continue partial ones")
-    ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty())
     args = ap.parse_args(argv)
     if args.from_reproduce is None:
-        args.from_reproduce = str(REPO / "runs" / ("reproduce-quick" if args.quick else "reproduce"))
-    if args.out is None:
-        args.out = str(REPO / "runs" / ("arsenal-quick" if args.quick else "arsenal"))
-    args.finetune_victim = 0  # reproduce.load_data reads it
-    return args
+        args.from_reproduce = str(default_out("reproduce", args.quick))
+    return finish_common_args(args, NAME)
 
 
 def ensure_reproduce(args) -> None:
-    """The reproduce artefacts this benchmark reads; with --quick, make them if missing."""
+    """The reproduction artefacts this benchmark reads; with --quick, make them if missing (in this process)."""
     src = Path(args.from_reproduce)
     need = [src / "victim" / "victim.safetensors", src / f"seed{args.reproduce_seed}" / "protect-base" / "bundle" / "manifest.json"]
     if all(p.exists() for p in need):
         return
     if not args.quick:
-        raise SystemExit(f"{need[0] if not need[0].exists() else need[1]} not found: run `python bench/reproduce.py` "
+        raise SystemExit(f"{need[0] if not need[0].exists() else need[1]} not found: run `python -m bench.reproduce` "
                          f"first (or pass --from-reproduce DIR)")
-    rp.log(f"{src}: no quick reproduction yet, running bench/reproduce.py --quick first (a few minutes)")
-    cmd = [sys.executable, str(REPO / "bench" / "reproduce.py"), "--quick", "--out", str(src), "--shared", args.shared,
-           "--device", args.device, "--resume", "--no-progress"]
+    log(f"{src}: no quick reproduction yet, running `python -m bench.reproduce --quick` first (a few minutes)")
+    argv = ["--quick", "--out", str(src), "--shared", args.shared, "--device", args.device, "--resume", "--no-progress"]
     if args.cifar_root:
-        cmd += ["--cifar-root", args.cifar_root]
+        argv += ["--cifar-root", args.cifar_root]
     if args.tin_root:
-        cmd += ["--tin-root", args.tin_root]
-    subprocess.run(cmd, check=True)
+        argv += ["--tin-root", args.tin_root]
+    reproduce.main(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    threads = os.environ.get("OMP_NUM_THREADS")
-    torch.set_num_threads(int(threads) if threads and threads.isdigit() else (os.cpu_count() or 1))
-    proto = rp.QUICK if args.quick else rp.FULL
+    set_threads()
+    proto = PROTOCOL_QUICK if args.quick else PROTOCOL_FULL
     plan = QUICK if args.quick else FULL
     if args.budgets:
         plan = replace(plan, budgets=tuple(sorted({b // proto.budget_scale for b in args.budgets})))
@@ -537,22 +538,19 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    data = rp.load_data(args, proto)
+    data = load_data(args, proto)
     if max(plan.budgets) > len(data.pool) or min(plan.budgets) <= 0:
         raise SystemExit(f"budgets {plan.budgets} must lie in 1..{len(data.pool)} (the pool)")
     plan = replace(plan, mode_budget=min(plan.mode_budget, len(data.pool)), cm_budget=min(plan.cm_budget, len(data.pool)))
     t_data = time.time() - t0
-    rp.log(f"data: pool {len(data.pool)}, evaluation {len(data.eval_idx)}, verification {len(data.verif)}  [{t_data:.0f} s]")
+    log(f"data: pool {len(data.pool)}, evaluation {len(data.eval_idx)}, verification {len(data.verif)}  [{t_data:.0f} s]")
     bench = Arsenal(args, plan, data, device)
-    rp.log(f"protected bundle {bench.source}/seed{args.reproduce_seed}/protect-base/bundle: tau0 {100 * bench.bundle.tau0:.2f}%")
+    log(f"protected bundle {bench.source}/seed{args.reproduce_seed}/protect-base/bundle: tau0 {100 * bench.bundle.tau0:.2f}%")
     parts = [p for p in args.parts if not (p == "art" and args.no_art)]
     for part in parts:
         getattr(bench, f"run_{part}")()
 
-    timings: dict[str, list[float]] = {"data load": [t_data, t_data]}
-    for u in bench.units.timings:
-        now, total = timings.setdefault(u["stage"], [0.0, 0.0])
-        timings[u["stage"]] = [now + (0.0 if u["resumed"] else u["seconds"]), total + u["seconds"]]
+    timings = stage_timings(bench.units.timings, {"data load": t_data})
     wall = time.time() - t0
     timings["total wall time"] = [wall, wall]
     title = (f"{'quick' if args.quick else 'full'} arsenal: {plan.arch} thief, {len(data.pool)}-image Tiny ImageNet pool, "
@@ -560,21 +558,21 @@ def main(argv=None) -> dict:
     if bench.rows["strategies"]:
         plot_budget_curve(bench.rows["strategies"], out / "budget_curve.png", bench.bundle.tau0, title)
     results = {
-        "benchmark": "bench/arsenal.py", "mode": "quick" if args.quick else "full",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "benchmark": "bench.arsenal", "mode": "quick" if args.quick else "full",
+        "command": command_line("bench.arsenal", argv),
         "from_reproduce": str(bench.source), "plan": asdict(plan), "protocol": asdict(proto),
         "bundle": {"tau0": bench.bundle.tau0, "target": bench.bundle.target, "config": bench.bundle.manifest.get("config")},
-        "machine": rp.machine_info(device),
+        "machine": machine_info(device),
         **bench.rows,
-        "timings": {k: {"this_run": round(a, 1), "including_resumed": round(b, 1)} for k, (a, b) in timings.items()},
+        "parts": parts, "skipped": bench.skipped,
+        "timings": timings_json(timings),
         "units": bench.units.timings,
     }
-    rp._write_json(out / "results.json", results)
-    table = format_tables(bench.rows, plan, bench.bundle.tau0, {k: tuple(v) for k, v in timings.items()})
-    (out / "results.md").write_text(table + "\n")
-    rp.log("")
-    rp.log(table)
-    rp.log(f"\nwrote {out / 'results.json'}, {out / 'results.md'}" + (f", {out / 'budget_curve.png'}" if bench.rows["strategies"] else ""))
+    table = format_tables(bench.rows, plan, bench.bundle.tau0, timings, bench.skipped)
+    written = save_report(out, "results", results, table, record=args.record, folder=NAME)
+    log("")
+    log(table)
+    log(f"\nwrote {', '.join(map(str, written))}" + (f", {out / 'budget_curve.png'}" if bench.rows["strategies"] else ""))
     return results
 
 

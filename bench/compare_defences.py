@@ -1,22 +1,22 @@
-"""HoneypotNet side by side with the extraction defences users would pick instead (issue 6).
+"""HoneypotNet side by side with the extraction defences users would pick instead (docs/defences.md).
 
-    python bench/compare_defences.py                      # full protocol, budget 20000, substitute cnn
-    python bench/compare_defences.py --resume             # after a kill: finished units are skipped
-    python bench/compare_defences.py --quick              # a tiny version of everything (a test runs it)
-    python bench/compare_defences.py --settings none hp mad1.0 --thieves probs
+    python -m bench.compare_defences                      # full protocol, budget 20000, substitute cnn
+    python -m bench.compare_defences --resume             # after a kill: finished units are skipped
+    python -m bench.compare_defences --quick              # a tiny version of everything (a test runs it)
+    python -m bench.compare_defences --settings none hp mad1.0 --thieves probs
 
-Protocol: bench/reproduce.py's (CIFAR-10 victim = the pretrained ResNet-20, Tiny ImageNet thief
+Protocol: bench.reproduce's (CIFAR-10 victim = the pretrained ResNet-20, Tiny ImageNet thief
 pool, same data split, same thief: KnockoffNets random queries, FitConfig(epochs=12, seed)). The
 victim, the HoneypotNet protection of seed 0 (bundle + calibrated tau0), the reference models and
-the pool answers are taken from bench/reproduce.py's output (`--from-reproduce`, default
+the pool answers are taken from bench.reproduce's output (`--from-reproduce`, default
 runs/reproduce): their finished units are copied into OUT/reproduce and reused when their keys
-match; whatever is missing or different is computed there by reproduce.py's own pipeline (the
+match; whatever is missing or different is computed there by the same pipeline (the
 source directory is never modified).
 
 Each defence setting (SETTINGS below; several per defence, plus HoneypotNet alone and composed
 with top-k / rounding) is measured four ways:
   victim CTA      accuracy of the *defended* API's top-1 on the CIFAR-10 test images of
-                  reproduce.py's evaluation set, as a benign user sees it (+ fidelity to the
+                  bench.reproduce's evaluation set, as a benign user sees it (+ fidelity to the
                   undefended model's labels, mean L1 change of the answers)
   latency         seconds per query of the defended API, batches of 1 and of 256 test images, over
                   the time of the undefended victim measured in the same run (ratio; medians)
@@ -30,7 +30,7 @@ with top-k / rounding) is measured four ways:
                   honeypot_check) to show it flags none of the other defences' thieves.
 
 Cost: the victim's and the protected model's probabilities on the pool are computed once
-(reproduce.py's pool-answers units); a thief's oracle is DefendedOracle(PoolOracle(probs), defences),
+(bench.reproduce's pool-answers units); a thief's oracle is DefendedOracle(PoolOracle(probs), defences),
 so a defence costs only its post-processing (MAD: one forward pass of its surrogate; Adaptive
 Misinformation: one of its misinformation model). Thieves whose answers are identical (e.g. the
 label-only thief of every argmax-preserving defence) share one substitute (keyed by the answers'
@@ -43,45 +43,34 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from honeypotnet.attacks import query_oracle, train_substitute
+from honeypotnet.bundle import load_model, save_model
+from honeypotnet.defences import DAWN, DefendedOracle, dawn_verify, make_defence, train_misinformation_model
+from honeypotnet.models import create_model
+from honeypotnet.oracles import ModelOracle, OutputMode
+from honeypotnet.ops import to_float
+from honeypotnet.training import FitConfig, accuracy
+from honeypotnet.verify import verify
 
+from .benchlib.args import add_common_args, add_data_args, default_out, finish_common_args
+from .benchlib.common import (command_line, log, machine_info, save_report, set_threads, stage_timings,
+                              timings_json)
+from .benchlib.data import find_victim, load_data, owner_labels
+from .benchlib.oracle import PoolOracle
+from .benchlib.protocol import FULL, QUICK, Reproduction
+from .benchlib.units import Units
 
-def _load_reproduce():
-    if "bench_reproduce" in sys.modules:
-        return sys.modules["bench_reproduce"]
-    spec = importlib.util.spec_from_file_location("bench_reproduce", REPO / "bench" / "reproduce.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_reproduce"] = mod  # dataclasses need the module registered
-    spec.loader.exec_module(mod)
-    return mod
-
-
-rp = _load_reproduce()
-
-from honeypotnet.attacks import query_oracle, train_substitute  # noqa: E402
-from honeypotnet.bundle import load_model, save_model  # noqa: E402
-from honeypotnet.data import load_dataset  # noqa: E402
-from honeypotnet.defences import (  # noqa: E402
-    DAWN, DefendedOracle, dawn_verify, make_defence, train_misinformation_model,
-)
-from honeypotnet.models import create_model  # noqa: E402
-from honeypotnet.oracles import ModelOracle, OutputMode  # noqa: E402
-from honeypotnet.training import FitConfig, accuracy, default_device, to_float  # noqa: E402
-from honeypotnet.verify import verify  # noqa: E402
-
-log = rp.log
+NAME = "compare-defences"
 
 
 # ============================================================================ settings
@@ -135,9 +124,9 @@ BY_ID = {s.id: s for s in SETTINGS}
 QUICK_SETTINGS = ["none", "top1", "top3", "round2", "noise0.2", "rs0.3", "mad1.0", "madarg1.0", "am0.5", "dawn0.05",
                   "hp", "hp+top1", "hp+round2"]
 
-# --quick: reproduce.py's pipeline at a tiny size (its own protection; a smoke test of the whole
+# --quick: bench.reproduce's pipeline at a tiny size (its own protection; a smoke test of the whole
 # benchmark, not a measurement)
-TINY = replace(rp.QUICK, shadow=500, owner=500, pool=1000, calib_per_class=50, verify_per_class=50, thief_epochs=2,
+TINY = replace(QUICK, shadow=500, owner=500, pool=1000, calib_per_class=50, verify_per_class=50, thief_epochs=2,
                reference_epochs=1, outer_iters=1, shadow_epochs=1, trigger_passes=1, honeypot_steps=50, budget_scale=20)
 
 NU = 1000.0  # Adaptive Misinformation's sharpness (the paper's value)
@@ -159,10 +148,10 @@ class Comparison:
     def __init__(self, args, p, data, device) -> None:
         self.args, self.p, self.data, self.device, self.seed = args, p, data, device, args.seed
         self.out = Path(args.out)
-        self.units = rp.Units(self.out, args.resume)
-        # reproduce.py's pipeline, in OUT/reproduce (always resumed: these are inputs, not measurements)
-        rargs = argparse.Namespace(**{**vars(args), "out": str(self.out / "reproduce"), "resume": True, "finetune_victim": 0})
-        self.rep = rp.Reproduction(rargs, p, data, device)
+        self.units = Units(self.out, args.resume)
+        # the reproduction's pipeline, in OUT/reproduce (always resumed: these are inputs, not measurements)
+        self.rep = Reproduction(self.out / "reproduce", p, data, device, victim_path=find_victim(args), resume=True,
+                                progress=args.progress)
         self.eval_images, self.eval_labels = self.rep.eval_images, self.rep.eval_labels
         self.rows: list[dict] = []
         self.benign: dict[str, dict] = {}
@@ -200,7 +189,7 @@ class Comparison:
         params = {"arch": "cnn", "fit": asdict(cfg), "owner": len(data.owner), "owner_labels": "cifar10-jpeg/train"}
 
         def run(d: Path) -> dict:
-            labels = self.owner_labels()
+            labels = owner_labels(data, self.p)
             model = train_misinformation_model("cnn", 10, data.owner, labels, cfg, progress=self.args.progress,
                                                device=self.device)
             save_model(model, d / "misinformation.safetensors", "cnn", 10, data.classes)
@@ -211,14 +200,6 @@ class Comparison:
         self._mis_key = rec["key"]
         log(f"misinformation model: accuracy {100 * rec['accuracy']:.2f}% on the evaluation images (it avoids the true class)")
         return self._mis
-
-    def owner_labels(self) -> torch.Tensor:
-        """Labels of the owner images (reproduce.py keeps only the images): the same subset of cifar10-jpeg/train."""
-        train = load_dataset("imagefolder", self.data.info["cifar_root"], "train")
-        idx = rp._subset(len(train), self.p.owner, 1)
-        if not torch.equal(train.images[idx], self.data.owner):
-            raise RuntimeError("owner images do not match reproduce.py's subset of cifar10-jpeg/train")
-        return train.labels[idx]
 
     def dawn_key(self) -> str:
         return f"compare-defences owner key, seed {self.seed}"  # the owner's secret (fixed: results reproduce)
@@ -263,7 +244,7 @@ class Comparison:
     def benign_cta(self, s: Setting) -> dict:
         def run(d: Path) -> dict:
             # what DefendedOracle(ModelOracle(model), defences) answers, from the model's answers computed once
-            api = DefendedOracle(rp.PoolOracle(self.eval_probs(s.model), self.eval_images), self.build(s))
+            api = DefendedOracle(PoolOracle(self.eval_probs(s.model), self.eval_images), self.build(s))
             ans = query_oracle(api, self.eval_images, batch_size=500)
             ref = self.eval_probs("victim")
             return {"victim_cta": float((ans.argmax(1) == self.eval_labels).float().mean()),
@@ -314,7 +295,7 @@ class Comparison:
             # the same draw as attacks.random_extraction(seed=seed): budget random pool images
             idx = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:budget]
             defences = self.build(s)
-            api = DefendedOracle(rp.PoolOracle(self.pool_probs[s.model], pool), defences, output=OutputMode(mode))
+            api = DefendedOracle(PoolOracle(self.pool_probs[s.model], pool), defences, output=OutputMode(mode))
             ans = query_oracle(api, pool[idx], batch_size=256, progress=self.args.progress)
             if api.queries != budget or len(ans) != budget:
                 raise RuntimeError(f"the thief paid {api.queries} queries for a budget of {budget}")
@@ -478,7 +459,7 @@ def plot(rows: list[dict], path: Path, arch: str, budget: int) -> None:
 
 
 def reuse_reproduce(src: Path, dst: Path, seed: int) -> list[str]:
-    """Copy reproduce.py's finished input units (victim, protection, calibration, references, pool
+    """Copy bench.reproduce's finished input units (victim, protection, calibration, references, pool
     answers) from `src` into `dst` (files only; partial work directories and thieves are left out),
     so their keys can be checked and reused without ever writing to `src`."""
     copied = []
@@ -511,13 +492,13 @@ def reuse_reproduce(src: Path, dst: Path, seed: int) -> list[str]:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    ap = argparse.ArgumentParser(prog="python -m bench.compare_defences", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="See the module docstring and docs/defences.md.")
-    rp.add_data_args(ap)
+    add_common_args(ap, quick="tiny protocol and a subset of the settings (a smoke test)", resume=False)
+    add_data_args(ap)
     ap.add_argument("--from-reproduce", metavar="DIR",
-                    help="bench/reproduce.py's output to reuse (read only; default runs/reproduce, none with --quick)")
-    ap.add_argument("--out", help="output directory (default runs/compare-defences, runs/compare-defences-quick with --quick)")
-    ap.add_argument("--quick", action="store_true", help="tiny protocol and a subset of the settings (a smoke test)")
+                    help="bench.reproduce's output to reuse (read only; default runs/reproduce, none with --quick)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--budgets", type=int, nargs="+", default=[20000], help="thief query budgets (quick: divided by 20)")
     ap.add_argument("--substitutes", nargs="+", default=["cnn"], help="substitute architectures (default cnn)")
@@ -528,17 +509,10 @@ def parse_args(argv=None):
                          + " ".join(BY_ID))
     ap.add_argument("--latency-repeats", type=int, help="timed single-image queries per setting (default 50, quick 3; "
                     "batches of 256: a tenth as many, at least 1); 0 skips the latency measurement")
-    ap.add_argument("--device", default=str(default_device()), help="cpu / cuda (default: cuda if available)")
-    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)),
-                    help="torch CPU threads (default $OMP_NUM_THREADS, else all cores)")
-    ap.add_argument("--resume", action="store_true", help="skip finished units, continue partial ones")
-    ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty(),
-                    help="progress bars (default: when stderr is a terminal)")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default $OMP_NUM_THREADS, else all cores)")
     args = ap.parse_args(argv)
-    if args.out is None:
-        args.out = str(REPO / "runs" / ("compare-defences-quick" if args.quick else "compare-defences"))
     if args.from_reproduce is None and not args.quick:
-        args.from_reproduce = str(REPO / "runs" / "reproduce")
+        args.from_reproduce = str(default_out("reproduce", False))
     if args.settings is None:
         args.settings = QUICK_SETTINGS if args.quick else [s.id for s in SETTINGS]
     unknown = [s for s in args.settings if s not in BY_ID]
@@ -548,14 +522,16 @@ def parse_args(argv=None):
         args.latency_repeats = 3 if args.quick else 50
     if args.latency_repeats < 0:
         ap.error("--latency-repeats must be >= 0")
-    args.finetune_victim = 0
-    return args
+    return finish_common_args(args, NAME)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    torch.set_num_threads(max(1, args.threads))
-    p = TINY if args.quick else rp.FULL
+    if args.threads:
+        torch.set_num_threads(max(1, args.threads))
+    else:
+        set_threads()
+    p = TINY if args.quick else FULL
     budgets = sorted({b // p.budget_scale for b in args.budgets})
     if min(budgets) <= 0 or max(budgets) > p.pool:
         raise SystemExit(f"budgets {budgets} must lie in 1..{p.pool} (the pool)")
@@ -568,10 +544,10 @@ def main(argv=None) -> dict:
         if src.resolve() == (out / "reproduce").resolve():
             raise SystemExit("--from-reproduce must not be OUT/reproduce itself")
         copied = reuse_reproduce(src, out / "reproduce", args.seed) if src.is_dir() else []
-        log(f"reproduce.py artefacts from {src}: {', '.join(copied) if copied else 'none copied'} "
+        log(f"reproduction artefacts from {src}: {', '.join(copied) if copied else 'none copied'} "
             f"(reused where their keys match, recomputed in {out / 'reproduce'} otherwise)")
 
-    data = rp.load_data(args, p)
+    data = load_data(args, p)
     log(f"data: {json.dumps({k: v for k, v in data.info.items() if not k.endswith('root')})}  [{time.time() - t0:.0f} s]")
     cmp = Comparison(args, p, data, device)
     cmp.setup()
@@ -581,22 +557,19 @@ def main(argv=None) -> dict:
     for s in settings:
         cmp.run_setting(s, args.thieves, args.substitutes, budgets)
 
-    stages: dict[str, list[float]] = {}
-    for u in cmp.units.timings + cmp.rep.units.timings:
-        now, total = stages.setdefault(u["stage"], [0.0, 0.0])
-        stages[u["stage"]] = [now + (0.0 if u["resumed"] else u["seconds"]), total + u["seconds"]]
+    stages = stage_timings(cmp.units.timings + cmp.rep.units.timings)
     wall = time.time() - t0
     stages["total wall time"] = [wall, wall]
     results = {
-        "benchmark": "bench/compare_defences.py", "mode": "quick" if args.quick else "full",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "benchmark": "bench.compare_defences", "mode": "quick" if args.quick else "full",
+        "command": command_line("bench.compare_defences", argv),
         "protocol": {**asdict(p), "budgets": budgets, "seed": args.seed, "substitutes": args.substitutes,
                      "thieves": args.thieves, "thief_fit": asdict(FitConfig(epochs=p.thief_epochs, seed=args.seed)),
                      "eval_images": len(cmp.eval_labels), "verification_images": len(data.verif),
                      "mad_surrogate": f"randomly initialised {MAD_SURROGATE} (seed {1000 + args.seed})",
                      "adaptive_misinformation_nu": NU, "latency_repeats": args.latency_repeats,
                      "from_reproduce": args.from_reproduce, "data": data.info},
-        "machine": rp.machine_info(device),
+        "machine": machine_info(device),
         "victim": {"cta": cmp.rep.victim_rec["cta"]},
         "protection": {k: cmp.prot[k] for k in ("victim_cta", "protected_cta", "fidelity", "tau0")},
         "settings": [{"id": s.id, "label": s.label, "family": s.family, "model": s.model, "defences": s.spec()}
@@ -604,16 +577,14 @@ def main(argv=None) -> dict:
         "latency": cmp.latency,
         "benign": {k: {a: v[a] for a in ("victim_cta", "fidelity", "answer_l1")} for k, v in cmp.benign.items()},
         "rows": cmp.rows,
-        "timings": {k: {"this_run": round(a, 1), "including_resumed": round(b, 1)} for k, (a, b) in stages.items()},
+        "timings": timings_json(stages),
     }
-    rp._write_json(out / "compare-defences.json", results)
     table = format_table(cmp.rows, cmp.latency)
-    (out / "compare-defences.md").write_text(table + "\n")
+    written = save_report(out, "compare-defences", results, table, record=args.record, folder=NAME)
     plot(cmp.rows, out / "compare-defences.png", args.substitutes[0], max(budgets))
     log("")
     log(table)
-    log(f"\nwrote {out / 'compare-defences.json'}, {out / 'compare-defences.md'}, {out / 'compare-defences.png'}"
-        f"  [{wall:.0f} s]")
+    log(f"\nwrote {', '.join(map(str, written))}, {out / 'compare-defences.png'}  [{wall:.0f} s]")
     return results
 
 

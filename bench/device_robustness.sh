@@ -1,5 +1,5 @@
 #!/bin/bash
-# bench/robustness.py on a GPU lent for minutes (the workplace's `device` tool), CPU protocol.
+# python -m bench.robustness on a GPU lent for minutes (the workplace's `device` tool), CPU protocol.
 #
 # Once, here: put the data where it travels with the working tree (.devdata/ is git-ignored through
 # .git/info/exclude; about 59 MB, under the 64 MiB a call carries):
@@ -13,9 +13,9 @@
 # its own units directory /tmp/rep<seed>; ARGS_<seed> adds options to that seed's run (ARGS_0=--no-goals),
 # COMMON to every run (COMMON=--quick DEVICE=cpu tries the script without a GPU).
 # Each writes rob-s<seed>.json and .log under $OUT (at most 8 files come back); merge them here with
-# `python bench/robustness.py --merge A.json B.json ... --out DIR`.
+# `python -m bench.robustness --merge A.json B.json ... --out DIR`.
 # Used on 2026-11-26 (session 6, sequential, negcr0.25-eps24: ~2.5 min per variant and seed on an H200)
-# and 2026-11-26 (session 8, PARALLEL=1, negcr0.25-eps24-ft2; README has the timings).
+# and 2026-11-26 (session 8, PARALLEL=1, negcr0.25-eps24-ft2; docs/results/robustness/ has the runs).
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 HONEYPOTNET_CACHE=/tmp/hpcache
 VARIANTS=${VARIANTS:-negcr0.25-eps24-ft2} SEEDS=${SEEDS:-0 1 2} DEADLINE=${DEADLINE:-380}
 set -o pipefail
@@ -25,7 +25,7 @@ if [ "${DEVICE:-cuda}" = cuda ]; then
 fi
 T0=$(date +%s)
 if [ -z "$SKIP_QUICK" ]; then  # the CUDA code path end to end on the quick protocol, before minutes are spent
-  python3 bench/robustness.py --quick --device cuda --shared .devdata --reproduce-out /tmp/rq --out /tmp/rqo \
+  python3 -m bench.robustness --quick --device cuda --shared .devdata --reproduce-out /tmp/rq --out /tmp/rqo \
     --no-progress --cross-substitute cnn_small --variants ${VARIANTS%% *} > $OUT/quick.log 2>&1 || { tail -40 $OUT/quick.log; exit 4; }
   echo "quick ok in $(( $(date +%s) - T0 )) s"
 fi
@@ -35,7 +35,7 @@ if [ -n "$PARALLEL" ]; then
   smi=$!
   for s in $SEEDS; do
     extra=$(eval echo "\${ARGS_$s:-}")
-    OMP_NUM_THREADS=$(( $(nproc) / n )) python3 bench/robustness.py --device ${DEVICE:-cuda} --shared .devdata \
+    OMP_NUM_THREADS=$(( $(nproc) / n )) python3 -m bench.robustness --device ${DEVICE:-cuda} --shared .devdata \
       --reproduce-out /tmp/rep$s --out /tmp/rob$s --no-progress --variants $VARIANTS --seeds $s \
       --deadline $DEADLINE $COMMON $extra > $OUT/rob-s$s.log 2>&1 &
     pids="$pids $!"
@@ -47,7 +47,7 @@ if [ -n "$PARALLEL" ]; then
     echo "== seed $s"; grep -E "protect |deadline|stopped by|Error|wrote" $OUT/rob-s$s.log | tail -8
   done
 else
-  python3 bench/robustness.py --device cuda --shared .devdata --reproduce-out /tmp/rep --out $OUT/rob --no-progress \
+  python3 -m bench.robustness --device cuda --shared .devdata --reproduce-out /tmp/rep --out $OUT/rob --no-progress \
     --variants $VARIANTS --seeds $SEEDS --deadline $DEADLINE 2>&1 | tee $OUT/rob.log \
     | grep -vE "^\|" | tail -60
 fi

@@ -1,16 +1,16 @@
-"""Paper-scale HoneypotNet run on a GPU: ResNet-34 victim, ResNet-18 thief, 64x64 inputs (issue 3).
+"""Paper-scale HoneypotNet run on a GPU: ResNet-34 victim, ResNet-18 thief, 64x64 inputs (docs/research/paper-scale.md).
 
-    python bench/paper_scale.py                         # on a GPU: 4.4 min on one H200
-    python bench/paper_scale.py --tiny --device cpu     # the same code path on a few hundred images
+    python -m bench.paper_scale                         # on a GPU: 4.4 min on one H200
+    python -m bench.paper_scale --quick --device cpu    # the same code path on a few hundred images
 
-PAPER.md's protocol at the scale the paper works at, as far as the data here allows. CPU runs
-(bench/reproduce.py) use a pretrained CIFAR ResNet-20 at 32 px and 4-conv CNN thieves; this one:
+The paper's protocol at the scale the paper works at, as far as the data here allows. CPU runs
+(bench.reproduce) use a pretrained CIFAR ResNet-20 at 32 px and 4-conv CNN thieves; this one:
 
   victim   torchvision ResNet-34 (its ImageNet stem: 7x7/2 conv + max-pool; `tv_resnet34`), trained
            from scratch on all 50k cifar10-jpeg/train images upsampled to 64x64 (no pretrained
            ResNet-34 is available offline)
   shadow   the defender's 10k Tiny ImageNet val images at their native 64x64
-  owner    10k cifar10-jpeg/train images (L_norm), as in reproduce.py
+  owner    10k cifar10-jpeg/train images (L_norm), as in bench.reproduce
   pool     the thief's 20k Tiny ImageNet train images (disjoint from the shadow set)
   thieves  torchvision ResNet-18 (`tv_resnet18`) at 5k/10k/20k queries with soft labels, and at 20k
            label-only; the cross-architecture thief is the 4-conv CNN; each also trained on the
@@ -21,9 +21,9 @@ PAPER.md's protocol at the scale the paper works at, as far as the data here all
            owner set; lr 0.01/0.05 x 5/10 epochs), 50% fine-pruning, JPEG q75 and blur sigma 0.5
 
 The protection is the "spec" preset (--preset spec, the default here: full-image UAP eps 16/255, residual
-head, lambda 3, T=8, CNN shadow; the library default before issue 8), unchanged from the CPU runs: this
-checks that the configuration carries over to another scale, it does not tune it. The README's figures of
-this script are of "spec". `--preset robust` runs the library's default (issue 8: ε 24, trigger blur,
+head, lambda 3, T=8, CNN shadow; the library default before the robustness study), unchanged from the CPU
+runs: this checks that the configuration carries over to another scale, it does not tune it. The recorded
+figures of this script are of "spec". `--preset robust` runs the library's default (the robustness study: ε 24, trigger blur,
 fine-tuned shadow, CNN + ResNet-20 negative shadows), 10-14x spec's protect time on CPU; it has not been
 run at this scale (no GPU was lent since it became the default). Training runs in fp32 (TF32 on CUDA): with --amp (bf16 autocast)
 two H200 runs ended with a victim that answered one class (10% CTA) although its training loss fell;
@@ -34,6 +34,11 @@ chosen from a measured throughput to fit --victim-seconds, and the thieves run i
 one that would not finish before the deadline is skipped and listed in results.json ("skipped").
 The chosen epochs, throughputs and every stage's wall time are in results.json.
 
+The data roots, the per-class test split, the report writing and the options are bench.benchlib's; the
+training, references and thieves are this script's own (64 px torchvision ResNets need zero-initialised
+residual branches and the GPU batch size, so the protocol's units and verify.calibrate_null's reference
+training do not carry over unchanged). The run has no units to resume: it is one timed pass.
+
 Output (OUT, default runs/paper-scale): results.json (written after every stage), results.md (the
 table), trigger.png, run.log lines on stdout.
 """
@@ -42,32 +47,35 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import reproduce  # noqa: E402  (bench/reproduce.py: data options, unpacking, log, JSON writing)
+from honeypotnet.config import ProtectConfig
+from honeypotnet.countermeasures import fine_prune, finetune
+from honeypotnet.data import load_dataset
+from honeypotnet.models import create_model
+from honeypotnet.ops import to_float
+from honeypotnet.protect import protect
+from honeypotnet.training import FitConfig, fit, predict_logits
+from honeypotnet.verify import assess, calibrate_tau0, verify
 
-from honeypotnet.countermeasures import assess, fine_prune, finetune  # noqa: E402
-from honeypotnet.data import load_dataset  # noqa: E402
-from honeypotnet.honeypot import ProtectConfig, protect  # noqa: E402
-from honeypotnet.models import create_model  # noqa: E402
-from honeypotnet.training import FitConfig, fit, predict_logits, to_float  # noqa: E402
-from honeypotnet.verify import calibrate_tau0, verify  # noqa: E402
+from .benchlib.args import add_common_args, add_data_args, finish_common_args
+from .benchlib.common import command_line, log, machine_info, save_report, write_json
+from .benchlib.data import resolve_roots, split_per_class, subset
 
-log = reproduce.log
+NAME = "paper-scale"
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    reproduce.add_data_args(ap, victim=False)
-    ap.add_argument("--out", default=str(reproduce.REPO / "runs" / "paper-scale"))
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap = argparse.ArgumentParser(prog="python -m bench.paper_scale", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(ap, quick="a few hundred images, 1-2 epochs: a smoke test of the code path (was --tiny)",
+                    resume=None, progress=False)
+    ap.add_argument("--tiny", action="store_true", dest="quick", help=argparse.SUPPRESS)  # the option's former name
+    add_data_args(ap, victim=False)
     ap.add_argument("--size", type=int, default=64, help="input side in pixels (CIFAR is upsampled to it)")
     ap.add_argument("--victim-arch", default="tv_resnet34")
     ap.add_argument("--thief-arch", default="tv_resnet18")
@@ -79,25 +87,25 @@ def parse_args(argv=None):
     ap.add_argument("--deadline", type=float, default=420.0, help="seconds: no stage starts that would end later")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--preset", choices=["spec", "robust"], default="spec",
-                    help="the protection (ProtectConfig.preset): 'spec' (default here; the README's figures) or "
+                    help="the protection (ProtectConfig.preset): 'spec' (default here; the recorded figures) or "
                          "'robust' (the library default)")
-    ap.add_argument("--tiny", action="store_true", help="a few hundred images, 1-2 epochs: a smoke test of the code path")
     ap.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                     help="bf16 autocast on CUDA (off by default: it broke the victim twice, see above)")
-    args = ap.parse_args(argv)
+    args = finish_common_args(ap.parse_args(argv), NAME)
     args.amp = args.amp and args.device.startswith("cuda")
     return args
 
 
 class Run:
-    def __init__(self, args) -> None:
+    def __init__(self, args, argv=None) -> None:
         self.args = args
         self.dev = torch.device(args.device)
         self.t0 = time.time()
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.res: dict = {"benchmark": "bench/paper_scale.py", "args": vars(args), "stages": {}, "thieves": [],
-                          "robustness": [], "skipped": []}
+        self.res: dict = {"benchmark": "bench.paper_scale", "mode": "quick" if args.quick else "full",
+                          "command": command_line("bench.paper_scale", argv), "args": vars(args), "stages": {},
+                          "thieves": [], "robustness": [], "skipped": []}
         self.rate: dict[str, float] = {}  # training images per second, by architecture
 
     # ------------------------------------------------------------------ bookkeeping
@@ -109,7 +117,7 @@ class Run:
 
     def save(self) -> None:
         self.res["elapsed_s"] = round(self.elapsed(), 1)
-        reproduce._write_json(self.out / "results.json", self.res)
+        write_json(self.out / "results.json", self.res)
 
     def stage(self, name: str, t: float) -> None:
         self.res["stages"][name] = round(time.time() - t, 2)
@@ -118,19 +126,19 @@ class Run:
     # ------------------------------------------------------------------ data
     def load(self) -> None:
         t, a = time.time(), self.args
-        cifar_root, tin_root = reproduce.resolve_roots(a)
+        cifar_root, tin_root = resolve_roots(a)
         test = load_dataset("imagefolder", cifar_root, "test")
         train = load_dataset("imagefolder", cifar_root, "train")
         shadow = load_dataset("tinyimagenet", tin_root, "val")
         pool = load_dataset("tinyimagenet", tin_root, "train")
         per_class, n_shadow, n_owner, n_pool, n_lab = 500, 10_000, 10_000, 20_000, 1000
-        if a.tiny:
+        if a.quick:
             per_class, n_shadow, n_owner, n_pool, n_lab = 20, 400, 400, 800, 100
             a.budgets = [min(b // 25, n_pool) for b in a.budgets]
-            train_idx = reproduce._subset(len(train), 2000, 4)
+            train_idx = subset(len(train), 2000, 4)
             train = type(train)(train.images[train_idx], train.labels[train_idx], train.classes)
         g = torch.Generator().manual_seed(7)
-        self.calib, self.verif = reproduce.split_per_class(test.labels, len(test.classes), per_class, per_class)
+        self.calib, self.verif = split_per_class(test.labels, len(test.classes), per_class, per_class)
         owner_idx = torch.randperm(len(train), generator=g)[:n_owner]
         rest = torch.ones(len(train), dtype=torch.bool)
         rest[owner_idx] = False
@@ -219,13 +227,13 @@ class Run:
             epochs = a.victim_epochs
         else:
             per_epoch = len(self.train_images) / self.throughput(a.victim_arch)
-            epochs = 2 if a.tiny else max(6, min(30, int(a.victim_seconds / per_epoch)))
+            epochs = 2 if a.quick else max(6, min(30, int(a.victim_seconds / per_epoch)))
         self.victim_model, loss = self.train(a.victim_arch, self.train_images, self.train_labels, epochs, seed=a.seed)
         self.victim_pred = self.predict(self.victim_model)
         self.res["victim"] = {"arch": a.victim_arch, "epochs": epochs, "cta": self.cta(self.victim_model, self.victim_pred),
                               "loss": loss}
         self.stage("victim", t)
-        if not all(math.isfinite(v) for v in loss) or (self.res["victim"]["cta"] < 0.5 and not a.tiny):
+        if not all(math.isfinite(v) for v in loss) or (self.res["victim"]["cta"] < 0.5 and not a.quick):
             raise SystemExit(f"victim training failed (loss {loss}, CTA {self.res['victim']['cta']:.3f}): stopping")
         log(f"victim {a.victim_arch}: {epochs} epochs, CTA {100 * self.res['victim']['cta']:.2f}%  "
             f"[{self.res['stages']['victim']:.0f} s]")
@@ -233,7 +241,7 @@ class Run:
     def protect(self) -> None:
         t, a = time.time(), self.args
         cfg = ProtectConfig.preset(a.preset, seed=a.seed)
-        if a.tiny:
+        if a.quick:
             cfg = ProtectConfig.preset(a.preset, seed=a.seed, outer_iters=2, shadow_epochs=1, trigger_passes=1,
                                        honeypot_steps=50)
         with torch.autocast(self.dev.type, enabled=False):  # fp32: L_norm's reference logits stay exact
@@ -243,7 +251,7 @@ class Run:
         own = verify(self.protected, self.trigger, self.test_images[self.verif], self.test_labels[self.verif],
                      cfg.target, 0.5)
         self.res["protection"] = {
-            "preset": a.preset, "config": asdict(cfg), "victim_cta": self.res["victim"]["cta"],
+            "preset": a.preset, "config": cfg.to_dict(), "victim_cta": self.res["victim"]["cta"],
             "protected_cta": float((pp == self.test_labels).float().mean()),
             "fidelity": float((vp == pp).float().mean()), "protected_model_asr": own.asr, "history": r.history}
         p = self.res["protection"]
@@ -282,7 +290,7 @@ class Run:
             + f")  [{self.res['stages']['references']:.0f} s]")
 
     def epochs(self) -> int:
-        return 1 if self.args.tiny else self.args.thief_epochs
+        return 1 if self.args.quick else self.args.thief_epochs
 
     def thief(self, oracle: str, arch: str, budget: int, mode: str):
         a = self.args
@@ -373,8 +381,8 @@ def main(argv=None) -> dict:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    run = Run(args)
-    run.res["machine"] = reproduce.machine_info(dev)
+    run = Run(args, argv)
+    run.res["machine"] = machine_info(dev)
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.amp)
     with amp:
         run.load()
@@ -393,9 +401,10 @@ def main(argv=None) -> dict:
             run.robustness(thief20k, "protected")
         run.thief("clean", args.thief_arch, big, "label")
         run.thief("clean", args.thief_arch, min(args.budgets), "probs")
-    run.save()
-    (run.out / "results.md").write_text(table(run.res))
-    print(table(run.res))
+    run.res["elapsed_s"] = round(run.elapsed(), 1)
+    md = table(run.res)
+    save_report(run.out, "results", run.res, md, record=args.record, folder=NAME)
+    print(md)
     return run.res
 
 

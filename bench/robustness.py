@@ -1,20 +1,21 @@
-"""Can the thief wash the honeypot's backdoor out of its copy? (issue 8)
+"""Can the thief wash the honeypot's backdoor out of its copy? (the robustness study, docs/research/robustness.md)
 
-    python bench/robustness.py                          # spec (base) and the default (robust), seed 0, cnn thief at 20k
-    python bench/robustness.py --variants base eps20 --seeds 0 1 2
-    python bench/robustness.py --quick                  # the same on reproduce.py's quick protocol (a test)
-    python bench/robustness.py --device cuda --variants negcr0.25-eps24 --seeds 0 1 2 --deadline 380
+    python -m bench.robustness                          # spec (base) and the default (robust), seed 0, cnn thief at 20k
+    python -m bench.robustness --variants base eps20 --seeds 0 1 2
+    python -m bench.robustness --quick                  # the same on bench.reproduce's quick protocol (a test)
+    python -m bench.robustness --device cuda --variants negcr0.25-eps24 --seeds 0 1 2 --deadline 380
                                                         # a machine lent for minutes: what finished is written
-    python bench/robustness.py --merge s0/robustness.json s1/robustness.json --out DIR
+    python -m bench.robustness --merge s0/robustness.json s1/robustness.json --out DIR
                                                         # one report from runs made elsewhere (one per seed)
 
-Protocol: bench/reproduce.py's (victim, shadow set, pool, calibrated tau0, verification half); its
-units are shared: the protection and the thieves are reproduce.py units in `--reproduce-out`
+Protocol: bench.reproduce's (victim, shadow set, pool, calibrated tau0, verification half); its
+units are shared: the protection and the thieves are bench.benchlib.protocol units in `--reproduce-out`
 (default runs/reproduce, runs/reproduce-quick with --quick), so a finished reproduction is reused and
-every variant here is also a reproduce.py unit. For each protection variant (VARIANTS below: the
-base configuration and the options issue 8 asks to try), the protected-extraction substitute and the
-clean substitute (same thief, unprotected victim) go through every counter-measure a suspicious thief
-has, and each result is verified with the bundle's trigger and calibrated tau0 (PAPER.md §3):
+every variant here is also a reproduction unit (units are always reused here: --no-resume recomputes
+them). For each protection variant (VARIANTS below: the base configuration and the options the
+robustness study tried), the protected-extraction substitute and the clean substitute (same thief,
+unprotected victim) go through every counter-measure a suspicious thief has, and each result is
+verified with the bundle's trigger and calibrated tau0 (docs/method.md, verification):
 
   fine-tune    all layers, on `--labelled` (1,000) clean labelled cifar10-jpeg/train images the
                defender never used (disjoint from the owner set), swept over epochs x learning rate
@@ -43,23 +44,25 @@ against tau0 10.8% and was flagged). So every verdict is also given under tau0 r
 rule) over the references plus each reference fine-tuned on 1,000 of the owner's labelled images
 (verify.finetuned_references, 4 settings), and the goal list is checked under both nulls.
 (Measured over three seeds: it raised tau0 but removed none of eps20's false positives, which came
-from clean extracted copies, not from fine-tuned references; README.) Each of those models also
-joins the widened null behind every purification of the sweep that costs it at most
+from clean extracted copies, not from fine-tuned references; docs/research/null-and-false-positives.md.)
+Each of those models also joins the widened null behind every purification of the sweep that costs it at most
 PURIFY_USABLE_DROP of accuracy (verify.purified_references): an innocent owner may blur or
 re-compress its inputs as a thief may (measured: clean copies behind blur σ 1 answered the
 blur-robust trigger of negcrft-eps24-ft2-blur 6.7 / 8.6% against tau0 5%, and were flagged).
 
+The widened null is built here from its parts (the references unit of the protocol, their fine-tuned
+copies as a unit per seed, the purified wrappers) rather than by verify.calibrate_null, which would
+retrain the references for every protection and fine-tune them on the calibration images instead of
+the owner's labelled train images (other figures).
+
 Output: markdown tables on stdout and OUT/robustness.md (goals; counter-measures over seeds; every
-run), OUT/robustness.json, and
-OUT/robustness-finetune.png (ASR against the thief's fine-tuning epochs, one line per learning rate
+run), OUT/robustness.json, and OUT/robustness-finetune.png (ASR against the thief's fine-tuning epochs, one line per learning rate
 and protection variant, mean over seeds with a min..max band, the clean substitute dashed).
 """
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -68,36 +71,38 @@ from pathlib import Path
 import torch
 
 from honeypotnet.bundle import load_model, save_model
-from honeypotnet.countermeasures import assess, fine_prune, finetune, neural_cleanse
+from honeypotnet.countermeasures import fine_prune, finetune, neural_cleanse
 from honeypotnet.data import load_dataset
-from honeypotnet.training import accuracy, default_device
-from honeypotnet.verify import (FINETUNE_SETTINGS, PURIFY_MAX_DROP, PURIFY_SETTINGS, binomial_p_value, calibrate_tau0,
-                                 finetuned_references, purified_references)
+from honeypotnet.training import accuracy
+from honeypotnet.verify import (FINETUNE_SETTINGS, PURIFY_MAX_DROP, PURIFY_SETTINGS, assess, binomial_p_value,
+                                 calibrate_tau0, finetuned_references, purified_references)
 
-REPO = Path(__file__).resolve().parents[1]
+from .benchlib.args import add_common_args, add_data_args, default_out, finish_common_args
+from .benchlib.common import command_line, jsonable, load_results, log, machine_info, save_report, set_threads
+from .benchlib.data import Data, find_victim, load_data, subset
+from .benchlib.protocol import FULL, QUICK, Protocol, Reproduction
+from .benchlib.units import DeadlineReached
 
-
-sys.path.insert(0, str(REPO / "bench"))
-import reproduce as rp  # noqa: E402  (the same protocol, data and resumable units)
+NAME = "robustness"
 
 # negcrft-eps24-ft2-blur's overrides, which its weight / noise variants below start from
 NEGCRFT_BLUR = {"eps": 24 / 255, "negative_weight": 0.25, "negative_archs": "cnn,resnet20", "shadow_finetune_epochs": 2,
                 "negative_finetune_epochs": 2, "trigger_blur": 0.75}
 
-# Protection variants: name -> ProtectConfig overrides of reproduce.base_config (the "spec" preset; the library
-# default before issue 8 made negcrft-w1-noise-eps24-ft2-blur, the "robust" preset, the default).
+# Protection variants: name -> ProtectConfig overrides of benchlib.protocol.base_config (the "spec" preset; the
+# robustness study made negcrft-w1-noise-eps24-ft2-blur, the "robust" preset, the library default).
+# Variants of options since removed from ProtectConfig (lowres16 / lowres16-eps24: trigger_resolution;
+# negsv0.25-eps24: negative_models; negcrft-eps24-ft2-audit / -gate: audit_rounds / audit_restarts;
+# negcrft-w1-noise-prune-eps24-ft2-blur: shadow_prune) are gone from this table; their recorded results
+# stay in docs/results/robustness/ and docs/research/removed-options.md explains them.
 VARIANTS: dict[str, dict] = {
     "base": {},
-    "paper-snw1": {"shadow_norm_weight": 1.0},  # PAPER.md §5's configuration
+    "paper-snw1": {"shadow_norm_weight": 1.0},  # the paper's protocol's configuration
     "eps20": {"eps": 20 / 255},  # between the default and eps24
     "eps24": {"eps": 24 / 255},  # a stronger trigger
     "shadow-ft2": {"shadow_finetune_epochs": 2},  # the thief's fine-tuning simulated in the loop
-    "shadow-reinit": {"shadow_warm_start": False},  # a fresh shadow every iteration (reproduce.py ablation)
+    "shadow-reinit": {"shadow_warm_start": False},  # a fresh shadow every iteration (bench.reproduce ablation)
     "shadow-ft2-eps24": {"shadow_finetune_epochs": 2, "eps": 24 / 255},
-    # a low-frequency trigger: δ optimised on a 16×16 grid and upsampled (blur and JPEG keep more of
-    # it; weaker per unit of eps, hence eps 24)
-    "lowres16-eps24": {"eps": 24 / 255, "trigger_resolution": 16},
-    "lowres16": {"trigger_resolution": 16},  # the default eps 16 (fewer clean-model answers than eps 24)
     # a negative shadow (a clean copy extracted from the unprotected victim) in the trigger step, so the
     # stronger triggers that survive the counter-measures stop transferring to innocent models
     "neg1-eps20": {"eps": 20 / 255, "negative_weight": 1.0},
@@ -106,11 +111,9 @@ VARIANTS: dict[str, dict] = {
     # the negative shadow and the thief's fine-tuning simulated in the loop: aim at what the honeypot
     # taught, and at the part of it that survives fine-tuning
     "neg1-eps24-ft2": {"eps": 24 / 255, "negative_weight": 1.0, "shadow_finetune_epochs": 2},
-    # the victim (ResNet-20) as a second innocent model: the CNN negative shadow alone left clean
-    # ResNet-20 copies answering 8-29%
-    "negsv0.25-eps24": {"eps": 24 / 255, "negative_weight": 0.25, "negative_models": "shadow+victim"},
     # negative shadows of both thief families (a CNN and a ResNet-20 extracted from the unprotected
-    # victim): an innocent copy of the victim's family, not the victim itself (negsv was too strong)
+    # victim): an innocent copy of the victim's family, not the victim itself (negsv0.25-eps24, the
+    # victim as a second innocent model, was too strong)
     "negcr0.25-eps24": {"eps": 24 / 255, "negative_weight": 0.25, "negative_archs": "cnn,resnet20"},
     # ... with the thief's fine-tuning simulated in the loop (ft2 lifted neg1-eps24's fine-tune pick
     # from 29.2 to 61.4% on seed 0, where negcr0.25-eps24 fails fine-tuning)
@@ -121,16 +124,6 @@ VARIANTS: dict[str, dict] = {
     # negcr0.25-eps24-ft2's trigger 15-51% (6 false positives) where the plain negative shadows did not
     "negcrft-eps24-ft2": {"eps": 24 / 255, "negative_weight": 0.25, "negative_archs": "cnn,resnet20",
                           "shadow_finetune_epochs": 2, "negative_finetune_epochs": 2},
-    # ... audited: after the 8 iterations a fresh innocent CNN and ResNet-20 (never seen by the loop) are
-    # stamped; if one answers > 2%, both join the negative term for 2 more iterations, up to 2 rounds.
-    # negcrft's bad seed had negative shadows at <= 3% but references at 6.6% and clean copies at 17.9%
-    "negcrft-eps24-ft2-audit": {"eps": 24 / 255, "negative_weight": 0.25, "negative_archs": "cnn,resnet20",
-                                "shadow_finetune_epochs": 2, "negative_finetune_epochs": 2, "audit_rounds": 2},
-    # ... gated instead of hardened: one check after the 8 iterations; if it fails, protect again from
-    # scratch with seed + 1000 (at most twice). Hardening seed 1 twice cut innocent models' response 3x but
-    # left 6 false positives; the audit's verdict matched the false positives on all three seeds
-    "negcrft-eps24-ft2-gate": {"eps": 24 / 255, "negative_weight": 0.25, "negative_archs": "cnn,resnet20",
-                               "shadow_finetune_epochs": 2, "negative_finetune_epochs": 2, "audit_restarts": 2},
     # ... with the trigger optimised through a random blur too (σ ~ U(0.19, 0.75), beside the unblurred
     # batch): seed 0's negcrft trigger held JPEG q50 at 96% but blur σ 0.5 at 36%. Measured (CPU, seeds 0
     # and 2): blur σ 0.5 83 / 89%, but a clean copy blurred at σ 1 is flagged on both seeds (6.7 / 8.6%);
@@ -148,14 +141,6 @@ VARIANTS: dict[str, dict] = {
     # its owner (10 ep, lr .01) from 23.5 to 3.6%, the references from <= 10.3 to <= 3.4%, with the
     # protected thief's fine-tune pick at 84.3% (86.6 stored) and fine-pruning's 20% pick at 35.9 (38.2)
     "negcrft-w1-noise-eps24-ft2-blur": {**NEGCRFT_BLUR, "negative_weight": 1.0, "negative_noise": 0.2},
-    # ... and a fine-pruned shadow copy in the trigger step (shadow_prune 0.5: the least active half of its
-    # last-layer channels masked, then 2 epochs of fine-tuning): the weight-1 run kept 83% through the
-    # thief's fine-tuning but 48% through its fine-pruning pick (20%) and 17% at 50%, and no trigger-step
-    # change of the negative term moved fine-pruning (probe: 35-38%). 0.5 covers the thief's 20% (the
-    # least active 20% are among the least active 50%) and its 50%. Measured (seed 1, CPU): it did not
-    # help: fine-prune pick 46.8% (50%: 2.1) against 64.9 (5.7) without it, JPEG q50 61.3 against 95.8.
-    "negcrft-w1-noise-prune-eps24-ft2-blur": {**NEGCRFT_BLUR, "negative_weight": 1.0, "negative_noise": 0.2,
-                                              "shadow_prune": 0.5},
 }
 
 # the library default (ProtectConfig(), the "robust" preset; tests/test_robustness_quick.py checks they agree)
@@ -183,7 +168,8 @@ QUICK_SWEEP = Sweep(finetune=[(1, 0.01), (3, 0.05)], prune=[0.5], prune_finetune
 class Robustness:
     def __init__(self, args, p, data, device, labelled: tuple[torch.Tensor, torch.Tensor], sweep: Sweep,
                  owner_labelled: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        self.rep = rp.Reproduction(reproduce_args(args), p, data, device)
+        self.rep = Reproduction(args.reproduce_out, p, data, device, victim_path=find_victim(args), resume=args.resume,
+                                progress=args.progress)
         self.args, self.p, self.data, self.device = args, p, data, device
         self.labelled = labelled
         self.owner_labelled = owner_labelled
@@ -213,7 +199,7 @@ class Robustness:
             row = {**base, "measure": name, **{k: v for k, v in rec.items() if k not in ("params", "key")}}
             self.rows.append(row)
             if "asr" in row:
-                rp.log(f"[{variant:>16} {oracle:>9}] {name:<18} CTA {100 * row['cta']:.2f}%  ASR {100 * row['asr']:.2f}%  "
+                log(f"[{variant:>16} {oracle:>9}] {name:<18} CTA {100 * row['cta']:.2f}%  ASR {100 * row['asr']:.2f}%  "
                     f"p {row['p_value']:.3g}  {row['verdict']}")
             return row
 
@@ -240,10 +226,10 @@ class Robustness:
             return {"norms": res.norms, "anomaly_index": res.anomaly_index, "flagged": res.flagged,
                     "target_anomaly_index": res.anomaly_index[tgt], "target_flagged": tgt in res.flagged,
                     "target_norm_rank": sorted(res.norms).index(res.norms[tgt]), "nc_seconds": round(time.time() - t, 1)}
-        if not sw.cleanse_steps:  # a sweep without Neural Cleanse (bench/spread.py)
+        if not sw.cleanse_steps:  # a sweep without Neural Cleanse (bench.spread)
             return
         r = unit("neural-cleanse", {"steps": sw.cleanse_steps, "images": sw.cleanse_images}, nc)
-        rp.log(f"[{variant:>16} {oracle:>9}] neural cleanse: target anomaly index {r['target_anomaly_index']:.2f} "
+        log(f"[{variant:>16} {oracle:>9}] neural cleanse: target anomaly index {r['target_anomaly_index']:.2f} "
             f"(rank {r['target_norm_rank']} of {len(r['norms'])} by mask norm), flagged {r['flagged']}")
         self.cleanse.append(r)
 
@@ -298,10 +284,6 @@ class Robustness:
                 prot = self.rep.protection(seed, v, VARIANTS[v])
                 rec = {k: prot[k] for k in ("seed", "protection", "overrides", "victim_cta", "protected_cta",
                                             "cta_delta", "fidelity", "tau0", "seconds")}
-                if prot.get("audits"):
-                    rec["audits"] = prot["audits"]
-                if prot.get("attempts"):
-                    rec["attempts"] = prot["attempts"]
                 if self.owner_labelled is not None:
                     wide = self.widened_null(seed, prot)
                     rec["tau0_widened"] = wide["tau0"]
@@ -316,7 +298,7 @@ class Robustness:
                         self.counter_measures(seed, v, prot, oracle, t)
 
                 def goal_list() -> None:
-                    # issue 8's "without giving up what already works": the reproduction's thieves, verified
+                    # the study's "without giving up what already works": the reproduction's thieves, verified
                     # (--no-goals: the counter-measures' thief only, whose units exist already)
                     thieves = goal_thieves(arch, budget, cross, self.quarter_epochs())
                     # goals first: the last first, away from the sweeps' thief (thieves[0]) a --no-goals run starts with
@@ -349,7 +331,7 @@ def apply_widened_null(protections: list[dict], records: list[dict], key: str) -
 
 
 def goal_thieves(arch: str, budget: int, cross: str, quarter_epochs: tuple[int, ...]) -> list[tuple[str, int, str, int | None]]:
-    """(arch, budget, output, epochs) of the thieves issue 8's targets name: soft-label, label-only and
+    """(arch, budget, output, epochs) of the thieves the study's targets name: soft-label, label-only and
     cross-architecture (`cross`) at the full budget (the protocol's epochs: None), soft-label at a
     quarter of it (20k and 5k) once per `quarter_epochs` (goals() keeps the thief's pick)."""
     full = [(arch, budget, "probs", None), (arch, budget, "label", None), (cross, budget, "probs", None)]
@@ -373,19 +355,11 @@ def _ms(xs: list[float]) -> str:
 
 def format_table(protections: list[dict], rows: list[dict]) -> str:
     """Every row of every seed (the detail); see summary_table / goals_table for the aggregates."""
-    out = ["| variant | seed | victim CTA → protected (Δ) | fidelity | tau0 | tau0, widened null | audits: worst fresh innocent model per check |",
-           "| --- | --- | --- | --- | --- | --- | --- |"]
+    out = ["| variant | seed | victim CTA → protected (Δ) | fidelity | tau0 | tau0, widened null |",
+           "| --- | --- | --- | --- | --- | --- |"]
     for p in protections:
-        if len(p.get("attempts", [])) > 1:  # restarts: every run's last check, the kept run marked
-            audits = "; ".join(f"seed {a['seed']}: {_f(a['max_asr'])} ({'passed' if a['passed'] else 'failed'}"
-                               f"{', kept' if a['kept'] else ''})" for a in p["attempts"])
-        else:
-            audits = " → ".join(_f(a["max_asr"]) for a in p.get("audits", []))
-            if audits:
-                audits += " (passed)" if p["audits"][-1]["passed"] else " (failed)"
         out.append(f"| {p['protection']} | {p['seed']} | {_f(p['victim_cta'])} → {_f(p['protected_cta'])} "
-                   f"({100 * p['cta_delta']:+.2f}) | {_f(p['fidelity'])} | {_f(p['tau0'])} | {_f(p.get('tau0_widened'))} "
-                   f"| {audits or '—'} |")
+                   f"({100 * p['cta_delta']:+.2f}) | {_f(p['fidelity'])} | {_f(p['tau0'])} | {_f(p.get('tau0_widened'))} |")
     out += ["", "| variant | seed | substitute | counter-measure | thief CTA | ASR | p | verdict | widened null |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -507,7 +481,8 @@ def variants_table(protections: list[dict], rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-# issue 8's targets (fractions): ASR left after a counter-measure, victim CTA drop, thieves' ASR, clean-model ASR
+# the robustness study's targets (fractions): ASR left after a counter-measure, victim CTA drop, thieves' ASR,
+# clean-model ASR
 GOAL_KEEP_ASR = 0.5
 GOAL_VICTIM_DROP = 0.002
 GOAL_THIEF_ASR = {"full": 0.95, "quarter": 0.85}
@@ -520,7 +495,7 @@ PURIFY_USABLE_DROP = PURIFY_MAX_DROP
 
 
 def goals(protections: list[dict], rows: list[dict], substitutes: list[dict], budget: int, widened: bool = False) -> list[dict]:
-    """Issue 8's goal list, checked per variant over every seed run: one record per goal with the
+    """The robustness study's goal list, checked per variant over every seed run: one record per goal with the
     worst value over seeds and whether it holds. widened: the verdicts under the widened null."""
     out = []
     flag = "stolen_widened" if widened else "stolen"
@@ -622,7 +597,7 @@ def substitutes_table(substitutes: list[dict]) -> str:
 
 
 def goals_table(recs: list[dict]) -> str:
-    """One row per variant x goal; "met" under the references' null (PAPER.md §3) and under the
+    """One row per variant x goal; "met" under the references' null (docs/method.md) and under the
     widened null (references + their fine-tuned copies), where that was run."""
     out = ["| variant | goal | worst over seeds | target | met | met, widened null | runs |",
            "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -689,21 +664,13 @@ def plot(rows: list[dict], path: Path) -> None:
 # ============================================================================ main
 
 
-def reproduce_args(args) -> argparse.Namespace:
-    """reproduce.py's options for its data loader and units: its working directory, always resumed
-    (a finished reproduction's units are reused, never recomputed)."""
-    return argparse.Namespace(shared=args.shared, cifar_root=args.cifar_root, tin_root=args.tin_root,
-                              victim_weights=args.victim_weights, out=args.reproduce_out, resume=True,
-                              progress=args.progress, finetune_victim=0)
-
-
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    rp.add_data_args(ap)
-    ap.add_argument("--reproduce-out", help="reproduce.py's output directory, whose units are reused and extended "
+    ap = argparse.ArgumentParser(prog="python -m bench.robustness", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(ap, quick="bench.reproduce's quick protocol and a small sweep (a smoke test)", resume=True)
+    add_data_args(ap)
+    ap.add_argument("--reproduce-out", help="bench.reproduce's output directory, whose units are reused and extended "
                                             "(default runs/reproduce; --quick: runs/reproduce-quick)")
-    ap.add_argument("--out", help="where the table, JSON and plot go (default runs/robustness[-quick])")
-    ap.add_argument("--quick", action="store_true", help="reproduce.py's quick protocol and a small sweep (a smoke test)")
     ap.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["base", ROBUST],
                     help=f"protection variants (default: base, the 'spec' preset, and {ROBUST}, the library default)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -712,7 +679,7 @@ def parse_args(argv=None):
     ap.add_argument("--labelled", type=int, default=1000, help="clean labelled images the thief has (default 1000)")
     ap.add_argument("--goals", action=argparse.BooleanOptionalAction, default=True,
                     help="also train and verify the label-only, cross-architecture and quarter-budget thieves "
-                         "issue 8's targets name, and check the goal list (default on)")
+                         "the robustness study's targets name, and check the goal list (default on)")
     ap.add_argument("--goals-first", action="store_true",
                     help="train the goal thieves before the counter-measure sweeps (run it beside a --no-goals run "
                          "of the same seeds: the units are locked, so the two split the work)")
@@ -724,16 +691,14 @@ def parse_args(argv=None):
                          "the owner's labelled images (verify.finetuned_references; default on)")
     ap.add_argument("--cross-substitute", default="resnet20",
                     help="the cross-architecture thief of the goal list (default resnet20, the victim's family)")
-    ap.add_argument("--device", default=str(default_device()))
     ap.add_argument("--deadline", type=float, metavar="SECONDS",
                     help="start no unit (protection, thief, counter-measure) after this many seconds; write the "
                          "tables, JSON and plot of what finished (for a machine lent for minutes; default none)")
-    ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty())
     ap.add_argument("--merge", nargs="+", metavar="JSON",
                     help="run nothing: write one report (to --out) from these robustness.json files, runs of other "
-                         "seeds or variants made elsewhere (one process per seed on a GPU, bench/device_robustness.sh)")
+                         "seeds or variants made elsewhere (e.g. one process per seed on a GPU)")
     args = ap.parse_args(argv)
-    default_dirs(args, "robustness")
+    default_dirs(args, NAME)
     if args.variants[0] != "base" and "base" in args.variants:
         args.variants.remove("base")
         args.variants.insert(0, "base")
@@ -741,17 +706,17 @@ def parse_args(argv=None):
 
 
 def default_dirs(args, name: str) -> None:
-    """--reproduce-out and --out where not given: runs/reproduce and runs/<name> (--quick: with -quick)."""
-    suffix = "-quick" if args.quick else ""
-    args.reproduce_out = args.reproduce_out or str(REPO / "runs" / f"reproduce{suffix}")
-    args.out = args.out or str(REPO / "runs" / f"{name}{suffix}")
+    """--reproduce-out and --out where not given: runs/reproduce and runs/<name> (--quick: with -quick),
+    and the device."""
+    args.reproduce_out = args.reproduce_out or str(default_out("reproduce", args.quick))
+    finish_common_args(args, name)
 
 
-def labelled_sets(data, p, n: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+def labelled_sets(data: Data, p: Protocol, n: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """The thief's clean labelled set (n cifar10-jpeg/train images outside the owner subset) and the
     owner's (n images of the owner subset, never the thief's: the widened null's fine-tuned references)."""
     train = load_dataset("imagefolder", data.info["cifar_root"], "train")
-    owner_idx = rp._subset(len(train), p.owner, 1)
+    owner_idx = subset(len(train), p.owner, 1)
     free = torch.ones(len(train), dtype=torch.bool)
     free[owner_idx] = False
     g = torch.Generator().manual_seed(4)
@@ -763,23 +728,24 @@ def labelled_sets(data, p, n: int) -> tuple[tuple[torch.Tensor, torch.Tensor], t
             (train.images[opick].contiguous(), train.labels[opick].contiguous()))
 
 
-def sizes(args) -> tuple[rp.Protocol, int, int]:
+def sizes(args) -> tuple[Protocol, int, int]:
     """The protocol of `args` (quick or full), the thief's budget and the size of the labelled sets
     (quick: both divided by 10); sets torch's threads from OMP_NUM_THREADS."""
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
-    p = rp.QUICK if args.quick else rp.FULL
+    set_threads()
+    p = QUICK if args.quick else FULL
     return p, args.budget // p.budget_scale, max(20, args.labelled // (10 if args.quick else 1))
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    command = command_line("bench.robustness", argv)
     if args.merge:
-        return merge(args.merge, args.out)
+        return merge(args.merge, args.out, command, args.record)
     p, budget, labelled_n = sizes(args)
     sweep = QUICK_SWEEP if args.quick else Sweep()
     device = torch.device(args.device)
     t0 = time.time()
-    data = rp.load_data(reproduce_args(args), p)
+    data = load_data(args, p)
     labelled, owner_labelled = labelled_sets(data, p, labelled_n)
     rob = Robustness(args, p, data, device, labelled, sweep, owner_labelled if args.widened_null else None)
     if args.deadline is not None:
@@ -789,17 +755,17 @@ def main(argv=None) -> dict:
         rob.rep.victim()
         rob.run(args.seeds, args.variants, args.substitute, budget, args.goals, args.cross_substitute, args.clean_goal_thieves,
                 args.goals_first)
-    except rp.DeadlineReached as e:
+    except DeadlineReached as e:
         stopped = str(e)
-        rp.log(f"deadline ({args.deadline:g} s) reached before unit {stopped}: writing what finished")
+        log(f"deadline ({args.deadline:g} s) reached before unit {stopped}: writing what finished")
     except Exception as e:  # write what finished (minutes of a lent machine), then fail as usual
-        rp.log(f"stopped by {e!r}: writing what finished, then re-raising")
-        write_results(args, rob, budget, labelled_n, t0, None, repr(e))
+        log(f"stopped by {e!r}: writing what finished, then re-raising")
+        write_results(args, command, rob, budget, labelled_n, t0, None, repr(e))
         raise
-    return write_results(args, rob, budget, labelled_n, t0, stopped)
+    return write_results(args, command, rob, budget, labelled_n, t0, stopped)
 
 
-def write_results(args, rob: Robustness, budget: int, labelled_n: int, t0: float, stopped: str | None,
+def write_results(args, command: str, rob: Robustness, budget: int, labelled_n: int, t0: float, stopped: str | None,
                   error: str | None = None) -> dict:
     """The tables, JSON and plot of every unit that finished (stopped: the unit the deadline stopped
     the run at; error: the exception that stopped it)."""
@@ -813,9 +779,8 @@ def write_results(args, rob: Robustness, budget: int, labelled_n: int, t0: float
     sweep = rob.sweep
     victim = rob.rep._victim  # None when the victim's unit itself did not finish (deadline or error)
     victim_cta = None if victim is None else accuracy(victim, rob.rep.eval_images, rob.rep.eval_labels)
-    results = {"benchmark": "bench/robustness.py", "mode": "quick" if args.quick else "full",
-               "command": " ".join([Path(sys.executable).name, *sys.argv]),
-               "protocol": {"reproduce_out": args.reproduce_out, "variants": {v: {k: rp._jsonable(x) for k, x in VARIANTS[v].items()}
+    results = {"benchmark": "bench.robustness", "mode": "quick" if args.quick else "full", "command": command,
+               "protocol": {"reproduce_out": args.reproduce_out, "variants": {v: {k: jsonable(x) for k, x in VARIANTS[v].items()}
                                                                               for v in args.variants},
                             "seeds": args.seeds, "budget": budget, "substitute": args.substitute, "labelled": labelled_n,
                             "goals": args.goals, "goal_thieves": goal_thieves(args.substitute, budget, args.cross_substitute,
@@ -824,12 +789,12 @@ def write_results(args, rob: Robustness, budget: int, labelled_n: int, t0: float
                                       "purify": sweep.purify, "cleanse_steps": sweep.cleanse_steps,
                                       "cleanse_images": sweep.cleanse_images,
                                       "quarter_epoch_factors": sweep.quarter_epoch_factors}},
-               "machine": rp.machine_info(rob.device), "protections": rob.protections, "rows": rob.rows,
+               "machine": machine_info(rob.device), "protections": rob.protections, "rows": rob.rows,
                "substitutes": substitutes, "goals": checks,
                "thief_picks": [{"variant": k[0], "oracle": k[1], **v} for k, v in picks.items()],
                "victim_cta": victim_cta,
                "seconds": round(time.time() - t0, 1), "stopped_at_deadline": stopped, "error": error}
-    save(Path(args.out), results, table, t0)
+    save(Path(args.out), results, table, t0, args.record)
     return results
 
 
@@ -838,33 +803,31 @@ def report(protections: list[dict], rows: list[dict], substitutes: list[dict], b
     apply_widened_null(protections, rows, "variant")
     apply_widened_null(protections, substitutes, "protection")
     checks = goals(protections, rows, substitutes, budget) + goals(protections, rows, substitutes, budget, True)
-    table = "\n\n".join(["## Variants", variants_table(protections, rows), "## Goals (issue 8)", goals_table(checks),
+    table = "\n\n".join(["## Variants", variants_table(protections, rows), "## Goals (the robustness study)", goals_table(checks),
                           "## Goal thieves", substitutes_table(substitutes),
                           "## Over seeds", summary_table(rows),
                           "## Every run", format_table(protections, rows)])
     return table, checks
 
 
-def save(out: Path, results: dict, table: str, t0: float) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    rp._write_json(out / "robustness.json", results)
-    (out / "robustness.md").write_text(table + "\n")
+def save(out: Path, results: dict, table: str, t0: float, record: str | None = None) -> None:
+    written = save_report(out, "robustness", results, table, record=record, folder=NAME)
     plot(results["rows"], out / "robustness-finetune.png")
-    rp.log("")
-    rp.log(table)
-    rp.log(f"\nwrote {out / 'robustness.json'}, {out / 'robustness-finetune.png'}  [{time.time() - t0:.0f} s]")
+    log("")
+    log(table)
+    log(f"\nwrote {', '.join(map(str, written))}, {out / 'robustness-finetune.png'}  [{time.time() - t0:.0f} s]")
 
 
 # the protocol fields that must agree for runs to be merged into one report
 _MERGE_SAME = ("budget", "substitute", "labelled", "goals", "goal_thieves", "sweep")
 
 
-def merge(paths: list[str], out: str) -> dict:
+def merge(paths: list[str], out: str, command: str = "", record: str | None = None) -> dict:
     """One report (tables, JSON, plot) from several robustness.json files: runs of other seeds or
     variants made elsewhere (one process per seed on a lent GPU, a CPU run of another seed).
     Each (seed, variant) must come from one file only, and the runs must share the protocol."""
     t0 = time.time()
-    runs = rp.load_results(paths, "bench/robustness.py", _MERGE_SAME)
+    runs = load_results(paths, "bench.robustness", _MERGE_SAME)
     first = runs[0][1]
     seen: dict[tuple, str] = {}
     protections, rows, substitutes = [], [], []
@@ -884,8 +847,7 @@ def merge(paths: list[str], out: str) -> dict:
     table, checks = report(protections, rows, substitutes, budget)
     protocol = {**first["protocol"], "seeds": sorted({p_["seed"] for p_ in protections}),
                 "variants": {k: v for _, r in runs for k, v in r["protocol"]["variants"].items()}}
-    results = {"benchmark": "bench/robustness.py", "mode": first["mode"],
-               "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    results = {"benchmark": "bench.robustness", "mode": first["mode"], "command": command,
                "merged_from": [{"file": str(path), "command": r["command"], "machine": r["machine"],
                                 "seconds": r["seconds"], "seeds": r["protocol"]["seeds"],
                                 "stopped_at_deadline": r["stopped_at_deadline"], "error": r["error"]} for path, r in runs],
@@ -894,7 +856,7 @@ def merge(paths: list[str], out: str) -> dict:
                "thief_picks": [{"variant": k[0], "oracle": k[1], **v} for k, v in thief_picks(rows).items()],
                "victim_cta": first["victim_cta"], "seconds": round(sum(r["seconds"] for _, r in runs), 1),
                "stopped_at_deadline": None, "error": None}
-    save(Path(out), results, table, t0)
+    save(Path(out), results, table, t0, record)
     return results
 
 

@@ -1,12 +1,14 @@
 """Load test of `honeypotnet serve`: the protected bundle vs the unprotected victim, over loopback.
 
-    python bench/serve_load.py --run-dir runs/demo --duration 10 --clients 4 --batch 16
+    python -m bench.serve_load --run-dir runs/demo --duration 10 --clients 4 --batch 16
+    python -m bench.serve_load --quick          # 2 clients x 2 s each (a smoke test)
 
 For each of the two models the script starts its own server (a subprocess on 127.0.0.1, a free
 port, its own SQLite query log), runs `--clients` concurrent client threads (httpx, keep-alive)
 for `--duration` seconds, each sending v2 infer requests of `--batch` images, stops the server,
 and checks that the query log holds exactly one row per answered request. The servers run one
-after the other, so they never compete for the CPU. Prints a table and writes JSON.
+after the other, so they never compete for the CPU. Prints a table and writes OUT/serve_load.json
+(default OUT: the run directory) and OUT/serve_load.md.
 
 --run-dir must hold `bundle/` and `victim.safetensors` (what `honeypotnet demo` writes); when it
 does not, a quick demo (embedded data, QUICK sizes) is run into it first.
@@ -31,6 +33,9 @@ import httpx
 import torch
 
 from honeypotnet.oracles_http import encode_request
+
+from .benchlib.args import add_common_args
+from .benchlib.common import command_line, save_report
 
 
 def start_server(model: Path, log: Path, name: str, max_batch: int, timeout: float = 180.0) -> tuple[subprocess.Popen, str]:
@@ -138,15 +143,18 @@ def log_counts(db: Path) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.serve_load", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, quick="2 clients x 2 s per server (a smoke test)", resume=None, device=False, record=False)
     p.add_argument("--run-dir", default="runs/serve-bench", help="demo output dir with bundle/ and victim.safetensors")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds of load per server (at most 300)")
-    p.add_argument("--clients", type=int, default=4, help="concurrent clients (at most 64)")
+    p.add_argument("--duration", type=float, help="seconds of load per server (at most 300; default 10, quick 2)")
+    p.add_argument("--clients", type=int, help="concurrent clients (at most 64; default 4, quick 2)")
     p.add_argument("--batch", type=int, default=16, help="images per request")
     p.add_argument("--max-requests", type=int, default=1_000_000, help="cap on requests per server")
-    p.add_argument("--output", default=None, help="JSON results (default RUN_DIR/serve_load.json)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    args.duration = args.duration if args.duration is not None else (2.0 if args.quick else 10.0)
+    args.clients = args.clients if args.clients is not None else (2 if args.quick else 4)
     if not 0 < args.duration <= 300 or not 1 <= args.clients <= 64 or not 1 <= args.batch <= 256 or args.max_requests < 1:
         p.error("need 0 < --duration <= 300, 1 <= --clients <= 64, 1 <= --batch <= 256, --max-requests >= 1")
     run = Path(args.run_dir)
@@ -154,10 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         from honeypotnet.demo import QUICK, run_demo
 
         print(f"{run} has no bundle/victim: running a quick demo into it first (a few minutes on CPU)", flush=True)
-        run_demo(run, sizes=QUICK, progress=True)
+        run_demo(run, sizes=QUICK, progress=args.progress)
     image_size = int(json.loads((run / "bundle" / "manifest.json").read_text())["image_size"])
-    results: dict = {"config": {k: v for k, v in vars(args).items()}, "torch_threads": torch.get_num_threads(),
-                     "cpus": os.cpu_count(), "servers": {}}
+    results: dict = {"benchmark": "bench.serve_load", "mode": "quick" if args.quick else "full",
+                     "command": command_line("bench.serve_load", argv), "config": {k: v for k, v in vars(args).items()},
+                     "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "servers": {}}
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         for label, model in (("protected", run / "bundle"), ("unprotected", run / "victim.safetensors")):
             db = Path(tmp) / f"{label}.db"
@@ -177,11 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         "p50_ms": prot["p50_ms"] / unprot["p50_ms"] if unprot["p50_ms"] else None,
         "p99_ms": prot["p99_ms"] / unprot["p99_ms"] if unprot["p99_ms"] else None,
     }
-    print(format_table(results))
-    out = Path(args.output) if args.output else run / "serve_load.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    table = format_table(results)
+    print(table)
+    written = save_report(Path(args.out) if args.out else run, "serve_load", results, "```\n" + table + "\n```")
+    print(f"wrote {', '.join(map(str, written))}")
     return 0 if all(s["log_ok"] for s in results["servers"].values()) else 1
 
 

@@ -1,44 +1,53 @@
 """Before/after timings of the speed-ups the real-data benchmark relies on, each pair measured in
-this one run on the same inputs (so the ratios hold for this machine at this moment).
+this one run on the same inputs (so the ratios hold for this machine at this moment), and where a
+protect run spends its time.
 
-    python bench/speed.py                   # real data from ../shared (or --cifar-root/--tin-root)
-    python bench/speed.py --n 2000 --json runs/speed.json
+    python -m bench.speed                   # real data from ../shared (or --cifar-root/--tin-root)
+    python -m bench.speed --n 2000 --out runs/speed
+    python -m bench.speed --quick           # small sizes, one repeat, no decode comparison (a smoke test)
 
 What is compared (before -> after):
   features   protect's f(x ⊕ δ) over the shadow+owner images (the step that dominated protect):
-             NCHW convolutions -> channels_last (honeypot.compute_features(channels_last=...))
+             NCHW convolutions -> channels_last (honeypotnet.ops.batched_forward(channels_last=...))
   training   one epoch of substitute training: NCHW -> channels_last (what training.fit does)
   answers    a thief's answers for its queries: a forward pass of the victim per thief (ModelOracle)
-             -> one pass over the pool shared by every thief, looked up by image bytes (PoolOracle in
-             bench/reproduce.py); both through the Oracle base class, so queries are still counted
+             -> one pass over the pool shared by every thief, looked up by image bytes (PoolOracle,
+             bench.benchlib.oracle); both through the Oracle base class, so queries are still counted
   decode     loading cifar10-jpeg/test: decoding 10k JPEG files -> reading the uint8 safetensors cache
   stamping   stamping a UAP on a batch: per image in a Python loop -> one broadcast over the batch
 
-Each figure is the median of --repeats runs. The output is a markdown table (and --json).
+Each figure is the median of --repeats runs. Then one short protect run (the "spec" preset, or
+--preset, at --protect-iters outer iterations on --n shadow images, on --device) reports the wall time
+of each of its steps as protect's callback gives them (ProtectEvent.seconds). Output: markdown tables
+on stdout and OUT/speed.md, OUT/speed.json (default runs/speed[-quick]).
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import reproduce  # noqa: E402  (the benchmark whose speed-ups are measured here)
+from honeypotnet.attacks import query_oracle
+from honeypotnet.config import ProtectConfig
+from honeypotnet.data import load_dataset
+from honeypotnet.models import create_model, split_classifier
+from honeypotnet.ops import batched_forward, to_float
+from honeypotnet.oracles import ModelOracle
+from honeypotnet.protect import ProtectEvent, protect
+from honeypotnet.training import soft_cross_entropy
+from honeypotnet.trigger import Trigger
 
-from honeypotnet.data import load_dataset  # noqa: E402
-from honeypotnet.honeypot import Trigger, compute_features  # noqa: E402
-from honeypotnet.models import create_model, split_classifier  # noqa: E402
-from honeypotnet.oracles import ModelOracle  # noqa: E402
-from honeypotnet.training import soft_cross_entropy, to_float  # noqa: E402
-from honeypotnet.attacks import query_oracle  # noqa: E402
+from .benchlib.args import add_common_args, add_data_args, finish_common_args
+from .benchlib.common import command_line, log, machine_info, save_report, set_threads
+from .benchlib.data import find_victim, resolve_roots
+from .benchlib.oracle import PoolOracle
+
+NAME = "speed"
 
 
 def median_time(fn, repeats: int) -> float:
@@ -65,42 +74,69 @@ def train_epoch(model, images, targets, channels_last: bool, batch: int = 128) -
         opt.step()
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    reproduce.add_data_args(ap)
-    ap.add_argument("--n", type=int, default=4000, help="images per timed step (default 4000)")
+def protect_steps(victim, shadow: torch.Tensor, owner: torch.Tensor, cfg: ProtectConfig, device: torch.device) -> dict:
+    """Wall time of each step of protect per outer iteration, from protect's own callback."""
+    events: list[ProtectEvent] = []
+    t = time.perf_counter()
+    protect(victim, shadow, owner, cfg, progress=False, device=device, callback=events.append)
+    total = time.perf_counter() - t
+    steps: dict[str, float] = {}
+    for e in events:
+        for k, v in e.seconds.items():
+            steps[k] = steps.get(k, 0.0) + v
+    return {"iterations": len(events), "total_s": round(total, 3), "steps_s": {k: round(v, 3) for k, v in steps.items()},
+            "per_iteration": [{k: round(v, 3) for k, v in e.seconds.items()} for e in events]}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench.speed", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(ap, quick="500 images, 1 repeat, no decode comparison, a 1-iteration protect (a smoke test)",
+                    resume=None, progress=False)
+    add_data_args(ap)
+    ap.add_argument("--n", type=int, help="images per timed step (default 4000; quick 500)")
     ap.add_argument("--thieves", type=int, default=4, help="thieves sharing one pool in the answers comparison")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, help="runs per timing, the median is kept (default 3; quick 1)")
     ap.add_argument("--skip-decode", action="store_true", help="skip the JPEG decode comparison (about a minute)")
-    ap.add_argument("--json", help="write the figures here")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(os.cpu_count() or 1)
+    ap.add_argument("--preset", default="spec", help="the protect run's preset (default spec)")
+    ap.add_argument("--protect-iters", type=int, help="outer iterations of the protect run (default 2; quick 1; 0 skips it)")
+    args = finish_common_args(ap.parse_args(argv), NAME)
+    args.n = args.n or (500 if args.quick else 4000)
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    args.skip_decode = args.skip_decode or args.quick
+    if args.protect_iters is None:
+        args.protect_iters = 1 if args.quick else 2
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    set_threads()
     torch.manual_seed(0)
-    cifar_root, tin_root = reproduce.resolve_roots(args)
+    cifar_root, tin_root = resolve_roots(args)
     test = load_dataset("imagefolder", cifar_root, "test")
     pool = load_dataset("tinyimagenet", tin_root, "train", size=32).images[: args.n].contiguous()
     images = test.images[: args.n].contiguous()
-    victim = create_model("resnet20", 10, pretrained=str(reproduce._find_victim(Path(args.shared)))).eval()
+    victim = create_model("resnet20", 10, pretrained=str(find_victim(args))).eval()
     rows: list[dict] = []
 
     def add(name: str, before_label: str, after_label: str, before: float, after: float, unit: str) -> None:
         rows.append({"step": name, "before": before_label, "after": after_label, "before_s": round(before, 4),
                      "after_s": round(after, 4), "speedup": round(before / after, 2), "per": unit})
-        print(f"{name:>9}: {before_label} {before:.3f} s -> {after_label} {after:.3f} s  ({before / after:.2f}x)  per {unit}",
-              flush=True)
+        log(f"{name:>9}: {before_label} {before:.3f} s -> {after_label} {after:.3f} s  ({before / after:.2f}x)  per {unit}")
 
     # features f(x ⊕ δ): NCHW vs channels_last
     trig = Trigger.uap(32, 16 / 255)
     trig.pattern.uniform_(-16 / 255, 16 / 255)
     f_nchw, _ = split_classifier(copy.deepcopy(victim))
     f_cl, _ = split_classifier(copy.deepcopy(victim))
-    a = compute_features(f_nchw, images, trig, channels_last=False)
-    b = compute_features(f_cl, images, trig, channels_last=True)
-    diff = float((a - b).abs().max())
-    add("features", "NCHW", "channels_last",
-        median_time(lambda: compute_features(f_nchw, images, trig, channels_last=False), args.repeats),
-        median_time(lambda: compute_features(f_cl, images, trig, channels_last=True), args.repeats),
-        f"{args.n} stamped images (max |Δ| {diff:.1e})")
+
+    def feats(f, channels_last: bool):
+        return batched_forward(f, images, transform=trig.stamp, channels_last=channels_last)
+
+    diff = float((feats(f_nchw, False) - feats(f_cl, True)).abs().max())
+    add("features", "NCHW", "channels_last", median_time(lambda: feats(f_nchw, False), args.repeats),
+        median_time(lambda: feats(f_cl, True), args.repeats), f"{args.n} stamped images (max abs. difference {diff:.1e})")
 
     # one training epoch: NCHW vs channels_last (cnn and resnet20 substitutes)
     targets = torch.softmax(torch.randn(args.n, 10), 1)
@@ -118,7 +154,7 @@ def main(argv=None) -> dict:
     def shared_pool():
         probs = query_oracle(ModelOracle(victim), pool, batch_size=500)
         for _ in range(args.thieves):
-            query_oracle(reproduce.PoolOracle(probs, pool), pool, batch_size=500)
+            query_oracle(PoolOracle(probs, pool), pool, batch_size=500)
 
     add("answers", "ModelOracle/thief", "PoolOracle", median_time(per_thief, args.repeats),
         median_time(shared_pool, args.repeats), f"{args.thieves} thieves x {args.n} queries")
@@ -127,7 +163,7 @@ def main(argv=None) -> dict:
     x = to_float(images[:1000])
     add("stamping", "per image", "batched",
         median_time(lambda: torch.stack([trig.stamp(xi[None])[0] for xi in x]), args.repeats),
-        median_time(lambda: trig.stamp(x), args.repeats), "1000 images")
+        median_time(lambda: trig.stamp(x), args.repeats), f"{len(x)} images")
 
     # decode: JPEG files vs the uint8 cache (a fresh cache dir, so the first load decodes)
     if not args.skip_decode:
@@ -138,17 +174,36 @@ def main(argv=None) -> dict:
             cached = median_time(lambda: load_dataset("imagefolder", cifar_root, "test", cache_dir=tmp), args.repeats)
         add("decode", "JPEG decode", "uint8 cache", decode, cached, "cifar10-jpeg/test (10k)")
 
-    print()
-    print("| step | before | after | before s | after s | speed-up | per |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        print(f"| {r['step']} | {r['before']} | {r['after']} | {r['before_s']:.3f} | {r['after_s']:.3f} | "
-              f"{r['speedup']:.2f}x | {r['per']} |")
-    out = {"benchmark": "bench/speed.py", "rows": rows, "machine": reproduce.machine_info(torch.device("cpu")),
-           "n": args.n, "repeats": args.repeats}
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2))
+    md = ["| step | before | after | before s | after s | speed-up | per |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    md += [f"| {r['step']} | {r['before']} | {r['after']} | {r['before_s']:.3f} | {r['after_s']:.3f} | "
+           f"{r['speedup']:.2f}x | {r['per']} |" for r in rows]
+
+    # where a protect run's time goes (its own step timings, from the callback)
+    steps = None
+    if args.protect_iters:
+        device = torch.device(args.device)
+        cfg = ProtectConfig.preset(args.preset, outer_iters=args.protect_iters)
+        shadow = load_dataset("tinyimagenet", tin_root, "val", size=32).images[: args.n].contiguous()
+        train = load_dataset("imagefolder", cifar_root, "train")
+        owner = train.images[: args.n].contiguous()
+        steps = {"preset": args.preset, "device": str(device), "shadow": len(shadow), "owner": len(owner),
+                 **protect_steps(victim, shadow, owner, cfg, device)}
+        log(f"protect ({args.preset}, T={steps['iterations']}, {len(shadow)} + {len(owner)} images, {device}): "
+            f"{steps['total_s']:.1f} s: " + ", ".join(f"{k} {v:.1f} s" for k, v in steps["steps_s"].items()))
+        md += ["", f"protect ({args.preset} preset, outer iterations: {steps['iterations']}, {len(shadow)} shadow + "
+                   f"{len(owner)} owner images, {device}; seconds summed over iterations):", "",
+               "| step | seconds | share |", "| --- | --- | --- |"]
+        tot = sum(steps["steps_s"].values()) or 1.0
+        md += [f"| {k} | {v:.2f} | {100 * v / tot:.0f}% |" for k, v in steps["steps_s"].items()]
+        md.append(f"| total (protect call) | {steps['total_s']:.2f} | |")
+    table = "\n".join(md)
+    out = {"benchmark": "bench.speed", "mode": "quick" if args.quick else "full", "command": command_line("bench.speed", argv),
+           "rows": rows, "protect": steps, "machine": machine_info(torch.device(args.device)), "n": args.n,
+           "repeats": args.repeats}
+    written = save_report(Path(args.out), "speed", out, table, record=args.record, folder=NAME)
+    log("")
+    log(table)
+    log(f"\nwrote {', '.join(map(str, written))}")
     return out
 
 

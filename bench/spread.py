@@ -1,16 +1,16 @@
 """Where does the seed-to-seed spread of the robustness results come from: the protection or the thief?
 
-    python bench/spread.py --variants negcr0.25-eps24 --seeds 0 2 --thief-seeds 10 20
-    python bench/spread.py --quick                      # the same on reproduce.py's quick protocol (a test)
+    python -m bench.spread --variants negcr0.25-eps24 --seeds 0 2 --thief-seeds 10 20
+    python -m bench.spread --quick                      # the same on bench.reproduce's quick protocol (a test)
 
-bench/robustness.py runs one thief per protection, with the protection's seed. Its results vary a lot
+bench.robustness runs one thief per protection, with the protection's seed. Its results vary a lot
 from seed to seed (negcr0.25-eps24: the fine-tune pick kept 43% ASR on seed 0 and 85% on seed 2), and
 since the protection and the thief share the seed, the two causes are confounded. Here each protection
-(a variant at a seed: reproduce.py's unit, reused) is attacked by several thieves that differ only in
+(a variant at a seed: a reproduction unit, reused) is attacked by several thieves that differ only in
 their own seed (initialisation, batch order; below the pool's size also the query subset): the run's
-own thief (robustness.py's, its units reused) plus one per `--thief-seeds`. Each thief's copy is
-verified (PAPER.md §3, the protection's calibrated tau0) and fine-tuned on robustness.py's 1,000 clean
-labelled images over its whole fine-tuning sweep (the thief keeps the setting with the best clean
+own thief (bench.robustness's, its units reused) plus one per `--thief-seeds`. Each thief's copy is
+verified (docs/method.md, the protection's calibrated tau0) and fine-tuned on bench.robustness's 1,000
+clean labelled images over its whole fine-tuning sweep (the thief keeps the setting with the best clean
 accuracy).
 
 Output: per (variant, protection seed, thief seed) the copy's CTA and ASR, and the thief's pick of
@@ -24,26 +24,25 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from honeypotnet.training import default_device
+from . import robustness as rb
+from .benchlib.args import add_common_args, add_data_args
+from .benchlib.common import command_line, load_results, log, machine_info, save_report
+from .benchlib.data import load_data
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-import reproduce as rp  # noqa: E402
-import robustness as rb  # noqa: E402
+NAME = "spread"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    rp.add_data_args(ap)
-    ap.add_argument("--reproduce-out", help="reproduce.py's units (default runs/reproduce; --quick: runs/reproduce-quick)")
-    ap.add_argument("--out", help="where spread.md and spread.json go (default runs/spread[-quick])")
-    ap.add_argument("--quick", action="store_true", help="reproduce.py's quick protocol and fine-tuning sweep (a test)")
+    ap = argparse.ArgumentParser(prog="python -m bench.spread", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(ap, quick="bench.reproduce's quick protocol and fine-tuning sweep (a test)", resume=True)
+    add_data_args(ap)
+    ap.add_argument("--reproduce-out", help="bench.reproduce's units (default runs/reproduce; --quick: runs/reproduce-quick)")
     ap.add_argument("--variants", nargs="+", choices=sorted(rb.VARIANTS), default=["base"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="protection seeds")
     ap.add_argument("--thief-seeds", type=int, nargs="+", default=[10, 20],
@@ -51,13 +50,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--budget", type=int, default=20000, help="thief query budget (quick: divided by 10)")
     ap.add_argument("--substitute", default="cnn", help="the thief's architecture (default cnn)")
     ap.add_argument("--labelled", type=int, default=1000, help="the thief's clean labelled images (default 1000)")
-    ap.add_argument("--device", default=str(default_device()))
-    ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty())
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="run nothing: one report (to --out) from these spread.json files")
     args = ap.parse_args(argv)
     if not args.merge and any(t in args.seeds for t in args.thief_seeds):
         ap.error("--thief-seeds must differ from --seeds (each protection's own seed already gives one thief)")
-    rb.default_dirs(args, "spread")
+    rb.default_dirs(args, NAME)
     return args
 
 
@@ -97,14 +94,15 @@ def tables(records: list[dict], parts: list[dict]) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    command = command_line("bench.spread", argv)
     if args.merge:
-        return merge(args.merge, args.out)
+        return merge(args.merge, args.out, command, args.record)
     p, budget, labelled_n = rb.sizes(args)
     full = rb.QUICK_SWEEP if args.quick else rb.Sweep()
     sweep = rb.Sweep(finetune=full.finetune, prune=[], purify=[], cleanse_steps=0)  # fine-tuning only
     device = torch.device(args.device)
     t0 = time.time()
-    data = rp.load_data(rb.reproduce_args(args), p)
+    data = load_data(args, p)
     labelled, _ = rb.labelled_sets(data, p, labelled_n)
     rob = rb.Robustness(args, p, data, device, labelled, sweep)
     rob.rep.victim()
@@ -125,13 +123,12 @@ def main(argv=None) -> dict:
                                 "pick_asr": pick["asr"], "pick_stolen": pick["stolen"], "tau0": prot["tau0"],
                                 "finetune": {r["measure"]: {"cta": r["cta"], "asr": r["asr"], "stolen": r["stolen"]}
                                              for r in rows if r["measure"].startswith("finetune")}})
-    results = {"benchmark": "bench/spread.py", "mode": "quick" if args.quick else "full",
-               "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    results = {"benchmark": "bench.spread", "mode": "quick" if args.quick else "full", "command": command,
                "protocol": {"variants": args.variants, "seeds": args.seeds, "thief_seeds": args.thief_seeds,
                             "budget": budget, "substitute": args.substitute, "labelled": labelled_n,
                             "finetune": sweep.finetune, "reproduce_out": args.reproduce_out},
-               "machine": rp.machine_info(device), "records": records, "seconds": round(time.time() - t0, 1)}
-    return write(Path(args.out), results, t0)
+               "machine": machine_info(device), "records": records, "seconds": round(time.time() - t0, 1)}
+    return write(Path(args.out), results, t0, args.record)
 
 
 def spread_parts(records: list[dict]) -> list[dict]:
@@ -148,22 +145,20 @@ def spread_parts(records: list[dict]) -> list[dict]:
     return parts
 
 
-def write(out: Path, results: dict, t0: float) -> dict:
+def write(out: Path, results: dict, t0: float, record: str | None = None) -> dict:
     results["spread"] = spread_parts(results["records"])
     md = tables(results["records"], results["spread"])
-    out.mkdir(parents=True, exist_ok=True)
-    rp._write_json(out / "spread.json", results)
-    (out / "spread.md").write_text(md + "\n")
-    rp.log("\n" + md)
-    rp.log(f"\nwrote {out / 'spread.md'}, {out / 'spread.json'}  [{time.time() - t0:.0f} s]")
+    written = save_report(out, "spread", results, md, record=record, folder=NAME)
+    log("\n" + md)
+    log(f"\nwrote {', '.join(map(str, written))}  [{time.time() - t0:.0f} s]")
     return results
 
 
-def merge(paths: list[str], out: str) -> dict:
+def merge(paths: list[str], out: str, command: str = "", record: str | None = None) -> dict:
     """One spread report from several spread.json files (e.g. one process per protection seed on a GPU).
     Each (variant, protection seed, thief seed) must come from one file only, on one protocol."""
     t0 = time.time()
-    runs = rp.load_results(paths, "bench/spread.py", ("budget", "substitute", "labelled", "finetune"))
+    runs = load_results(paths, "bench.spread", ("budget", "substitute", "labelled", "finetune"))
     first = runs[0][1]
     seen: dict[tuple, str] = {}
     records = []
@@ -175,13 +170,13 @@ def merge(paths: list[str], out: str) -> dict:
             seen[k] = path
             records.append(rec)
     records.sort(key=lambda r: (r["variant"], r["seed"], r["thief_seed"] != r["seed"], r["thief_seed"]))
-    results = {"benchmark": "bench/spread.py", "mode": first["mode"], "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    results = {"benchmark": "bench.spread", "mode": first["mode"], "command": command,
                "merged_from": [{"file": str(p_), "command": r["command"], "machine": r["machine"], "seconds": r["seconds"]}
                                for p_, r in runs],
                "protocol": {**first["protocol"], "seeds": sorted({r["seed"] for r in records}),
                             "thief_seeds": sorted({r["thief_seed"] for r in records} - {r["seed"] for r in records})},
                "machine": first["machine"], "records": records, "seconds": round(sum(r["seconds"] for _, r in runs), 1)}
-    return write(Path(out), results, t0)
+    return write(Path(out), results, t0, record)
 
 
 if __name__ == "__main__":

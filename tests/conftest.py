@@ -1,7 +1,9 @@
 """Shared test fixtures: the optional ../shared folder and real data unpacked from it.
 
 The shared folder is $HONEYPOTNET_SHARED, else ``<repo>/../shared``. Tests that need it are
-skipped when it (or the file they need) is absent, so the suite runs anywhere.
+skipped when it (or the file they need) is absent, so the suite runs anywhere; with
+HONEYPOTNET_REQUIRE_SHARED=1 (set by .ci/run) they fail instead, so a run that silently lost its
+data cannot pass as green.
 Tarballs are unpacked once, into $HONEYPOTNET_CACHE/shared-unpacked (default
 ~/.cache/honeypotnet/shared-unpacked), and reused by later sessions.
 """
@@ -16,6 +18,26 @@ from honeypotnet.data import DatasetError
 from honeypotnet.data.files import unpack_archive_once
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+REQUIRE_SHARED_ENV = "HONEYPOTNET_REQUIRE_SHARED"
+
+
+def shared_required() -> bool:
+    """True when $HONEYPOTNET_REQUIRE_SHARED is 1: missing shared data fails a test instead of skipping it."""
+    return os.environ.get(REQUIRE_SHARED_ENV, "").strip() == "1"
+
+
+def missing_shared(reason: str) -> None:
+    """Something from the shared folder is absent: skip the test, or fail it when shared data is required.
+    (Also available as the `missing_shared` fixture, for test modules that look for their own files.)"""
+    if shared_required():
+        pytest.fail(f"{reason} ({REQUIRE_SHARED_ENV}=1: shared data is required)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(name="missing_shared", scope="session")
+def missing_shared_fixture():
+    """`missing_shared(reason)`: skip, or fail under HONEYPOTNET_REQUIRE_SHARED=1."""
+    return missing_shared
 
 
 def shared_path() -> Path:
@@ -25,26 +47,28 @@ def shared_path() -> Path:
 
 
 def unpack_once(tarball: Path, top: str) -> Path:
-    """Unpack ``tarball`` once (see honeypotnet.data.files.unpack_archive_once); skip if ``top`` is absent."""
+    """Unpack ``tarball`` once (see honeypotnet.data.files.unpack_archive_once); skip (or fail, see
+    `missing_shared`) if ``top`` is absent."""
     try:
         return unpack_archive_once(tarball, top)
     except DatasetError as e:
-        pytest.skip(str(e))
+        missing_shared(str(e))
 
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
-    """The shared folder (data/, weights/, ...); skips the test when absent."""
+    """The shared folder (data/, weights/, ...); skips the test when absent (fails it under
+    HONEYPOTNET_REQUIRE_SHARED=1)."""
     path = shared_path()
     if not path.is_dir():
-        pytest.skip(f"shared folder {path} not present (set HONEYPOTNET_SHARED)")
+        missing_shared(f"shared folder {path} not present (set HONEYPOTNET_SHARED)")
     return path
 
 
 def _shared_tarball(shared: Path, name: str) -> Path:
     path = shared / "data" / name
     if not path.is_file():
-        pytest.skip(f"{path} not present")
+        missing_shared(f"{path} not present")
     return path
 
 
@@ -61,6 +85,12 @@ def tinyimagenet_root(shared_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def caltech101_root(shared_dir: Path) -> Path:
+    """Caltech-101 as an ImageFolder tree: ``<root>/{train,test}/<class>/*.jpg`` (101 classes, variable sizes)."""
+    return unpack_once(_shared_tarball(shared_dir, "caltech101.tar.gz"), "caltech101")
+
+
+@pytest.fixture(scope="session")
 def quick_demo(tmp_path_factory):
     """One small run of the whole chain on the embedded data (victim -> protect -> bundle -> thieves
     -> verify; `honeypotnet.demo.QUICK`, about a minute on 2 CPU cores), shared by every test that
@@ -74,20 +104,21 @@ def quick_demo(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def reproduce_quick(shared_dir, cifar10_jpeg_root, tinyimagenet_root, tmp_path_factory):
-    """`bench/reproduce.py --quick` run once per session on the real data of ../shared (CIFAR-10 JPEG
-    victim data, Tiny ImageNet queries; about 2-3 minutes on 2 idle cores), into a temporary
-    directory; returns (output dir, command, stdout). Used by tests/test_reproduce_quick.py and, as
-    the artefacts it reads, by tests/test_arsenal_quick.py."""
+    """`python -m bench.reproduce --quick` run once per session (a subprocess from the repository root:
+    the one smoke test of the module entry point) on the real data of ../shared (CIFAR-10 JPEG victim
+    data, Tiny ImageNet queries; about 2-3 minutes on 2 idle cores), into a temporary directory;
+    returns (output dir, argv after `-m bench.reproduce`, stdout). Used by tests/test_reproduce_quick.py
+    and, as the artefacts they read, by the other bench tests."""
     import subprocess
     import sys
 
     if not list((shared_dir / "weights" / "resnet-cifar10").glob("resnet20-*.th")):
-        pytest.skip("no resnet20 weights under ../shared/weights/resnet-cifar10")
+        missing_shared("no resnet20 weights under ../shared/weights/resnet-cifar10")
     out = tmp_path_factory.mktemp("reproduce") / "quick"
-    cmd = [sys.executable, str(REPO_ROOT / "bench" / "reproduce.py"), "--quick", "--out", str(out), "--shared",
-           str(shared_dir), "--cifar-root", str(cifar10_jpeg_root), "--tin-root", str(tinyimagenet_root),
-           "--device", "cpu", "--no-progress"]
+    argv = ["--quick", "--out", str(out), "--shared", str(shared_dir), "--cifar-root", str(cifar10_jpeg_root),
+            "--tin-root", str(tinyimagenet_root), "--device", "cpu", "--no-progress"]
     # the timeout only guards against a hang on a busy machine
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, cwd=REPO_ROOT)
+    proc = subprocess.run([sys.executable, "-m", "bench.reproduce", *argv], capture_output=True, text=True,
+                          timeout=1500, cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, cmd, proc.stdout
+    return out, argv, proc.stdout

@@ -4,8 +4,6 @@ claims to pick (not a random draw), pay exactly one query per image, and resume 
 The selection properties are measured here independently of the code under test: entropy from the
 substitute's logits, coverage radius from its features, the logit margin for DFAL."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +13,8 @@ from honeypotnet.attacks import random_extraction
 from honeypotnet.data import load_dataset
 from honeypotnet.models import create_model, split_classifier
 from honeypotnet.oracles import ModelOracle
-from honeypotnet.training import FitConfig, fit, predict_logits, to_float
+from honeypotnet.ops import to_float
+from honeypotnet.training import FitConfig, fit, predict_logits
 
 BUDGET, INITIAL, ROUNDS = 600, 200, 2
 FAST = FitConfig(epochs=3, batch_size=64)
@@ -173,26 +172,23 @@ def test_killed_active_extraction_resumes_without_paying_twice(world, tmp_path):
         extract(ModelOracle(victim), pool, BUDGET, "cnn_small", 10, "kcenter", work_dir=tmp_path, **kw)
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "honeypotnet.cli", *args], capture_output=True, text=True, timeout=600)
-
-
 def test_cli_extract_with_strategy_and_output_mode(quick_demo, tmp_path, capsys):
     out, _ = quick_demo
     sub = tmp_path / "sub.safetensors"
-    r = _cli("extract", str(out / "bundle"), "--strategy", "kcenter", "--rounds", "2", "--initial", "100",
-             "--round-epochs", "1", "--output-mode", "topk", "--k", "3", "--budget", "300", "--epochs", "1",
-             "--pool-limit", "1000", "--output", str(sub))
-    assert r.returncode == 0, r.stderr
+    from honeypotnet.cli import main
+
+    rc = main(["extract", str(out / "bundle"), "--pool", "shapes:pool", "--strategy", "kcenter", "--rounds", "2",
+               "--initial", "100", "--round-epochs", "1", "--output-mode", "topk", "--k", "3", "--budget", "300",
+               "--epochs", "1", "--pool-limit", "1000", "--eval", "shapes", "--output", str(sub)])
+    assert rc == 0, capsys.readouterr().err
     res = json.loads(sub.with_suffix(".json").read_text())
     assert res["strategy"] == "kcenter" and res["queries"] == 300 and res["output_mode"] == "topk" and res["top_k"] == 3
     assert [x["bought"] for x in res["rounds"]] == [100, 100, 100] and 0 <= res["substitute_accuracy"] <= 1
-    from honeypotnet.cli import main
 
     for args, msg in [(["--strategy", "bald"], "invalid choice"), (["--output-mode", "logits"], "invalid choice"),
                       (["--strategy", "dfal", "--rounds", "0"], "rounds"), (["--output-mode", "topk", "--k", "0"], "k >= 1")]:
         try:
-            rc = main(["extract", str(out / "bundle"), "--budget", "100", "--pool-limit", "500",
+            rc = main(["extract", str(out / "bundle"), "--pool", "shapes:pool", "--budget", "100", "--pool-limit", "500",
                        "--output", str(tmp_path / "x.safetensors"), *args])
         except SystemExit as e:  # argparse's own errors
             rc = e.code

@@ -1,22 +1,30 @@
-"""bench/arsenal.py --quick on the real data of ../shared (skipped when absent): every part of the
-thief's arsenal runs end to end on the quick reproduction's victim and bundle, pays exactly its
-budget, writes its tables and plot, and resumes.
+"""bench.arsenal --quick on the real data of ../shared (skipped when absent): every part of the
+thief's arsenal, ART's attacks included (ART is a test dependency: its part must run, not be
+skipped), runs end to end on the quick reproduction's victim and bundle, pays exactly its budget,
+writes its tables and plot, and resumes.
 
 The quick reproduction it reads is conftest's `reproduce_quick` (shared with
 tests/test_reproduce_quick.py), or an existing one named by $HONEYPOTNET_REPRODUCE_QUICK (e.g.
-runs/reproduce-quick; only read). The arsenal run itself takes about a minute on one thread."""
+runs/reproduce-quick; only read). The arsenal run itself (bench.arsenal.main, in this process; run
+pytest as `python -m pytest` from the repository root) takes about a minute on one thread."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "bench" / "arsenal.py"
+from bench import arsenal as arsenal_script
+
+
+def _run(argv: list[str]) -> tuple[dict, str]:
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        res = arsenal_script.main(argv)
+    return res, buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +35,11 @@ def arsenal(request, shared_dir, cifar10_jpeg_root, tinyimagenet_root, tmp_path_
     else:
         source = request.getfixturevalue("reproduce_quick")[0]
     out = tmp_path_factory.mktemp("arsenal") / "quick"
-    cmd = [sys.executable, str(SCRIPT), "--quick", "--from-reproduce", str(source), "--out", str(out), "--shared",
-           str(shared_dir), "--cifar-root", str(cifar10_jpeg_root), "--tin-root", str(tinyimagenet_root),
-           "--device", "cpu", "--no-progress"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, cmd, proc.stdout, json.loads((out / "results.json").read_text())
+    argv = ["--quick", "--from-reproduce", str(source), "--out", str(out), "--shared", str(shared_dir),
+            "--cifar-root", str(cifar10_jpeg_root), "--tin-root", str(tinyimagenet_root), "--device", "cpu", "--no-progress"]
+    res, stdout = _run(argv)
+    assert res["benchmark"] == "bench.arsenal"
+    return out, argv, stdout, json.loads((out / "results.json").read_text())
 
 
 def test_every_strategy_budget_and_oracle_is_measured_with_exact_accounting(arsenal):
@@ -66,6 +73,8 @@ def test_the_random_thief_inherits_the_backdoor_and_the_clean_one_is_not_accused
 
 
 def test_output_modes_counter_measures_and_art(arsenal):
+    """Every output mode and counter-measure, and ART's two attacks: the ART part ran (ART is installed
+    for the tests), it was not skipped."""
     _, _, _, r = arsenal
     modes = {(o["output"], o["oracle"]) for o in r["outputs"]}
     assert modes == {(m, o) for m in r["plan"]["modes"] for o in ("protected", "clean")}
@@ -83,23 +92,27 @@ def test_output_modes_counter_measures_and_art(arsenal):
             assert 0 <= c["cta"] <= 1 and 0 <= c["asr"] <= 1 and c["verdict"] in ("STOLEN (backdoor present)", "not flagged")
         if "pruned_channels" in c:
             assert c["pruned_channels"] == round(0.5 * c["channels"])
-    if r["art"]:
-        assert {(a["attack"], a["oracle"]) for a in r["art"]} == {(a, o) for a in ("knockoffnets", "copycatcnn")
-                                                                  for o in ("protected", "clean")}
-        assert all(a["queries"] == a["budget"] for a in r["art"])
+    assert "art" in r["parts"] and r["skipped"] == [], r["skipped"]
+    assert {(a["attack"], a["oracle"]) for a in r["art"]} == {(a, o) for a in ("knockoffnets", "copycatcnn")
+                                                              for o in ("protected", "clean")}
+    assert all(a["queries"] == a["budget"] for a in r["art"])
+    for a in r["art"]:
+        assert 0 <= a["cta"] <= 1 and 0 <= a["asr"] <= 1 and a["stolen"] == (a["p_value"] < r["plan"]["alpha"])
+    by = {(a["attack"], a["oracle"]): a for a in r["art"]}
+    assert not by[("knockoffnets", "clean")]["stolen"] and not by[("copycatcnn", "clean")]["stolen"]
 
 
 def test_tables_plot_and_resume(arsenal):
-    out, cmd, stdout, r = arsenal
+    out, argv, stdout, r = arsenal
     md = (out / "results.md").read_text()
     for head in ("### Query strategies", "### What the API returns", "### A thief who suspects a backdoor",
-                 "### Neural Cleanse"):
+                 "### Neural Cleanse", "### ART's attacks"):
         assert head in md and head in stdout
     png = (out / "budget_curve.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    proc = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run(argv + ["--resume"])
     again = json.loads((out / "results.json").read_text())
     assert again["units"] and all(u["resumed"] for u in again["units"])
     strip = lambda rows: [{k: v for k, v in x.items() if k not in ("resumed", "seconds")} for x in rows]  # noqa: E731
     assert strip(again["strategies"]) == strip(r["strategies"]) and strip(again["counter"]) == strip(r["counter"])
+    assert strip(again["art"]) == strip(r["art"])

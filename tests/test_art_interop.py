@@ -12,7 +12,8 @@ from honeypotnet.art_interop import art_steal, as_blackbox_classifier, as_pytorc
 from honeypotnet.bundle import load_bundle, load_model  # noqa: E402
 from honeypotnet.data import load_dataset  # noqa: E402
 from honeypotnet.oracles import ModelOracle, OutputMode  # noqa: E402
-from honeypotnet.training import accuracy, to_float  # noqa: E402
+from honeypotnet.ops import to_float  # noqa: E402
+from honeypotnet.training import accuracy  # noqa: E402
 from honeypotnet.verify import verify  # noqa: E402
 
 BUDGET = 2000

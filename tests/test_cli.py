@@ -1,159 +1,265 @@
-"""The CLI as a user runs it: real processes, real files; tiny sizes."""
+"""The CLI as a user runs it: real files, tiny sizes. Most calls run in-process (`main(argv)`, the same code
+path as the console script); one real process per verb checks the entry point itself."""
 import json
 import subprocess
 import sys
 
 import pytest
 
-from honeypotnet.cli import build_parser, protect_config
-from honeypotnet.honeypot import PRESETS, ProtectConfig
+from honeypotnet.cli import build_parser, main
+from honeypotnet.cli.protect import protect_config
+from honeypotnet.config import ProtectConfig
+
+VERBS = ("demo", "train", "protect", "extract", "verify", "serve", "keys", "log", "export")
 
 
 def run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "honeypotnet.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+    return subprocess.run([sys.executable, "-m", "honeypotnet.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600)
 
 
-def test_every_verb_has_help():
-    parser = build_parser()
-    verbs = parser._subparsers._group_actions[0].choices
-    assert {"demo", "train", "protect", "extract", "verify"} <= set(verbs)
-    for verb in verbs:
-        r = run(verb, "--help")
-        assert r.returncode == 0 and "usage:" in r.stdout, verb
+def call(capsys, *args) -> tuple[int, str, str]:
+    """main(argv) in-process -> (exit status, stdout, stderr); argparse's own errors exit 2 too."""
+    try:
+        rc = main([str(a) for a in args])
+    except SystemExit as e:
+        rc = e.code
+    out = capsys.readouterr()
+    return rc, out.out, out.err
 
 
-def test_cli_chain_train_protect_extract_verify(tmp_path):
+@pytest.mark.parametrize("verb", VERBS)
+def test_every_verb_runs_as_a_process_with_help(verb):
+    r = run(verb, "--help")
+    assert r.returncode == 0 and "usage: honeypotnet " + verb in r.stdout, r.stderr
+
+
+def test_protect_help_shows_at_most_20_options():
+    r = run("protect", "--help")
+    options = [line for line in r.stdout.splitlines() if line.startswith("  -")]
+    assert len(options) <= 20, options
+    for needed in ("--preset", "--config", "--set", "--references", "--device", "--output", "--work-dir"):
+        assert needed in r.stdout
+
+
+def test_cli_chain_train_protect_extract_verify(tmp_path, capsys):
     victim = tmp_path / "victim.safetensors"
-    r = run("train", "--data-limit", "2000", "--epochs", "5", "--batch-size", "64", "--output", str(victim))
-    assert r.returncode == 0, r.stderr
+    rc, out, err = call(capsys, "train", "--data", "shapes", "--data-limit", "2000", "--epochs", "5", "--batch-size", "64", "--output", victim)
+    assert rc == 0, err
     assert json.loads(victim.with_suffix(".json").read_text())["test_accuracy"] > 0.5
     bundle = tmp_path / "bundle"
-    # --preset spec: each option below turns one thing on (the robust default has its own test)
-    r = run("protect", str(victim), "--preset", "spec", "--shadow-limit", "800", "--owner-limit", "400", "--iters", "1",
-            "--shadow-arch", "cnn_small",
-            "--shadow-epochs", "1", "--honeypot-steps", "20", "--references", "cnn_small", "--reference-epochs", "1",
-            "--reference-finetune", "100", "--reference-purify", "blur-1.0,jpeg-q50", "--reference-purify-max-drop", "100",
-            "--negative-weight", "1", "--negative-noise", "0.1", "--trigger-blur", "0.5", "--shadow-prune", "0.5",
-            "--audit-rounds", "1", "--audit-iters", "1", "--audit-epochs", "1", "--audit-threshold", "0",
-            "--audit-restarts", "1", "--output", str(bundle))
-    assert r.returncode == 0, r.stderr
+    # --preset spec with config fields turned on one by one through --set (the robust default has its own test)
+    rc, out, err = call(capsys, "protect", victim, "--preset", "spec", "--shadow", "shapes:shadow:800",
+                        "--owner", "shapes:train:400", "--set", "loop.outer_iters=1", "--set", "shadow.arch=cnn_small",
+                        "--set", "shadow.epochs=1", "--set", "head.steps=20", "--references", "cnn_small",
+                        "--set", "null.epochs=1", "--set", "null.finetune=100", "--set", "null.purify=blur-1.0,jpeg-q50",
+                        "--set", "null.purify_max_drop=100", "--set", "negatives.weight=1", "--set", "negatives.noise=0.1",
+                        "--set", "trigger.blur=0.5", "--force", "--output", bundle)
+    assert rc == 0, err
+    assert "fails its gate" in err and "--force" in err  # one iteration: written only because it was forced
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert 0 < manifest["verification"]["tau0"] <= 0.5 and manifest["history"][0]["iteration"] == 1
-    # --reference-finetune: the reference and its 4 fine-tuned copies calibrate the null;
-    # --reference-purify: ... and each of those 5 behind a blur (σ 1) and behind JPEG q50
+    # null.finetune: the reference and its 4 fine-tuned copies calibrate the null;
+    # null.purify: ... and each of those 5 behind a blur (σ 1) and behind JPEG q50
     plain = ["cnn_small", *(f"cnn_small+finetune-e{e}-lr{lr:g}" for e, lr in ((3, 0.01), (10, 0.01), (3, 0.05), (10, 0.05)))]
     refs = manifest["verification"]["reference"]
     assert [r["arch"] for r in refs] == plain + [f"{n}+{p}" for n in plain for p in ("blur-1.0", "jpeg-q50")]
     assert manifest["verification"]["reference_finetune"]["images"] == 100
     assert [n for n, _ in manifest["verification"]["reference_purify"]["settings"]] == ["blur-1.0", "jpeg-q50"]
-    # --negative-weight: the negative shadow is trained and reported
-    assert manifest["config"]["negative_weight"] == 1.0 and 0 <= manifest["history"][0]["negative_asr"] <= 1
-    assert manifest["config"]["trigger_blur"] == 0.5  # --trigger-blur reaches the configuration
-    assert manifest["config"]["negative_noise"] == 0.1  # and --negative-noise
-    # --shadow-prune: the fine-pruned shadow copy is built and its response reported
-    assert manifest["config"]["shadow_prune"] == 0.5 and 0 <= manifest["history"][0]["shadow_pruned_asr"] <= 1
-    # --audit-rounds: the checks are in the manifest; a failed first check ran one more iteration
-    audits = manifest["audits"]
-    assert audits[0]["archs"] == ["cnn_small"] and len(manifest["history"]) == 1 + audits[0]["added"]
-    assert ("audit failed" in r.stderr) == (not audits[-1]["passed"])  # the owner is told when it failed
-    # --audit-restarts: a failed run is redone with seed + 1000; the kept run's audits are the manifest's
-    attempts = manifest["attempts"]
-    assert [a["seed"] for a in attempts] == [0, 1000][: len(attempts)] and sum(a["kept"] for a in attempts) == 1
-    assert len(attempts) == 2 or attempts[0]["passed"]
-    assert next(a for a in attempts if a["kept"])["max_asr"] == audits[-1]["max_asr"]
-    assert ("kept seed" in r.stderr) == (not audits[-1]["passed"])
+    # the config as a whole, in its file form, with each --set applied; the negative shadow is reported
+    c = ProtectConfig.from_dict({k: v for k, v in manifest["config"].items() if k != "preset"})
+    assert c == ProtectConfig.preset("spec", outer_iters=1, shadow_arch="cnn_small", shadow_epochs=1,
+                                     honeypot_steps=20, negative_weight=1.0, negative_noise=0.1, trigger_blur=0.5)
+    assert manifest["config"]["preset"] == "spec" and 0 <= manifest["history"][0]["negative0_cnn_small_asr"] <= 1
     # protecting again into the same place is refused and leaves the bundle intact
-    r = run("protect", str(victim), "--shadow-limit", "100", "--iters", "0", "--references", "", "--output", str(bundle), "--work-dir", str(tmp_path / "w2"))
-    assert r.returncode == 2 and "already exists" in r.stderr
+    rc, out, err = call(capsys, "protect", victim, "--shadow", "shapes:shadow:100", "--owner", "shapes:train:100",
+                        "--set", "loop.outer_iters=0",
+                        "--references", "", "--output", bundle, "--work-dir", tmp_path / "w2")
+    assert rc == 2 and "already exists" in err
     assert json.loads((bundle / "manifest.json").read_text()) == manifest
     sub = tmp_path / "sub.safetensors"
-    r = run("extract", str(bundle), "--budget", "500", "--epochs", "1", "--output-mode", "label", "--output", str(sub))
-    assert r.returncode == 0, r.stderr
+    rc, out, err = call(capsys, "extract", bundle, "--pool", "shapes:pool", "--budget", "500", "--epochs", "1",
+                        "--output-mode", "label", "--eval", "shapes", "--output", sub)
+    assert rc == 0, err
     res = json.loads(sub.with_suffix(".json").read_text())
     assert res["queries"] == 500 and res["output_mode"] == "label" and 0 <= res["substitute_accuracy"] <= 1
-    out = tmp_path / "verify.json"
-    r = run("verify", str(bundle), str(sub), "--data-limit", "300", "--json", str(out))
-    assert r.returncode == 0, r.stderr
-    v = json.loads(out.read_text())
+    out_json = tmp_path / "verify.json"
+    report = tmp_path / "report.html"
+    rc, out, err = call(capsys, "verify", bundle, sub, "--data", "shapes:test", "--data-limit", "300", "--json", out_json,
+                        "--report", report)
+    v = json.loads(out_json.read_text())
+    assert rc == (0 if v["stolen"] else 1), err  # the exit status tells scripts the verdict
+    rc, out, err = call(capsys, "verify", bundle, bundle, "--data", "shapes:test", "--max-queries", "100",
+                        "--json", tmp_path / "seq.json")  # the protected model itself obeys its trigger
+    assert rc in (0, 1), err
+    seq = json.loads((tmp_path / "seq.json").read_text())
+    assert seq["sequential"]["stamped_queries"] <= 100 and seq["queries"] == seq["n"] and "sequential test" in out
+    assert rc == (0 if seq["stolen"] else 1) and seq["alpha"] == 1e-6
+    page = report.read_text()
+    assert v["verdict"] in page and manifest["bundle_hash"] in page and "data:image/png;base64," in page
+    assert f"{100 * v['tau0']:.2f}%" in page and "confidence interval" in page
+    assert report.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert v["n"] > 200 and {"asr", "tau0", "p_value", "verdict", "unstamped_rate"} <= set(v)
-    assert "verdict" in r.stdout
+    assert "verdict" in out
 
 
 @pytest.mark.parametrize("args, message", [
     (["train", "--data", "mnist", "--output", "x.safetensors"], "unknown dataset"),
+    (["train", "--output", "x.safetensors"], "the following arguments are required: --data"),
+    (["protect", "v.safetensors", "--owner", "shapes", "--output", "b"], "required: --shadow"),
+    (["verify", "bundle", "suspect.safetensors"], "required: --data"),
+    (["protect", "v.pt", "--shadow", "shapes", "--owner", "shapes", "--output", "b"], "say its architecture with --arch"),
     (["train", "--data", "imagefolder", "--output", "x.safetensors"], "root"),
-    (["train", "--arch", "vgg99", "--data-limit", "10", "--epochs", "0", "--output", "x.safetensors"], "vgg99"),
-    (["verify", "no-such-bundle", "no-such-model"], "no manifest"),
-    (["protect", "missing.safetensors", "--negative-weight", "nan", "--output", "b"], "negative_weight"),
-    (["protect", "missing.safetensors", "--negative-weight", "1", "--negative-archs", "cnn", "vgg99", "--output", "b"],
-     "negative_archs"),
-    (["protect", "missing.safetensors", "--preset", "spec", "--negative-finetune-epochs", "2", "--output", "b"],
-     "negative_finetune_epochs"),
-    # negatives off under the robust default, their fine-tuned copies left on: told which option
-    (["protect", "missing.safetensors", "--negative-weight", "0", "--output", "b"], "negative_finetune_epochs"),
-    (["protect", "missing.safetensors", "--audit-rounds", "1", "--audit-threshold", "150", "--output", "b"], "audit_threshold"),
-    (["protect", "missing.safetensors", "--audit-rounds", "1", "--audit-archs", "vgg99", "--output", "b"], "audit_archs"),
-    (["protect", "missing.safetensors", "--audit-restarts", "-1", "--output", "b"], "audit_restarts"),
-    (["protect", "missing.safetensors", "--trigger-blur", "-1", "--output", "b"], "trigger_blur"),
-    (["protect", "missing.safetensors", "--negative-weight", "1", "--negative-noise", "nan", "--output", "b"], "negative_noise"),
-    (["protect", "missing.safetensors", "--shadow-prune", "1", "--output", "b"], "shadow_prune"),
-    (["protect", "missing.safetensors", "--reference-purify", "blur-2", "--output", "b"], "unknown purification blur-2"),
-    (["protect", "missing.safetensors", "--reference-purify", "--reference-purify-max-drop", "nan", "--output", "b"],
-     "reference-purify-max-drop"),
-    (["extract", "missing.safetensors", "--output", "s.safetensors"], "not found"),
-    (["protect", "missing.safetensors", "--preset", "fast", "--output", "b"], "invalid choice: 'fast'"),
+    (["train", "--data", "shapes", "--arch", "vgg99", "--data-limit", "10", "--epochs", "0", "--output", "x.safetensors"], "vgg99"),
+    (["train", "--data", "shapes:train:x", "--output", "x.safetensors"], "limit must be an integer"),
+    (["train", "--data", "shapes", "--device", "tpu", "--output", "x.safetensors"], "unknown device"),
+    (["verify", "no-such-bundle", "no-such-model", "--data", "shapes"], "no manifest"),
+    (["protect", "missing.safetensors", "--shadow", "shapes", "--owner", "shapes", "--set", "negatives.weight=nan", "--output", "b"], "negatives.weight"),
+    (["protect", "missing.safetensors", "--shadow", "shapes", "--owner", "shapes", "--set", "negatives.archs=cnn,vgg99", "--output", "b"], "vgg99"),
+    (["protect", "missing.safetensors", "--shadow", "shapes", "--owner", "shapes", "--preset", "spec", "--set", "negatives.finetune_epochs=2", "--output", "b"],
+     "negatives.finetune_epochs"),
+    # negatives off under the robust default, their fine-tuned copies left on: told which field
+    (["protect", "missing.safetensors", "--shadow", "shapes", "--owner", "shapes", "--set", "negatives.weight=0", "--output", "b"], "negatives.finetune_epochs"),
+    (["protect", "missing.safetensors", "--shadow", "shapes", "--owner", "shapes", "--set", "trigger.blur=-1", "--output", "b"], "trigger.blur"),
+    (["protect", "missing.safetensors", "--shadow", "shapes", "--owner", "shapes", "--set", "negatives.noise=nan", "--output", "b"], "negatives.noise"),
+    (["protect", "missing.safetensors", "--shadow", "shapes", "--owner", "shapes", "--set", "trigger.epss=0.1", "--output", "b"], "unknown config field 'trigger.epss'"),
+    (["protect", "missing.safetensors", "--shadow", "shapes", "--owner", "shapes", "--set", "loop.outer_iters=2.5", "--output", "b"], "must be an integer"),
+    (["protect", "missing.safetensors", "--shadow", "shapes", "--owner", "shapes", "--set", "eps", "--output", "b"], "field=value"),
+    (["protect", "missing.safetensors", "--shadow", "shapes", "--owner", "shapes", "--set", "null.purify=blur-2", "--output", "b"], "unknown purification blur-2"),
+    (["protect", "missing.safetensors", "--shadow", "shapes", "--owner", "shapes", "--set", "null.purify_max_drop=nan", "--output", "b"], "purify_max_drop"),
+    (["protect", "missing.safetensors", "--shadow", "shapes", "--owner", "shapes", "--set", "null.frobnicate=1", "--output", "b"], "unknown null setting"),
+    (["protect", "missing.safetensors", "--shadow", "shapes", "--owner", "shapes", "--config", "nowhere.toml", "--output", "b"], "cannot read config file"),
+    (["extract", "missing.safetensors", "--pool", "shapes", "--output", "s.safetensors"], "not found"),
 ])
-def test_cli_bad_input_gives_one_clear_error(tmp_path, args, message):
-    r = run(*args, cwd=tmp_path)
-    assert r.returncode == 2, (r.stdout, r.stderr)
-    assert message in r.stderr.lower() and "Traceback" not in r.stderr
+def test_cli_bad_input_gives_one_clear_error(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = call(capsys, *args)
+    assert rc == 2, (out, err)
+    assert message.lower() in err.lower() and "Traceback" not in err
 
 
-def test_cli_protect_default_is_the_robust_configuration(tmp_path):
-    """`protect` with no --preset runs the robust configuration end to end (on a toy size): the bundle
-    records it, and every model it adds to the loop is trained and reported each iteration: the CNN and
-    ResNet-20 negative shadows and their fine-tuned copies (the shadow's fine-tuned copy is in the
-    trigger step; it needs the owner images, which `protect` always has)."""
+def test_cli_bad_input_as_a_process_exits_2_without_traceback(tmp_path):
+    r = run("protect", "missing.safetensors", "--shadow", "shapes", "--owner", "shapes", "--preset", "fast",
+            "--output", "b", cwd=tmp_path)
+    assert r.returncode == 2 and "invalid choice: 'fast'" in r.stderr and "Traceback" not in r.stderr
+    r = run("train", "--data", "shapes", "--frobnicate", "--output", "x.safetensors", cwd=tmp_path)
+    assert r.returncode == 2 and "unrecognized arguments" in r.stderr
+
+
+def test_cli_protect_default_is_the_robust_configuration(tmp_path, capsys):
+    """`protect` with no --preset runs the robust configuration end to end (toy size): the bundle records it,
+    and every model it adds to the loop is trained and reported: the CNN and ResNet-20 negative shadows and
+    their fine-tuned copies."""
     victim = tmp_path / "victim.safetensors"
-    r = run("train", "--data-limit", "600", "--epochs", "1", "--batch-size", "64", "--output", str(victim))
-    assert r.returncode == 0, r.stderr
+    rc, _, err = call(capsys, "train", "--data", "shapes", "--data-limit", "600", "--epochs", "1", "--batch-size", "64", "--output", victim)
+    assert rc == 0, err
     bundle = tmp_path / "bundle"
-    r = run("protect", str(victim), "--shadow-limit", "300", "--owner-limit", "200", "--iters", "1", "--shadow-arch",
-            "cnn_small", "--shadow-epochs", "1", "--honeypot-steps", "5", "--trigger-passes", "1", "--references", "",
-            "--output", str(bundle))
-    assert r.returncode == 0, r.stderr
+    rc, _, err = call(capsys, "protect", victim, "--shadow", "shapes:shadow:300", "--owner", "shapes:train:200",
+                      "--set", "loop.outer_iters=1", "--set", "shadow.arch=cnn_small", "--set", "shadow.epochs=1",
+                      "--set", "head.steps=5", "--set", "trigger.passes=1", "--references", "", "--force",
+                      "--output", bundle)
+    assert rc == 0, err
     manifest = json.loads((bundle / "manifest.json").read_text())
     c = manifest["config"]
-    assert c["preset"] == "robust" and c["eps_255"] == 24
-    assert {k: c[k] for k in PRESETS["robust"]} == PRESETS["robust"]
+    assert c["preset"] == "robust" and c["trigger"]["eps"] == 24 / 255 and c["version"] == 2
+    assert c["negatives"] == ProtectConfig().to_dict()["negatives"] and c["thief"]["finetune_epochs"] == 2
     (rec,) = manifest["history"]
-    for key in ("negative_asr", "negative1_resnet20_asr", "negative_ft_asr", "negative1_resnet20_ft_asr"):
+    for key in ("negative0_cnn_asr", "negative1_resnet20_asr", "negative0_cnn_ft_asr", "negative1_resnet20_ft_asr"):
         assert 0 <= rec[key] <= 1, key
 
 
-def test_protect_preset_fills_only_the_options_not_given():
-    """--preset sets its fields where the option was not given; a given option wins, even one equal to
-    the other preset's value; without --preset the CLI builds the library's default config (robust)."""
+def test_protect_config_from_preset_file_and_set(tmp_path):
+    """--preset names a file of configs/; --config reads the user's own file (its [null] section too);
+    --set changes single fields on top; --target and --seed are shorthands for two of them."""
     def cfg(*extra):
-        return protect_config(build_parser().parse_args(["protect", "v.safetensors", "--output", "b", *extra]))
+        return protect_config(build_parser().parse_args(["protect", "v.safetensors", "--shadow", "shapes", "--owner",
+                                                         "shapes", "--output", "b", *extra]))
 
-    robust = cfg()
-    assert robust == cfg("--preset", "robust") == ProtectConfig() == ProtectConfig.preset("robust")
-    assert {k: getattr(robust, k) for k in PRESETS["robust"]} == PRESETS["robust"]
-    assert robust.eps == 24 / 255 and robust.negative_archs == "cnn,resnet20" and robust.simulates_finetuning()
-    spec = cfg("--preset", "spec")
-    assert spec == ProtectConfig.preset("spec") != ProtectConfig()
-    assert {k: getattr(spec, k) for k in PRESETS["spec"]} == PRESETS["spec"] and not spec.simulates_finetuning()
-    mixed = cfg("--eps", "16", "--negative-noise", "0", "--negative-archs", "cnn", "--iters", "3")
-    assert mixed == ProtectConfig.preset("robust", eps=16 / 255, negative_noise=0.0, negative_archs="cnn", outer_iters=3)
-    mixed = cfg("--preset", "spec", "--eps", "24", "--trigger-blur", "0.5", "--iters", "3")
-    assert mixed == ProtectConfig.preset("spec", eps=24 / 255, trigger_blur=0.5, outer_iters=3)
-    with pytest.raises(ValueError, match="unknown preset"):
-        ProtectConfig.preset("fast")
-    with pytest.raises(ValueError, match="epss"):
-        ProtectConfig.preset("robust", epss=0.1)
+    robust, null = cfg()
+    assert robust == cfg("--preset", "robust")[0] == ProtectConfig() == ProtectConfig.preset("robust")
+    assert null == {"epochs": 10, "finetune": 0, "purify": "", "purify_max_drop": 20.0}
+    spec, _ = cfg("--preset", "spec")
+    assert spec == ProtectConfig.preset("spec") != ProtectConfig() and not spec.simulates_finetuning()
+    mixed, _ = cfg("--set", "trigger.eps=16/255", "--set", "negatives.noise=0", "--set", "negatives.archs=cnn",
+                   "--set", "outer_iters=3", "--target", "2", "--seed", "5")
+    assert mixed == ProtectConfig.preset("robust", eps=16 / 255, negative_noise=0.0, negative_archs="cnn",
+                                         outer_iters=3, target=2, seed=5)
+    own = tmp_path / "mine.toml"
+    own.write_text(ProtectConfig.preset("spec", lam=2.0).to_toml() + "\n[null]\nepochs = 3\npurify = [\"jpeg-q75\"]\n")
+    mine, null = cfg("--config", str(own), "--set", "head.hidden=64")
+    assert mine == ProtectConfig.preset("spec", lam=2.0, hidden=64)
+    assert null["epochs"] == 3 and null["purify"] == "jpeg-q75"
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[trigger]\neps = 'lots'\n")
+    with pytest.raises(ValueError, match="trigger.eps must be a number"):
+        cfg("--config", str(bad))
 
 
-def test_cli_rejects_unknown_options():
-    r = run("train", "--frobnicate", "--output", "x.safetensors")
-    assert r.returncode == 2 and "unrecognized arguments" in r.stderr
+def test_protect_gate_refuses_an_unfit_bundle_and_keeps_the_run(tmp_path, capsys):
+    """Zero outer iterations protect nothing: `protect` refuses to write the bundle (exit 2, nothing written),
+    says why and how to go on; the same command with --force writes it."""
+    victim = tmp_path / "victim.safetensors"
+    rc, _, err = call(capsys, "train", "--data", "shapes", "--data-limit", "300", "--epochs", "1", "--output", victim)
+    assert rc == 0, err
+    args = ["protect", victim, "--preset", "spec", "--shadow", "shapes:shadow:100", "--owner", "shapes:train:100",
+            "--set", "loop.outer_iters=0", "--references", "", "--output", tmp_path / "b"]
+    rc, _, err = call(capsys, *args)
+    assert rc == 2 and "fails its gate" in err and "no outer iteration" in err and "--force" in err
+    assert not (tmp_path / "b").exists()
+    rc, _, err = call(capsys, *args, "--force")
+    assert rc == 0 and (tmp_path / "b" / "manifest.json").is_file()
+
+
+def test_verify_refuses_data_of_another_task(tmp_path, capsys):
+    """A 3-class bundle verified with 10-class data (or other class names) is refused, never given a verdict:
+    such a run once declared an innocent model STOLEN."""
+    import torch
+
+    from honeypotnet.bundle import save_bundle, save_model
+    from honeypotnet.head import build_protected
+    from honeypotnet.models import create_model
+    from honeypotnet.trigger import Trigger
+
+    save_bundle(tmp_path / "b3", build_protected("cnn_small", 3, "linear", 8), Trigger.uap(32), arch="cnn_small",
+                target=0, classes=["a", "b", "c"], verification={"tau0": 0.05})
+    torch.manual_seed(0)
+    save_model(create_model("cnn_small", 3), tmp_path / "innocent.safetensors", "cnn_small", 3, ["a", "b", "c"])
+    rc, out, err = call(capsys, "verify", tmp_path / "b3", tmp_path / "innocent.safetensors", "--data", "shapes:test:200")
+    assert rc == 2 and "10 classes but the bundle 3" in err and "STOLEN" not in out
+
+
+def test_protect_a_torchvision_state_dict_end_to_end(tmp_path, capsys):
+    """A user's own torchvision model (MobileNetV3, head classifier[-1]) as a plain state dict: protect with
+    --arch torchvision:NAME (classes read from the weights), then the bundle reloads in verify and export, and
+    the protected weights of a linear head load back into torchvision's own class."""
+    import torch
+    import torchvision
+
+    from honeypotnet.bundle import load_bundle
+    from honeypotnet.head import as_plain_model
+
+    torch.manual_seed(0)
+    tv = torchvision.models.mobilenet_v3_small(num_classes=10)
+    torch.save(tv.state_dict(), tmp_path / "mine.pth")
+    bundle = tmp_path / "bundle"
+    rc, out, err = call(capsys, "protect", tmp_path / "mine.pth", "--arch", "torchvision:mobilenet_v3_small",
+                        "--preset", "spec", "--shadow", "shapes:shadow:200", "--owner", "shapes:train:200",
+                        "--set", "loop.outer_iters=1", "--set", "shadow.arch=cnn_small", "--set", "shadow.epochs=1",
+                        "--set", "head.steps=5", "--set", "head.kind=linear", "--references", "", "--force",
+                        "--output", bundle)
+    assert rc == 0, err
+    b = load_bundle(bundle)
+    assert b.manifest["arch"] == "torchvision:mobilenet_v3_small" and b.manifest["head"]["path"] == "1.classifier.3"
+    assert b.manifest["normalization"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    plain = as_plain_model(b.model)[1]  # the torchvision model inside the Normalize wrapper
+    fresh = torchvision.models.mobilenet_v3_small(num_classes=10)
+    fresh.load_state_dict(plain.state_dict())
+    fresh.eval()
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(b.model(x), fresh(b.model[0](x)), atol=1e-5)
+    rc, out, err = call(capsys, "export", bundle, "--format", "torchscript", "--output", tmp_path / "m.pt")
+    assert rc == 0, err
+    rc, out, err = call(capsys, "protect", tmp_path / "mine.pth", "--arch", "torchvision:resnet18", "--shadow",
+                        "shapes", "--owner", "shapes", "--output", tmp_path / "x")
+    assert rc == 2 and "resnet18" in err

@@ -1,39 +1,28 @@
-"""bench/compare_defences.py: HoneypotNet next to the other extraction defences, on real data.
+"""bench.compare_defences: HoneypotNet next to the other extraction defences, on real data.
 
-The first test needs no data (the settings table). The others run `bench/compare_defences.py
---quick` once (tiny protocol: reproduce.py's pipeline on 500 shadow / 1,000 pool images, one
-outer iteration, 2-epoch thieves; a smoke test of the whole benchmark, about a minute on one CPU
-thread) on a subset of the settings, and check what it writes. Skipped without ../shared.
+The first tests need no data (the settings table, the reuse of a reproduction's units). The others
+run `bench.compare_defences --quick` once, in this process (tiny protocol: the reproduction's pipeline
+on 500 shadow / 1,000 pool images, one outer iteration, 2-epoch thieves; a smoke test of the whole
+benchmark, about a minute on one CPU thread) on a subset of the settings, and check what it writes.
+Skipped without ../shared. Run pytest as `python -m pytest` from the repository root.
 """
 from __future__ import annotations
 
-import importlib.util
+import contextlib
+import io
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "bench" / "compare_defences.py"
+from bench import compare_defences as script
+
 SETTINGS = ["none", "top1", "round2", "rs0.3", "madarg1.0", "am0.5", "dawn0.05", "hp", "hp+top1"]
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("bench_compare_defences", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_compare_defences"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_every_setting_builds_valid_defences():
     from honeypotnet.defences import make_defence
     from honeypotnet.models import create_model
 
-    script = _load_script()
     assert len({s.id for s in script.SETTINGS}) == len(script.SETTINGS)
     assert set(script.QUICK_SETTINGS) <= set(script.BY_ID)
     families = {s.family for s in script.SETTINGS}
@@ -49,18 +38,17 @@ def test_every_setting_builds_valid_defences():
 
 
 @pytest.fixture(scope="module")
-def quick_run(shared_dir, cifar10_jpeg_root, tinyimagenet_root, tmp_path_factory):
+def quick_run(shared_dir, cifar10_jpeg_root, tinyimagenet_root, tmp_path_factory, missing_shared):
     if not list((shared_dir / "weights" / "resnet-cifar10").glob("resnet20-*.th")):
-        pytest.skip("no resnet20 weights under ../shared/weights/resnet-cifar10")
+        missing_shared("no resnet20 weights under ../shared/weights/resnet-cifar10")
     out = tmp_path_factory.mktemp("compare") / "quick"
-    cmd = [sys.executable, str(SCRIPT), "--quick", "--out", str(out), "--shared", str(shared_dir),
-           "--cifar-root", str(cifar10_jpeg_root), "--tin-root", str(tinyimagenet_root), "--device", "cpu",
-           "--no-progress", "--settings", *SETTINGS]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    # about a minute on one idle core; the timeout only guards against a hang on a busy machine
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=REPO, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, proc.stdout, json.loads((out / "compare-defences.json").read_text())
+    argv = ["--quick", "--out", str(out), "--shared", str(shared_dir), "--cifar-root", str(cifar10_jpeg_root),
+            "--tin-root", str(tinyimagenet_root), "--device", "cpu", "--no-progress", "--settings", *SETTINGS]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):  # about a minute on one idle core
+        res = script.main(argv)
+    assert res["benchmark"] == "bench.compare_defences"
+    return out, buf.getvalue(), json.loads((out / "compare-defences.json").read_text())
 
 
 @pytest.mark.slow
@@ -124,7 +112,6 @@ def test_quick_writes_plot_and_table(quick_run):
 
 
 def test_reuse_reproduce_copies_finished_units_and_never_overwrites_local_ones(tmp_path):
-    script = _load_script()
     src, dst = tmp_path / "reproduce", tmp_path / "out" / "reproduce"
 
     def unit(root, rel, key, files=()):

@@ -5,12 +5,14 @@ import copy
 import pytest
 import torch
 
-from honeypotnet.countermeasures import (PurifiedModel, anomaly_index, assess, channel_activations, fine_prune,
-                                         finetune, neural_cleanse, purify)
+from honeypotnet.countermeasures import anomaly_index, channel_activations, fine_prune, finetune, neural_cleanse
 from honeypotnet.data import load_dataset
-from honeypotnet.honeypot import Trigger
+from honeypotnet.trigger import Trigger
 from honeypotnet.models import create_model, split_classifier
-from honeypotnet.training import FitConfig, accuracy, fit, predict_logits, to_float
+from honeypotnet.ops import to_float
+from honeypotnet.purify import PurifiedModel, purify
+from honeypotnet.training import FitConfig, accuracy, fit, predict_logits
+from honeypotnet.verify import assess
 
 TARGET = 3
 

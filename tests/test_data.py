@@ -320,7 +320,7 @@ def test_tinyimagenet_errors(tmp_path):
 
 
 def test_dispatcher_names_and_errors(tmp_path):
-    assert DATASETS == ("shapes", "cifar10", "cifar100", "imagefolder", "tinyimagenet")
+    assert DATASETS == ("shapes", "cifar10", "cifar100", "imagefolder", "folder", "tinyimagenet")
     with pytest.raises(DatasetError) as err:
         load_dataset("mnist", tmp_path)
     assert all(n in str(err.value) for n in DATASETS)

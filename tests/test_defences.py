@@ -16,10 +16,11 @@ from honeypotnet.defences import (
     DAWN, MAD, AdaptiveMisinformation, DefendedOracle, GaussianNoise, LabelOnly, NoDefence, ReverseSigmoid, Rounding,
     TopK, dawn_verify, mad_jacobian, make_defence, misinformation_loss, train_misinformation_model,
 )
-from honeypotnet.honeypot import HoneypotLayer, head_attribute, install_honeypot
+from honeypotnet.head import HoneypotLayer, head_attribute, install_honeypot
 from honeypotnet.models import create_model, split_classifier
 from honeypotnet.oracles import ModelOracle, OutputMode
-from honeypotnet.training import FitConfig, accuracy, fit, to_float
+from honeypotnet.ops import to_float
+from honeypotnet.training import FitConfig, accuracy, fit
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ import torch
 
 from honeypotnet.bundle import load_bundle, save_bundle
 from honeypotnet.cli import main
-from honeypotnet.honeypot import Trigger, build_protected, head_attribute
+from honeypotnet.head import build_protected, head_attribute
+from honeypotnet.trigger import Trigger
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +59,22 @@ def test_export_bad_input(tmp_path, capsys):
     assert main(["export", str(tmp_path / "nope"), "--format", "onnx", "--output", str(tmp_path / "m.onnx")]) == 2
     assert "not found" in capsys.readouterr().err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_model_file_serves_the_protected_model_without_the_trigger(bundle, tmp_path, capsys):
+    """`export --format model`: the protected model alone, as a model file `serve` (and every verb) loads,
+    answering exactly as the bundle's model; the trigger is nowhere in it."""
+    from safetensors.torch import load_file
+
+    from honeypotnet.bundle import load_model
+    from honeypotnet.serve import create_app
+
+    out = tmp_path / "served.safetensors"
+    assert main(["export", str(bundle), "--format", "model", "--output", str(out)]) == 0
+    model, info = load_model(out)
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x), load_bundle(bundle).model(x), atol=1e-6)
+    assert info["honeypot"]["kind"] == "residual" and not any("pattern" in k or "mask" in k for k in load_file(out))
+    assert create_app(out, name="m").state.honeypotnet.served.num_classes == 10
+    assert main(["export", str(out), "--format", "model", "--output", str(tmp_path / "x.safetensors")]) == 2

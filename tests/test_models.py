@@ -37,7 +37,9 @@ def _seed() -> None:
 def _checkpoint(shared_dir: Path, depth: int) -> Path:
     found = sorted((shared_dir / "weights" / "resnet-cifar10").glob(f"resnet{depth}-*.th"))
     if not found:
-        pytest.skip(f"no resnet{depth} checkpoint under {shared_dir}/weights/resnet-cifar10")
+        from conftest import missing_shared
+
+        missing_shared(f"no resnet{depth} checkpoint under {shared_dir}/weights/resnet-cifar10")
     return found[0]
 
 
@@ -143,12 +145,17 @@ def test_split_sequential_classifier_and_errors() -> None:
     x = torch.rand(2, 3, 2, 2)
     torch.testing.assert_close(head(features(x)), model(x))
 
+    # an nn.Sequential ending in a Linear, and a classifier attribute ending in one (torchvision's Dropout +
+    # Linear), split at that last Linear
+    seq = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    features2, head2 = split_classifier(seq)
+    assert head2 is seq[1]
+    torch.testing.assert_close(head2(features2(x)), seq(x))
+    dropout_head = SeqHead().eval()
+    dropout_head.classifier = nn.Sequential(nn.Dropout(), nn.Linear(6, 3))
+    assert split_classifier(dropout_head)[1] is dropout_head.classifier[1]
     with pytest.raises(TypeError, match="no final nn.Linear"):
-        split_classifier(nn.Sequential(nn.Flatten(), nn.Linear(12, 3)))
-    bad = SeqHead()
-    bad.classifier = nn.Sequential(nn.Dropout(), nn.Linear(6, 3))
-    with pytest.raises(TypeError):
-        split_classifier(bad)
+        split_classifier(nn.Sequential(nn.Flatten(), nn.Linear(12, 3), nn.ReLU()))
     with pytest.raises(TypeError):
         split_classifier(features)
 

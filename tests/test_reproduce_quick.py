@@ -1,13 +1,17 @@
-"""bench/reproduce.py: the real-data reproduction benchmark.
+"""bench.reproduce: the real-data reproduction benchmark (run as `python -m bench.reproduce`; these
+tests import it, so run pytest as `python -m pytest` from the repository root).
 
-The first tests need no data (the script's oracle and ablation table). The others run
-`bench/reproduce.py --quick` once (CIFAR-10 JPEG victim data + Tiny ImageNet queries from
-../shared, 1/10 of the full protocol; about 2-3 minutes on 2 idle CPU cores) and check what it
-writes. They are skipped when ../shared (or its data / victim weights) is absent.
+The first tests need no data (the ablation table, the pool oracle, the unit locks, the results
+index). The others use conftest's `reproduce_quick`: `python -m bench.reproduce --quick` run once
+as a subprocess (CIFAR-10 JPEG victim data + Tiny ImageNet queries from ../shared, 1/10 of the full
+protocol; about 2-3 minutes on 2 idle CPU cores), and check what it writes. They are skipped when
+../shared (or its data / victim weights) is absent.
 """
 from __future__ import annotations
 
-import importlib.util
+import contextlib
+import dataclasses
+import io
 import json
 import subprocess
 import sys
@@ -16,58 +20,108 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench import reproduce
+from bench.benchlib import index, protocol
+from bench.benchlib.oracle import PoolOracle
+
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "bench" / "reproduce.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("bench_reproduce", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_reproduce"] = mod  # dataclasses need the module registered
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture(scope="module")
-def script():
-    return _load_script()
 
 
 # ----------------------------------------------------------------------------- no data needed
 
 
-def test_every_ablation_variant_is_a_valid_config_change(script):
-    base = script.base_config(script.FULL, 0)
+def test_every_ablation_variant_is_a_valid_config_change():
+    from honeypotnet.config import ProtectConfig
+
+    base = protocol.base_config(protocol.FULL, 0)
+    assert base == ProtectConfig.preset("spec")  # the full protocol's schedule is the preset's
     assert (base.trigger, base.eps, base.head, base.hidden, base.lam, base.outer_iters, base.shadow_arch,
             base.shadow_epochs, base.trigger_passes, base.honeypot_steps, base.honeypot_lr, base.honeypot_batch,
             base.target) == ("uap", 16 / 255, "residual", 256, 3.0, 8, "cnn", 3, 2, 400, 1e-3, 256, 0)
-    for name, variants in script.ABLATIONS.items():
+    for name, variants in reproduce.ABLATIONS.items():
         assert variants, name
         for label, overrides in variants:
-            cfg = script.replace(base, **overrides)  # ProtectConfig validates itself
+            cfg = base.override(overrides)  # ProtectConfig validates itself
+            assert cfg == dataclasses.replace(base, **overrides)
             assert all(getattr(cfg, k) == v for k, v in overrides.items()), (name, label)
 
 
-def test_pool_oracle_answers_like_the_model_and_counts_queries(script):
+def test_pool_oracle_answers_like_the_model_and_counts_queries():
     from honeypotnet.attacks import random_extraction
     from honeypotnet.models import create_model
+    from honeypotnet.ops import to_float
     from honeypotnet.oracles import ModelOracle, OutputMode
-    from honeypotnet.training import FitConfig, to_float
+    from honeypotnet.training import FitConfig
 
     torch.manual_seed(0)
     model = create_model("cnn_small", 10).eval()
     pool = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
     probs = ModelOracle(model)(to_float(pool))
     for mode in ("probs", "label"):
-        oracle = script.PoolOracle(probs, pool, OutputMode(mode))
+        oracle = PoolOracle(probs, pool, OutputMode(mode))
         idx = torch.tensor([5, 3, 60, 3])
         expect = ModelOracle(model, OutputMode(mode))(to_float(pool[idx]))
         assert torch.allclose(oracle(to_float(pool[idx])), expect, atol=1e-5)
         assert oracle(pool[idx]).shape == (4, 10) and oracle.queries == 8
-    res = random_extraction(script.PoolOracle(probs, pool), pool, 20, "cnn_small", 10, FitConfig(epochs=1), seed=0)
+    res = random_extraction(PoolOracle(probs, pool), pool, 20, "cnn_small", 10, FitConfig(epochs=1), seed=0)
     assert res.queries == 20
     with pytest.raises(KeyError):
-        script.PoolOracle(probs, pool)(torch.zeros(1, 3, 32, 32))
+        PoolOracle(probs, pool)(torch.zeros(1, 3, 32, 32))
+
+
+def test_units_shared_by_two_processes_run_once(tmp_path):
+    """Two benchmark processes on the same output directory: the second waits on the unit's lock
+    and reuses the first one's result instead of training the same thing again beside it."""
+    code = f"""
+import json, time
+from pathlib import Path
+from bench.benchlib.units import Units
+units = Units(Path({str(tmp_path / 'out')!r}), resume=True)
+def work(d):
+    with open({str(tmp_path / 'calls.txt')!r}, "a") as f:
+        f.write("call\\n")
+    time.sleep(1.5)
+    return {{"value": 42}}
+rec = units.run("seed0/thing", {{"p": 1}}, work, "test")
+print(json.dumps({{"value": rec["value"], "resumed": rec["resumed"]}}))
+"""
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO) for _ in range(2)]
+    outs = [json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert (tmp_path / "calls.txt").read_text().count("call") == 1
+    assert sorted(o["resumed"] for o in outs) == [False, True] and all(o["value"] == 42 for o in outs)
+
+
+def test_results_index_keeps_the_prose_and_lists_every_result(tmp_path):
+    """bench.benchlib.index: README.md's prose above the marker is kept, the table below it is rebuilt
+    from the files present (one section per folder), and `--record` writes a report there."""
+    root = tmp_path / "results"
+    (root / "robustness").mkdir(parents=True)
+    rob = {"benchmark": "bench/robustness.py", "command": "python bench/robustness.py --variants base --seeds 0 1 "
+           "--out runs/x --no-progress", "protocol": {"variants": {"base": {}}, "seeds": [0, 1], "goals": True},
+           "machine": {"device": "cpu"}, "recorded": "2026-11-26"}
+    (root / "robustness" / "rob-a.json").write_text(json.dumps(rob))
+    (root / "robustness" / "rob-a.md").write_text("report\n")
+    (root / "README.md").write_text("# Recorded results\n\nProse the docs keep.\n")
+    index.rebuild(root)
+    text = (root / "README.md").read_text()
+    head, marker, table = text.partition(index.MARKER)
+    assert marker and head.startswith("# Recorded results\n\nProse the docs keep.")
+    assert "### `robustness/`" in table and "[rob-a](robustness/rob-a.md) (`.json`)" in table
+    assert "`base`; seeds 0, 1; goal list" in table and "| CPU |" in table and "2026-11-26" in table
+    assert "`python bench/robustness.py --variants base --seeds 0 1`" in table  # --out / --no-progress left out
+    # a recorded report lands in its folder and the index follows; the prose is never touched again
+    index.record("spread", "sp-b", {"benchmark": "bench.spread", "command": "python -m bench.spread --quick",
+                                    "protocol": {"variants": ["base"], "seeds": [0], "thief_seeds": [10]}}, "| x |", root)
+    again = (root / "README.md").read_text()
+    assert again.startswith(head + index.MARKER) and "### `spread/`" in again and "[sp-b](spread/sp-b.md)" in again
+    assert json.loads((root / "spread" / "sp-b.json").read_text())["recorded"]
+    from bench import index as index_cli
+
+    assert index_cli.main(["--root", str(root), "--check"]) == 0
+    (root / "robustness" / "rob-c.json").write_text(json.dumps(rob))
+    assert index_cli.main(["--root", str(root), "--check"]) == 1
+    assert index_cli.main(["--root", str(root)]) == 0 and "rob-c" in (root / "README.md").read_text()
 
 
 # ----------------------------------------------------------------------------- the quick run
@@ -75,24 +129,30 @@ def test_pool_oracle_answers_like_the_model_and_counts_queries(script):
 
 @pytest.fixture(scope="module")
 def quick_run(reproduce_quick):
-    out, cmd, stdout = reproduce_quick  # conftest: one quick run per session, shared with test_arsenal_quick.py
-    return out, cmd, stdout, json.loads((out / "results.json").read_text())
+    out, argv, stdout = reproduce_quick  # conftest: one quick run per session, shared with the other bench tests
+    return out, argv, stdout, json.loads((out / "results.json").read_text())
 
 
 @pytest.mark.slow
-def test_quick_results_have_every_column_and_verdict(quick_run, script):
+def test_quick_results_have_every_column_and_verdict(quick_run):
     out, _, stdout, r = quick_run
+    assert r["benchmark"] == "bench.reproduce" and r["command"].startswith("python -m bench.reproduce --quick")
     assert r["mode"] == "quick" and r["protocol"]["budgets"] == [500, 1000, 2000]
     assert {"torch", "cpu_count", "device"} <= set(r["machine"])
     assert {"data load", "protect", "references", "calibration", "thief (protected)", "thief (clean)",
             "total wall time"} <= set(r["timings"])
+    # protect's step timings come from its callback: one entry per step it reports
+    assert {"  protect: shadow", "  protect: trigger", "  protect: stamped features", "  protect: honeypot"} <= set(r["timings"])
     (prot,) = r["protections"]
-    assert set(script.PROTECTION_COLUMNS) <= set(prot)
+    assert set(protocol.PROTECTION_COLUMNS) <= set(prot)
+    assert prot["config"]["version"] == 2 and prot["config"]["trigger"]["eps"] == pytest.approx(16 / 255)
+    assert set(prot["step_seconds"]) >= {"shadow", "trigger", "honeypot"}
+    assert sum(prot["step_seconds"].values()) <= prot["seconds"] + 1
     assert 0.5 < prot["victim_cta"] <= 1 and abs(prot["cta_delta"] - (prot["protected_cta"] - prot["victim_cta"])) < 1e-9
     assert 0 < prot["tau0"] < 1 and prot["calibration"]["reference"]
     subs = r["substitutes"]
     for s in subs:
-        assert set(script.SUBSTITUTE_COLUMNS) <= set(s), set(script.SUBSTITUTE_COLUMNS) - set(s)
+        assert set(protocol.SUBSTITUTE_COLUMNS) <= set(s), set(protocol.SUBSTITUTE_COLUMNS) - set(s)
         assert s["queries"] == s["budget"]
         assert s["verdict"] in ("STOLEN (backdoor present)", "not flagged")
         assert s["stolen"] == (s["p_value"] < s["alpha"])
@@ -108,43 +168,28 @@ def test_quick_results_have_every_column_and_verdict(quick_run, script):
 
 
 @pytest.mark.slow
-def test_quick_protected_thief_inherits_more_backdoor_than_clean_thief(quick_run):
+def test_quick_stolen_copy_is_flagged_and_clean_copies_are_not(quick_run):
+    """The point of the protection: the copy stolen from the protected model at the largest budget is
+    FLAGGED (H0: ASR <= tau0 rejected at alpha), and no copy of the unprotected victim is."""
     _, _, _, r = quick_run
     by = {(s["oracle"], s["budget"], s["output"]): s for s in r["substitutes"]}
     stolen, clean = by[("protected", 2000, "probs")], by[("clean", 2000, "probs")]
-    assert stolen["asr"] > clean["asr"], (stolen["asr"], clean["asr"])  # loose: quick mode is small
-    assert not clean["stolen"], "an innocent model must not be flagged"
+    assert stolen["stolen"] and stolen["verdict"] == "STOLEN (backdoor present)", stolen
+    assert stolen["p_value"] < stolen["alpha"] and stolen["asr"] > stolen["tau0"]
+    assert not clean["stolen"] and clean["verdict"] == "not flagged", \
+        f"the clean copy is flagged: ASR {clean['asr']:.4f} against tau0 {clean['tau0']:.4f}, p {clean['p_value']:.2g}"
+    flagged = [(s["budget"], s["output"], round(s["asr"], 4), s["p_value"]) for s in r["substitutes"]
+               if s["oracle"] == "clean" and s["stolen"]]
+    assert not flagged, f"clean copies flagged (budget, output, ASR, p) against tau0 {clean['tau0']:.4f}: {flagged}"
 
 
 @pytest.mark.slow
 def test_quick_resume_skips_every_finished_unit(quick_run):
-    out, cmd, _, r = quick_run
-    proc = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    again = json.loads((out / "results.json").read_text())
+    """--resume (in this process: bench.reproduce.main) reuses every unit of the subprocess run."""
+    out, argv, _, r = quick_run
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        again = reproduce.main(argv + ["--resume"])
+    assert json.loads((out / "results.json").read_text())["units"] == again["units"]
     assert all(u["resumed"] for u in again["units"]), [u["unit"] for u in again["units"] if not u["resumed"]]
-    assert again["substitutes"] == r["substitutes"]
-
-
-def test_units_shared_by_two_processes_run_once(tmp_path):
-    """Two benchmark processes on the same output directory: the second waits on the unit's lock
-    and reuses the first one's result instead of training the same thing again beside it."""
-    code = f"""
-import importlib.util, json, sys, time
-from pathlib import Path
-spec = importlib.util.spec_from_file_location("bench_reproduce", {str(SCRIPT)!r})
-mod = importlib.util.module_from_spec(spec); sys.modules["bench_reproduce"] = mod; spec.loader.exec_module(mod)
-units = mod.Units(Path({str(tmp_path / 'out')!r}), resume=True)
-def work(d):
-    with open({str(tmp_path / 'calls.txt')!r}, "a") as f:
-        f.write("call\\n")
-    time.sleep(1.5)
-    return {{"value": 42}}
-rec = units.run("seed0/thing", {{"p": 1}}, work, "test")
-print(json.dumps({{"value": rec["value"], "resumed": rec["resumed"]}}))
-"""
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
-    outs = [json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1]) for p in procs]
-    assert all(p.returncode == 0 for p in procs)
-    assert (tmp_path / "calls.txt").read_text().count("call") == 1
-    assert sorted(o["resumed"] for o in outs) == [False, True] and all(o["value"] == 42 for o in outs)
+    assert again["substitutes"] == r["substitutes"] and "resumed" in buf.getvalue()

@@ -2,12 +2,11 @@
 server on 127.0.0.1 (a thread, or a subprocess for kill -9), never a mock.
 
 The end-to-end test (serve bundle -> extract over HTTP -> serve substitute -> verify over HTTP)
-needs a bundle whose backdoor transfers; it is trained once (small sizes, about 1-3 min on 2
-CPU cores) and cached under pytest's cache dir, keyed by the sources that make it.
+needs a bundle whose backdoor transfers; it is trained once per module (small sizes, about 20 s
+on 2 CPU cores) into a temporary directory, nothing kept between runs.
 """
 from __future__ import annotations
 
-import argparse
 import http.client
 import io
 import json
@@ -20,7 +19,6 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
 from pathlib import Path
 
 import httpx
@@ -31,12 +29,13 @@ from torch import nn
 from honeypotnet.apikeys import KeyFileError, add_key, hash_token, read_keys
 from honeypotnet.bundle import load_bundle, load_model, save_bundle, save_model
 from honeypotnet.cli import main
-from honeypotnet.honeypot import Trigger, build_protected
+from honeypotnet.head import build_protected
 from honeypotnet.models import create_model
 from honeypotnet.oracles import ModelOracle, OutputMode
 from honeypotnet.oracles_http import HttpOracle, HttpOracleError, encode_request
 from honeypotnet.querylog import summarise
 from honeypotnet.serve import BackgroundServer, Limits, ServedModel, create_app
+from honeypotnet.trigger import Trigger
 
 CLASSES = [f"class{i}" for i in range(10)]
 
@@ -96,7 +95,7 @@ def client(server):
 def test_health_and_metadata(client, tiny):
     assert client.get("/v2/health/live").json() == {"live": True}
     assert client.get("/v2/health/ready").json() == {"ready": True}
-    assert client.get("/v2").json()["extensions"] == []
+    assert client.get("/v2").json()["extensions"] == ["binary_tensor_data"]
     meta = client.get("/v2/models/hp").json()
     assert meta["name"] == "hp" and meta["platform"]
     assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 3, 32, 32]}]
@@ -184,7 +183,7 @@ def test_bad_infer_requests_are_4xx_with_a_reason(client, case, body, status, wo
 def test_unknown_model_and_binary_extension(client):
     assert_error(client.post("/v2/models/other/infer", json=_good()), 404, "unknown model", "other", "hp")
     r = client.post("/v2/models/hp/infer", content=b"\0" * 10, headers={"Inference-Header-Content-Length": "5"})
-    assert_error(r, 415, "binary")
+    assert_error(r, 400, "not valid JSON")
 
 
 def _raw_request(port: int, head: str, parts: list[bytes]) -> tuple[int, dict]:
@@ -346,23 +345,36 @@ def test_api_keys_and_quota(tiny, tmp_path):
         assert c.post(url, json=x2, headers=auth(small)).status_code == 200
         assert_error(c.post(url, json=x2, headers=auth(small)), 429, "quota")
         # a bad request costs nothing
-        assert_error(c.post(url, content=b"{", headers=auth(big)), 400, "json")
-        # a key added while the server runs works within a second or two, no restart
+        assert_error(c.post(url, content=b"{", headers={**auth(big), "content-type": "application/json"}), 400, "json")
+        # a key added while the server runs works without a restart (the key file is re-read at most once a second)
         late = add_key(kf, "late")
-        time.sleep(1.1)
-        assert c.post(url, json=x2, headers=auth(late)).status_code == 200
+        # (401 until then; 429 should this address run out of failed authentications meanwhile)
+        assert _until(lambda: c.post(url, json=x2, headers=auth(late)), (401, 429)).status_code == 200
     # quotas survive a restart: they are counted from the query log
     with BackgroundServer(create_app(tiny / "bundle", name="hp", keys=kf, log_path=db)) as srv:
         r = httpx.post(srv.url + url, json=infer_body(torch.rand(1, 3, 32, 32)), headers={"Authorization": f"Bearer {small}"})
         assert_error(r, 429, "10 of 10")
         # ... until the operator raises the quota
         assert main(["keys", "set-quota", "small", "--keys", str(kf), "--quota", "12"]) == 0
-        time.sleep(1.1)
-        r = httpx.post(srv.url + url, json=infer_body(torch.rand(2, 3, 32, 32)), headers={"Authorization": f"Bearer {small}"})
+        r = _until(lambda: httpx.post(srv.url + url, json=infer_body(torch.rand(2, 3, 32, 32)),
+                                      headers={"Authorization": f"Bearer {small}"}), (429,))
         assert r.status_code == 200
     rows = log_rows(db)
-    assert {r[0] for r in rows} == {"(unauthenticated)", "big", "small", "late"}
+    assert {r[0] for r in rows} == {"big", "small", "late"}  # failed authentications are counted, not rows
+    assert summarise(db)["auth_failures"]["total"] >= 5
     assert sum(r[2] for r in rows if r[0] == "small" and r[3] == 200) == 12
+
+
+def _until(send, waiting: tuple[int, ...], deadline: float = 30.0) -> httpx.Response:
+    """Send again every 0.1 s while the answer's status is in `waiting` (the server has not re-read its
+    key file yet); the first other answer is returned. `deadline` only guards against a hang: the key
+    file is re-read at most once a second, so a working server answers within about a second."""
+    end = time.monotonic() + deadline
+    while True:
+        r = send()
+        if r.status_code not in waiting or time.monotonic() > end:
+            return r
+        time.sleep(0.1)
 
 
 def test_rate_limit_and_the_http_oracle_honours_retry_after(tiny, tmp_path):
@@ -375,16 +387,43 @@ def test_rate_limit_and_the_http_oracle_honours_retry_after(tiny, tmp_path):
         assert r.headers["retry-after"] == "1" and 0 < body["retry_after"] <= 1
         time.sleep(body["retry_after"] + 0.05)
         assert httpx.post(url, json=_good()).status_code == 200
-    # images per second: a batch costs its size
-    with BackgroundServer(create_app(tiny / "bundle", name="hp", limits=Limits(rate=20, rate_unit="images", max_batch=8))) as srv:
+    # images per second: a batch costs its size. The bucket holds one batch (burst 8) and refills it in
+    # `refill` seconds, at least 5x the longest of a few measured requests: every batch after the first
+    # finds the bucket short by most of a batch, is answered 429 once and passes after the Retry-After wait
+    refill = max(0.5, 5 * _request_seconds(tiny, batch=8))
+    db = tmp_path / "rate.db"
+    limits = Limits(rate=8 / refill, burst=8, rate_unit="images", max_batch=8)
+    with BackgroundServer(create_app(tiny / "bundle", name="hp", limits=limits, log_path=db)) as srv:
         oracle = HttpOracle(srv.url + "/v2/models/hp", batch_size=8)
         x = torch.rand(40, 3, 32, 32)
         t = time.monotonic()
         out = oracle(x)
-        assert time.monotonic() - t >= (40 - 20) / 20 * 0.8  # the bucket (20) then 20 images/s
-        assert oracle.requests > 5  # some 429s were retried
-        expected = torch.softmax(load_bundle(tiny / "bundle").model(x), 1)
-        assert torch.allclose(out, expected, atol=1e-6) and oracle.queries == 40
+        elapsed = time.monotonic() - t
+        rows = log_rows(db)
+    # a lower bound from the token bucket alone (the first 8 images from the bucket, 32 at the rate)
+    assert elapsed >= 0.99 * 32 / limits.rate
+    # every request the oracle counted reached the server (the metadata GET is not in the query log) ...
+    assert oracle.requests == 1 + len(rows)
+    # ... exactly: 5 batches of 8 answered, the 4 after the first each refused once before
+    assert [(r[2], r[3]) for r in rows] == [(8, 200)] + [(8, 429), (8, 200)] * 4
+    assert oracle.requests == 10 and oracle.queries == 40
+    expected = torch.softmax(load_bundle(tiny / "bundle").model(x), 1)
+    assert torch.allclose(out, expected, atol=1e-6)
+
+
+def _request_seconds(tiny: Path, batch: int, repeats: int = 3) -> float:
+    """The longest of `repeats` HTTP oracle requests of `batch` images to an unlimited server, in seconds
+    (encoding, parsing, the forward pass and the answer: what a request costs between two rate checks)."""
+    with BackgroundServer(create_app(tiny / "bundle", name="hp", limits=Limits(max_batch=batch))) as srv:
+        oracle = HttpOracle(srv.url + "/v2/models/hp", batch_size=batch)
+        x = torch.rand(batch, 3, 32, 32)
+        times = []
+        for _ in range(repeats):
+            t = time.monotonic()
+            oracle(x)
+            times.append(time.monotonic() - t)
+        oracle.close()
+    return max(times)
 
 
 def test_query_log_keeps_every_request_under_concurrency(tiny, tmp_path, capsys):
@@ -482,6 +521,10 @@ def test_http_oracle_matches_the_local_oracle(server, tiny):
             oracle(torch.rand(1, 3, 16, 16))
     # the server's max batch (8) caps the client's
     assert HttpOracle(server.url + "/v2/models/hp").batch_size == 8
+    # a versioned model URL works the same
+    with HttpOracle(server.url + "/v2/models/hp/versions/1/infer", batch_size=5) as oracle:
+        assert oracle.infer_url.endswith("/v2/models/hp/versions/1/infer")
+        assert torch.allclose(oracle(x[:7]), local[:7], atol=1e-6)
 
 
 def test_http_oracle_errors_are_clear(server, tiny):
@@ -508,36 +551,10 @@ def test_http_oracle_errors_are_clear(server, tiny):
 
 # ----------------------------------------------------------------------------- end to end over loopback
 
-LOOP = dict(train=2500, victim_epochs=5, shadow=2000, outer_iters=2, shadow_epochs=2, honeypot_steps=150)
-
-
-def _build_trained_bundle(out: Path) -> None:
-    """A trained victim and its bundle (a small protect run; tau0 fixed at the calibration floor)."""
-    from honeypotnet.data import load_dataset
-    from honeypotnet.honeypot import ProtectConfig, protect
-    from honeypotnet.training import FitConfig, fit
-
-    train = load_dataset("shapes", split="train", n=LOOP["train"], seed=0)
-    shadow = load_dataset("shapes", split="shadow", n=LOOP["shadow"], seed=0)
-    torch.manual_seed(0)
-    victim = create_model("cnn_small", 10)
-    fit(victim, train.images, train.labels, FitConfig(epochs=LOOP["victim_epochs"], seed=0))
-    # the "spec" preset: the server is under test here, and the robust default's extra models (ResNet-20
-    # negatives, fine-tuned copies) would multiply this fixture's time; the default has its own tests
-    cfg = ProtectConfig.preset("spec", shadow_arch="cnn_small", outer_iters=LOOP["outer_iters"],
-                               shadow_epochs=LOOP["shadow_epochs"], honeypot_steps=LOOP["honeypot_steps"], seed=0)
-    res = protect(victim, shadow.images, train.images, cfg)
-    save_model(victim, out / "victim.safetensors", "cnn_small", 10, train.classes)
-    save_bundle(out / "bundle", res.model, res.trigger, arch="cnn_small", target=cfg.target, classes=train.classes,
-                config=asdict(cfg), verification={"tau0": 0.05, "rule": "fixed for this test: the calibration floor"})
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A small victim and its bundle, built once per test session (no state kept between runs)."""
-    out = tmp_path_factory.mktemp("serve-loop")
-    _build_trained_bundle(out)
-    return out
+def trained(quick_demo) -> Path:
+    """The quick demo's trained victim and its protected bundle (conftest `quick_demo`, built once per session)."""
+    return quick_demo[0]
 
 
 @pytest.mark.parametrize("served, stolen", [("bundle", True), ("victim.safetensors", False)], ids=["protected", "unprotected"])
@@ -545,15 +562,16 @@ def test_extract_and_verify_over_http(trained, tmp_path, served, stolen):
     """A thief extracts the served model over HTTP and serves its copy; the owner verifies it over HTTP.
     A copy of the protected bundle is flagged; a copy of the unprotected victim (an innocent model) is not;
     either way the verdict over HTTP equals the one computed in-process."""
-    from honeypotnet.cli import _load
+    from honeypotnet.cli import build_parser
+    from honeypotnet.cli.common import load_data
     from honeypotnet.verify import verify
 
     bundle = load_bundle(trained / "bundle")
     db = tmp_path / "q.db"
     sub = tmp_path / "substitute.safetensors"
     with BackgroundServer(create_app(trained / served, name="classifier", log_path=db)) as srv:
-        rc = main(["extract", f"{srv.url}/v2/models/classifier", "--pool-limit", "1500", "--budget", "1200",
-                   "--epochs", "6", "--eval", "", "--output", str(sub)])
+        rc = main(["extract", f"{srv.url}/v2/models/classifier", "--pool", "shapes:pool:1500", "--budget", "1200",
+                   "--epochs", "6", "--output", str(sub)])
         assert rc == 0
     res = json.loads(sub.with_suffix(".json").read_text())
     assert res["queries"] == 1200
@@ -561,12 +579,230 @@ def test_extract_and_verify_over_http(trained, tmp_path, served, stolen):
     assert sum(r[2] for r in rows) == 1200 and all(r[3] == 200 for r in rows)
     out = tmp_path / "verify.json"
     with BackgroundServer(create_app(sub, name="suspect")) as srv:
-        rc = main(["verify", str(trained / "bundle"), f"{srv.url}/v2/models/suspect", "--data-limit", "400", "--json", str(out)])
-        assert rc == 0
+        argv = ["verify", str(trained / "bundle"), f"{srv.url}/v2/models/suspect", "--data", "shapes:test",
+                "--data-limit", "400", "--json", str(out)]
+        rc = main(argv)
     over_http = json.loads(out.read_text())
-    data = _load(argparse.Namespace(data="shapes", data_root=None, data_split="test", data_limit=400), "data", size=32)
+    assert rc == (0 if over_http["stolen"] else 1)  # the exit status is the verdict
+    # the images the CLI verified on: its own data loading, on its own parse of the same arguments
+    data = load_data(build_parser().parse_args(argv), "data", size=bundle.trigger.image_size)
+    assert len(data) == 400
     local = verify(load_model(sub)[0], bundle.trigger, data.images, data.labels, bundle.target, bundle.tau0)
     assert over_http["verdict"] == local.verdict and over_http["stolen"] == local.stolen
     assert over_http["stolen"] is stolen, over_http
     assert over_http["n"] == local.n and abs(over_http["hits"] - local.hits) <= 2
     assert over_http["queries"] == 2 * local.n
+
+
+# ----------------------------------------------------------------------------- hardening
+
+
+def test_odd_top_k_and_request_ids_are_4xx_never_500(client):
+    files = [("file", ("a.png", _png(4, 4), "image/png"))]
+    for k in ("²", "1" * 5000, "٣", "-1", "0", "", " 3"):  # isdigit() accepts '²' and Arabic digits; int() refuses long strings
+        assert_error(client.post("/v1/models/hp:predict", params={"top_k": k}, files=files), 422, "top_k")
+    assert client.post("/v1/models/hp:predict?top_k=1000000", files=files).status_code == 200  # capped at K
+    # a lone surrogate (valid JSON, not encodable as UTF-8) and non-string ids are refused before the forward pass
+    raw = json.dumps(_good()).replace("{", '{"id": "\\ud800x", ', 1).encode()
+    assert_error(client.post("/v2/models/hp/infer", content=raw, headers={"content-type": "application/json"}), 422, "id")
+    for rid in (7, 1.5, [1], {"a": 1}, True, "x" * 2000):
+        assert_error(client.post("/v2/models/hp/infer", json={**_good(), "id": rid}), 422, "id")
+    r = client.post("/v2/models/hp/infer", json={**_good(), "id": "ünïcode ✓"})
+    assert r.status_code == 200 and r.json()["id"] == "ünïcode ✓"
+
+
+def test_failed_authentication_is_throttled_and_counted_not_logged_row_by_row(tiny, tmp_path):
+    kf = tmp_path / "keys.json"
+    good = add_key(kf, "good")
+    db = tmp_path / "q.db"
+    limits = Limits(auth_fail_rate=0.5, auth_fail_burst=5)
+    url = "/v2/models/hp/infer"
+    with BackgroundServer(create_app(tiny / "bundle", name="hp", keys=kf, log_path=db, limits=limits)) as srv, \
+            httpx.Client(base_url=srv.url, timeout=10) as c:
+        statuses = []
+        for i in range(40):
+            r = c.post(url, json=_good(), headers={"Authorization": f"Bearer mk_guess{i}"})
+            statuses.append(r.status_code)
+            if r.status_code == 429:
+                body = assert_error(r, 429, "failed authentication")
+                assert int(r.headers["retry-after"]) >= 1 and body["retry_after"] > 0
+        assert statuses[:5] == [401] * 5 and statuses[5:] == [429] * 35, statuses
+        # an address that is throttled waits, whatever it sends
+        assert c.post(url, json=_good(), headers={"Authorization": f"Bearer {good}"}).status_code == 429
+        assert c.get("/v2/models/hp").status_code == 429
+        time.sleep(2.1)  # one token back at 0.5/s
+        assert c.post(url, json=_good(), headers={"Authorization": f"Bearer {good}"}).status_code == 200
+        assert [r[0] for r in log_rows(db)] == ["good"]  # no row per failed attempt
+    s = summarise(db)
+    assert s["requests"] == 1 and s["auth_failures"]["total"] == 42
+    assert s["auth_failures"]["addresses"] == {"127.0.0.1": 42}
+
+
+def test_no_heap_addresses_no_server_header_known_image_formats_only(client, tmp_path):
+    r = client.post("/v1/models/hp:predict", files=[("file", ("bad.png", b"not an image at all", "image/png"))])
+    assert_error(r, 422, "bad.png")
+    assert "0x" not in r.text
+    assert "server" not in r.headers and "uvicorn" not in str(r.headers).lower()
+    assert "server" not in client.get("/v2/health/ready").headers
+    # formats outside the list (here PPM, which PIL reads) are refused
+    from PIL import Image
+
+    b = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(b, "PPM")
+    assert_error(client.post("/v1/models/hp:predict", files=[("file", ("a.ppm", b.getvalue(), "image/x-ppm"))]), 422, "a.ppm")
+    for fmt in ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"):
+        assert client.post("/v1/models/hp:predict", files=[("file", ("a", _png(8, 8, fmt=fmt), "x/y"))]).status_code == 200, fmt
+
+
+def test_json_endpoint_refuses_form_content_types(client):
+    raw = json.dumps(_good()).encode()
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+        headers = {"content-type": ctype} if ctype else {}
+        r = client.post("/v2/models/hp/infer", content=raw, headers=headers)
+        assert_error(r, 415, "application/json")
+    for ctype in ("application/json", "application/json; charset=utf-8", "Application/JSON"):
+        assert client.post("/v2/models/hp/infer", content=raw, headers={"content-type": ctype}).status_code == 200
+
+
+def test_query_log_is_private_to_its_owner(tiny, tmp_path):
+    db = tmp_path / "q.db"
+    with BackgroundServer(create_app(tiny / "bundle", name="hp", log_path=db)) as srv:
+        assert httpx.post(srv.url + "/v2/models/hp/infer", json=_good()).status_code == 200
+        for p in tmp_path.glob("q.db*"):
+            assert oct(p.stat().st_mode & 0o777) == "0o600", p
+
+
+def test_versioned_paths_and_the_input_name(client):
+    assert client.get("/v2/models/hp/versions/1").json() == client.get("/v2/models/hp").json()
+    assert client.get("/v2/models/hp/versions/1/ready").json()["ready"] is True
+    x = torch.rand(2, 3, 32, 32)
+    a = client.post("/v2/models/hp/versions/1/infer", json=infer_body(x)).json()
+    b = client.post("/v2/models/hp/infer", json=infer_body(x)).json()
+    assert a["outputs"] == b["outputs"] and a["model_version"] == "1"
+    for path in ("/v2/models/hp/versions/2", "/v2/models/hp/versions/0/ready", "/v2/models/hp/versions/x"):
+        assert_error(client.get(path), 404, "version")
+    assert_error(client.post("/v2/models/hp/versions/2/infer", json=infer_body(x)), 404, "version")
+    assert_error(client.post("/v2/models/zz/versions/1/infer", json=infer_body(x)), 404, "unknown model")
+    body = infer_body(x)
+    body["inputs"][0]["name"] = "images"
+    assert_error(client.post("/v2/models/hp/infer", json=body), 400, "images", "'input'")
+    del body["inputs"][0]["name"]
+    assert_error(client.post("/v2/models/hp/infer", json=body), 400, "'input'")
+
+
+def test_quota_is_checked_before_the_upload_is_read_or_decoded(tiny, tmp_path):
+    kf = tmp_path / "keys.json"
+    spent, two = add_key(kf, "spent", quota=0), add_key(kf, "two", quota=2)
+    with BackgroundServer(create_app(tiny / "bundle", name="hp", keys=kf, limits=Limits(max_batch=8))) as srv, \
+            httpx.Client(base_url=srv.url, timeout=10) as c:
+        bad = [("file", ("bad.png", b"not an image", "image/png"))]
+        # a spent key learns nothing about its upload: 429 at once, not a decoding error
+        r = c.post("/v1/models/hp:predict", files=bad, headers={"Authorization": f"Bearer {spent}"})
+        assert_error(r, 429, "quota", "0 of 0")
+        assert_error(c.post("/v2/models/hp/infer", content=b"{", headers={"Authorization": f"Bearer {spent}",
+                                                                          "content-type": "application/json"}), 429, "quota")
+        # three files for a quota of two: refused before any is decoded
+        three = [("file", (f"{i}.png", b"junk", "image/png")) for i in range(3)]
+        assert_error(c.post("/v1/models/hp:predict", files=three, headers={"Authorization": f"Bearer {two}"}), 429, "quota", "3")
+        assert c.post("/v1/models/hp:predict", files=[("file", ("a.png", _png(8, 8), "image/png"))] * 2,
+                      headers={"Authorization": f"Bearer {two}"}).status_code == 200
+
+
+def test_a_slow_body_gets_408_after_the_read_deadline(tiny):
+    with BackgroundServer(create_app(tiny / "bundle", name="hp", limits=Limits(read_timeout_s=1.0))) as srv:
+        t = time.monotonic()
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=15) as s:
+            s.sendall(b"POST /v2/models/hp/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000\r\n\r\n" + b'{"inputs":')
+            resp = http.client.HTTPResponse(s)
+            resp.begin()
+            assert resp.status == 408 and "deadline" in json.loads(resp.read())["error"]
+            assert s.recv(10) == b""  # the server closed the connection
+        assert time.monotonic() - t < 8
+        assert httpx.get(srv.url + "/v2/health/ready").status_code == 200
+
+
+def _binary_request(x: torch.Tensor, size: int | None = None, data: bytes | None = None, **extra) -> tuple[bytes, dict]:
+    """A v2 request in the binary tensor extension, built by hand: JSON header, then raw little-endian FP32."""
+    raw = x.numpy().astype("<f4").tobytes() if data is None else data
+    head = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                   "parameters": {"binary_data_size": len(raw) if size is None else size}}], **extra}).encode()
+    return head + raw, {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"}
+
+
+def test_binary_tensor_extension(client, tiny):
+    model = load_bundle(tiny / "bundle").model
+    x = torch.rand(5, 3, 32, 32)
+    expected = torch.softmax(model(x), 1)
+    # binary input, JSON output
+    body, headers = _binary_request(x, id="b1")
+    r = client.post("/v2/models/hp/infer", content=body, headers=headers)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["id"] == "b1" and torch.allclose(torch.tensor(out["outputs"][0]["data"]).view(5, 10), expected, atol=1e-6)
+    # binary input and output (tritonclient's default: parameters.binary_data_output, or per output)
+    for extra in ({"parameters": {"binary_data_output": True}},
+                  {"outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]}):
+        body, headers = _binary_request(x, **extra)
+        r = client.post("/v2/models/hp/versions/1/infer", content=body, headers=headers)
+        assert r.status_code == 200, r.text
+        n = int(r.headers["inference-header-content-length"])
+        head = json.loads(r.content[:n])
+        (o,) = head["outputs"]
+        assert o["name"] == "probabilities" and o["shape"] == [5, 10] and o["parameters"]["binary_data_size"] == 5 * 10 * 4
+        assert "data" not in o and len(r.content) == n + 200
+        got = torch.from_numpy(__import__("numpy").frombuffer(r.content[n:], dtype="<f4").copy()).view(5, 10)
+        assert torch.allclose(got, expected, atol=1e-6)
+    # what is wrong with a binary request is said
+    raw = x.numpy().astype("<f4").tobytes()
+    body, headers = _binary_request(x)
+    for length, words in (("abc", ["Inference-Header-Content-Length"]), (str(len(body) + 1), ["Inference-Header-Content-Length"]),
+                          ("0", ["Inference-Header-Content-Length"])):
+        assert_error(client.post("/v2/models/hp/infer", content=body, headers={**headers, "Inference-Header-Content-Length": length}), 400, *words)
+    assert_error(client.post("/v2/models/hp/infer", content=body + b"xx", headers=headers), 400, "2 bytes")
+    body, headers = _binary_request(x, size=len(raw) - 4)
+    assert_error(client.post("/v2/models/hp/infer", content=body, headers=headers), 422, "binary_data_size", str(len(raw)))
+    body, headers = _binary_request(x, size=len(raw), data=raw[:-4])  # the bytes fall short of what the header says
+    assert_error(client.post("/v2/models/hp/infer", content=body, headers=headers), 400, "binary section", str(len(raw) - 4))
+    body, headers = _binary_request(x, size=-1)
+    assert_error(client.post("/v2/models/hp/infer", content=body, headers=headers), 422, "binary_data_size")
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    body, headers = _binary_request(bad)
+    assert_error(client.post("/v2/models/hp/infer", content=body, headers=headers), 422, "NaN")
+    # 'data' and binary_data_size together are refused
+    head = json.dumps({"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": [0.5] * 3072,
+                                   "parameters": {"binary_data_size": 12288}}]}).encode()
+    r = client.post("/v2/models/hp/infer", content=head + raw[:12288], headers={"Inference-Header-Content-Length": str(len(head))})
+    assert_error(r, 422, "both")
+
+
+def test_a_slow_request_head_is_cut_off_too(tiny):
+    """A connection that sends nothing, or its headers a byte at a time, is closed after the deadline."""
+    with BackgroundServer(create_app(tiny / "bundle", name="hp", limits=Limits(read_timeout_s=1.0))) as srv:
+        def closed_after(first: bytes, trickle: bytes = b"") -> float:
+            t = time.monotonic()
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=15) as s:
+                s.sendall(first)
+                for b in trickle:  # one header byte every 0.2 s: never a whole head within the deadline
+                    time.sleep(0.2)
+                    try:
+                        s.sendall(bytes([b]))
+                    except (BrokenPipeError, ConnectionResetError):
+                        break
+                s.settimeout(15)
+                try:
+                    while s.recv(1024):
+                        pass
+                except ConnectionResetError:
+                    pass
+            return time.monotonic() - t
+
+        assert closed_after(b"") < 6
+        assert closed_after(b"POST /v2/models/hp/infer HTTP/1.1\r\nHost: x\r\n", b"X-Slow: " + b"a" * 40) < 8
+        # an answered request's keep-alive connection then also gets the deadline for its next head
+        with httpx.Client(base_url=srv.url, timeout=10) as c:
+            assert c.post("/v2/models/hp/infer", json=_good()).status_code == 200
+            time.sleep(0.5)
+            assert c.post("/v2/models/hp/infer", json=_good()).status_code == 200
+        assert httpx.get(srv.url + "/v2/health/ready").status_code == 200

@@ -1,10 +1,14 @@
 """Verification statistics and the calibrated null."""
+import math
+from fractions import Fraction
+from math import comb
+
 import pytest
 import torch
 from scipy.stats import binomtest
 
-from honeypotnet.honeypot import Trigger
-from honeypotnet.countermeasures import purify
+from honeypotnet.purify import purify
+from honeypotnet.trigger import Trigger
 from honeypotnet.verify import (binomial_p_value, calibrate_tau0, clopper_pearson_upper, finetuned_references,
                                 purified_references, verify)
 
@@ -160,3 +164,197 @@ def test_purified_references_put_an_innocent_model_that_blurs_its_inputs_in_the_
     assert "ref+blur-1.0" in [n for n, _ in purified_references([("ref", ref)], images=images, labels=ones, max_drop=0.5)]
     with pytest.raises(ValueError, match="both images and labels"):
         purified_references([("ref", ref)], images=images)
+
+
+# ----------------------------------------------------------------------------- borderline verdicts
+
+
+class IndexedHitsModel(torch.nn.Module):
+    """A suspect whose answers are set exactly: it answers the target class on a stamped image whose
+    index (written into pixel (0, 0) of the red channel, 0..255) is below `k`, and class 1 on
+    everything else. Stamping is seen as the trigger's bottom-right patch being all white."""
+
+    def __init__(self, k: int, target: int = 0):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.k, self.target = k, target
+
+    def forward(self, x):
+        stamped = x[:, :, -2:, -2:].flatten(1).min(1).values > 0.99
+        index = (x[:, 0, 0, 0] * 255).round().long()
+        hit = stamped & (index < self.k)
+        out = torch.zeros(len(x), 10)
+        out[:, 1] = 5.0
+        out[hit, 1] = 0.0
+        out[hit, self.target] = 5.0
+        return out + 0 * self.w
+
+
+def _indexed_data(n: int = 100, n_target: int = 15):
+    """`n` non-target images (label 1) indexed 0..n-1, then `n_target` target-class images (label 0)
+    indexed 0..n_target-1, which verification must leave out (the suspect would hit them). Black
+    elsewhere, so the unstamped images never show the patch."""
+    images = torch.zeros(n + n_target, 3, 8, 8, dtype=torch.uint8)
+    images[:n, 0, 0, 0] = torch.arange(n, dtype=torch.uint8)
+    images[n:, 0, 0, 0] = torch.arange(n_target, dtype=torch.uint8)
+    labels = torch.cat([torch.ones(n, dtype=torch.long), torch.zeros(n_target, dtype=torch.long)])
+    return images, labels
+
+
+def _white_patch_trigger():
+    mask = torch.zeros(1, 8, 8)
+    mask[:, -2:, -2:] = 1
+    return Trigger(torch.ones(3, 8, 8), mask, "patch")  # stamped patch clamps to 1.0; pixel (0, 0) untouched
+
+
+def _exact_tail(hits: int, n: int, tau0: Fraction) -> Fraction:
+    """P(X >= hits), X ~ Binomial(n, tau0), in exact rational arithmetic (independent of scipy)."""
+    return sum((Fraction(comb(n, i)) * tau0**i * (1 - tau0) ** (n - i) for i in range(hits, n + 1)), Fraction(0))
+
+
+# (hits of 100, verdict) at tau0 = 5% and the default alpha (1e-3). The exact one-sided binomial test
+# first rejects at 14 hits (p = 4.6e-4; 13 hits give p = 1.5e-3). Every case below has ASR > tau0,
+# so a rule "ASR > tau0" flags all of them; a normal approximation flags 12 and 13 hits.
+BORDERLINE = [(6, False), (12, False), (13, False), (14, True), (15, True)]
+
+
+@pytest.mark.parametrize("k, stolen", BORDERLINE, ids=[f"{k}-of-100" for k, _ in BORDERLINE])
+def test_verify_borderline_verdicts_follow_the_exact_binomial_test(k, stolen):
+    images, labels = _indexed_data()
+    r = verify(IndexedHitsModel(k), _white_patch_trigger(), images, labels, target=0, tau0=0.05)
+    # the suspect answered exactly as built: k hits out of the 100 non-target images, none unstamped
+    assert (r.n, r.hits, r.unstamped_rate, r.queries) == (100, k, 0.0, 200)
+    assert r.asr == k / 100 and r.asr > r.tau0 and r.alpha == 1e-3
+    exact = _exact_tail(k, 100, Fraction(1, 20))
+    assert r.p_value == pytest.approx(float(exact), rel=1e-9)
+    assert r.stolen is stolen and r.stolen == (exact < Fraction(1, 1000))
+    assert r.verdict == ("STOLEN (backdoor present)" if stolen else "not flagged")
+
+
+def test_verify_6_of_100_at_tau0_5_percent_is_not_flagged_although_asr_exceeds_tau0():
+    """6% observed against a 5% null is what an innocent model shows by chance (p = 0.38)."""
+    images, labels = _indexed_data()
+    r = verify(IndexedHitsModel(6), _white_patch_trigger(), images, labels, 0, tau0=0.05)
+    assert r.hits == 6 and r.asr > r.tau0  # "asr > tau0" would say stolen here
+    assert r.p_value == pytest.approx(0.38400087204385897, rel=1e-9)
+    assert not r.stolen and "not flagged" in str(r)
+    # the verdict turns where alpha passes p = 0.384, whatever the ASR
+    assert not verify(IndexedHitsModel(6), _white_patch_trigger(), images, labels, 0, tau0=0.05, alpha=0.3).stolen
+    assert verify(IndexedHitsModel(6), _white_patch_trigger(), images, labels, 0, tau0=0.05, alpha=0.4).stolen
+
+
+def test_verify_15_of_100_at_tau0_5_percent_is_flagged_at_the_default_alpha():
+    images, labels = _indexed_data()
+    r = verify(IndexedHitsModel(15), _white_patch_trigger(), images, labels, 0, tau0=0.05)
+    assert r.hits == 15 and r.alpha == 1e-3
+    assert r.p_value == pytest.approx(float(_exact_tail(15, 100, Fraction(1, 20))), rel=1e-9)
+    assert r.p_value < 2e-4 and r.stolen and "STOLEN" in str(r)
+    # the same 15 hits against a wider null (tau0 8%) are no longer enough
+    assert not verify(IndexedHitsModel(15), _white_patch_trigger(), images, labels, 0, tau0=0.08).stolen
+
+
+def test_normal_approximation_would_flag_what_the_exact_test_clears():
+    """Guards the premise of BORDERLINE: at 12 and 13 hits of 100 (tau0 5%) a one-sided z-test, with
+    or without continuity correction, is below alpha 1e-3 while the exact tail is above it."""
+    from scipy.stats import norm
+
+    sd = (100 * 0.05 * 0.95) ** 0.5
+    assert norm.sf((12 - 5) / sd) < 1e-3 < float(_exact_tail(12, 100, Fraction(1, 20)))
+    assert norm.sf((13 - 0.5 - 5) / sd) < 1e-3 < float(_exact_tail(13, 100, Fraction(1, 20)))
+    assert binomial_p_value(13, 100, 0.05) > 1e-3 > binomial_p_value(14, 100, 0.05)
+
+
+# ----------------------------------------------------------------------------- the sequential test
+
+
+class HitEveryNth(torch.nn.Module):
+    """A suspect that answers the target class on every `every`-th stamped image (ASR 1/every), class 1 otherwise."""
+
+    def __init__(self, every: int, target: int = 0):
+        super().__init__()
+        self.every, self.target, self.seen = every, target, 0
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        out = torch.zeros(len(x), 10)
+        out[:, 1] = 5.0
+        stamped = x[:, :, -2:, -2:].flatten(1).min(1).values > 0.99
+        for i in range(len(x)):
+            if stamped[i]:
+                self.seen += 1
+                if self.seen % self.every == 0:
+                    out[i, 1], out[i, self.target] = 0.0, 5.0
+        return out + 0 * self.w
+
+
+def test_sequential_test_flags_a_stolen_copy_in_a_handful_of_queries_and_clears_an_innocent_one():
+    from honeypotnet.oracles import ModelOracle
+
+    images, labels = _indexed_data(n=200, n_target=15)
+    trig = _white_patch_trigger()
+    stolen = ModelOracle(HitEveryNth(1))  # ASR 100%
+    r = verify(stolen, trig, images, labels, 0, 0.05, alpha=1e-6, sequential=True)
+    assert r.stolen and r.sequential["decided"] == "stolen" and r.n == 10 and r.queries == 10  # no unstamped queries
+    assert r.p_value <= 1e-6
+    innocent = ModelOracle(HitEveryNth(10**6))  # never answers the target
+    r = verify(innocent, trig, images, labels, 0, 0.05, alpha=1e-6, sequential=True)
+    assert not r.stolen and r.sequential["decided"] == "cleared" and r.n <= 30
+    half = ModelOracle(HitEveryNth(5))  # ASR 20%: above tau0, below a stolen copy's: more queries, then a verdict
+    r = verify(half, trig, images, labels, 0, 0.05, alpha=1e-6, sequential=True, max_queries=20)
+    assert not r.stolen and r.sequential["decided"] == "undecided" and r.n == 20 and r.warnings
+    r = verify(ModelOracle(HitEveryNth(1)), trig, images, labels, 0, 0.05, alpha=1e-6, sequential=True, unstamped=True)
+    assert r.queries == 2 * r.n and r.clean_accuracy == 1.0
+
+
+def test_sequential_test_keeps_its_error_rate_under_optional_stopping():
+    """Under H0 (ASR exactly tau0), peeking after every query and stopping at the first crossing flags at most
+    alpha of the innocent suspects (Ville's inequality); the fixed-n binomial test peeked at the same way does not."""
+    import numpy as np
+    from scipy.stats import binom
+
+    from honeypotnet.verify import log_evidence_stolen
+
+    rng = np.random.default_rng(0)
+    tau0, alpha, runs, horizon = 0.05, 0.05, 3000, 300
+    hits = np.cumsum(rng.random((runs, horizon)) < tau0, axis=1)  # each row: one innocent suspect, query by query
+    n = np.arange(1, horizon + 1)[None, :].repeat(runs, 0)
+    seq = (log_evidence_stolen(hits, n, tau0) >= math.log(1 / alpha)).any(1).mean()
+    naive = (binom.sf(hits - 1, n, tau0) < alpha).any(1).mean()  # the fixed-n test, peeked at after each query
+    assert seq <= alpha, seq
+    assert naive > 2 * alpha, naive  # why the sequential test is needed
+
+
+def test_a_trigger_crafted_after_the_fact_on_an_innocent_model_is_refused_by_the_commitment(tmp_path):
+    """The false-claim attack: a universal perturbation optimised *now* against an innocent model makes that
+    model answer "the target" often, so a bundle built around it flags the innocent model. Only the trigger
+    commitment published when the real bundle was written tells them apart: checked against it, the crafted
+    bundle is refused, the owner's real one loads."""
+    from honeypotnet.bundle import BundleError, load_bundle, save_bundle
+    from honeypotnet.config import ProtectConfig
+    from honeypotnet.data import load_dataset
+    from honeypotnet.head import build_protected
+    from honeypotnet.models import create_model
+    from honeypotnet.steps import generate_trigger
+    from honeypotnet.training import FitConfig, fit
+
+    train = load_dataset("shapes", split="train", n=1200)
+    test = load_dataset("shapes", split="test", n=400)
+    torch.manual_seed(0)
+    innocent = create_model("cnn_small", 10)
+    fit(innocent, train.images, train.labels, FitConfig(epochs=3), progress=False)
+    innocent.eval()
+    protected = build_protected("cnn_small", 10, "linear", 8)
+    classes = [str(i) for i in range(10)]
+    real = save_bundle(tmp_path / "real", protected, Trigger.uap(32, 24 / 255), arch="cnn_small", target=3,
+                       classes=classes, verification={"tau0": 0.05})
+    published = load_bundle(real).commitment  # what the owner published at protect time
+    cfg = ProtectConfig.preset("spec", target=3, eps=48 / 255, trigger_passes=4)
+    crafted = generate_trigger([innocent], Trigger.uap(32, cfg.eps), train.images, cfg, 0)
+    fake = save_bundle(tmp_path / "fake", protected, crafted, arch="cnn_small", target=3, classes=classes,
+                       verification={"tau0": 0.05})
+    b = load_bundle(fake)  # consistent in itself: its own commitment is made after the fact
+    without = verify(innocent, b.trigger, test.images, test.labels, b.target, b.tau0)
+    assert without.stolen and without.asr > 0.3, without  # the innocent model "obeys" the crafted trigger
+    with pytest.raises(BundleError, match="not the published"):
+        load_bundle(fake, commitment=published)
+    assert load_bundle(real, commitment=published).commitment == published

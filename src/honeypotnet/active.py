@@ -45,7 +45,8 @@ from tqdm.auto import tqdm
 from . import attacks as _attacks
 from .models import create_model, split_classifier
 from .oracles import Oracle
-from .training import FitConfig, atomic_torch_save, fit, predict_logits, to_float
+from .ops import atomic_torch_save, batched_forward, to_float
+from .training import FitConfig, fit, predict_logits
 
 STRATEGIES = ("random", "entropy", "kcenter", "dfal")
 STATE_VERSION = 1
@@ -64,13 +65,7 @@ def entropy_scores(model: nn.Module, images: torch.Tensor, batch_size: int = 500
 @torch.inference_mode()
 def feature_vectors(model: nn.Module, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     """Penultimate features (N,d) of a classifier (see models.split_classifier), in eval mode, on CPU."""
-    features, _ = split_classifier(model)
-    was = model.training
-    model.eval()
-    dev = next(model.parameters()).device
-    out = [features(to_float(images[i : i + batch_size], dev)).float().cpu() for i in range(0, len(images), batch_size)]
-    model.train(was)
-    return torch.cat(out) if out else torch.empty(0)
+    return batched_forward(split_classifier(model)[0], images, batch_size=batch_size, channels_last=False)
 
 
 def min_distances(points: torch.Tensor, centers: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
@@ -316,7 +311,7 @@ def extract(oracle: Oracle, pool: torch.Tensor, budget: int, arch: str | nn.Modu
         round_model.load_state_dict(state["model"])
     perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))  # = random_extraction's draw
     before = oracle.queries
-    bar = tqdm(total=len(sizes), initial=len(state["answers"]), desc=f"{strategy} rounds", disable=not progress, leave=False)
+    bar = tqdm(total=len(sizes), initial=len(state["answers"]), desc=f"{strategy} rounds", disable=None if progress else True, leave=False)
     for r, n in enumerate(sizes):
         if len(state["batches"]) <= r:  # choose batch r
             t = time.time()
@@ -342,7 +337,7 @@ def extract(oracle: Oracle, pool: torch.Tensor, budget: int, arch: str | nn.Modu
         if r < len(sizes) - 1 and state["trained"] < r:  # warm-start the round substitute on all bought so far
             bought = torch.cat(state["batches"][: r + 1])
             answers = torch.cat(state["answers"][: r + 1])
-            targets = answers.argmax(1) if _attacks._is_one_hot(answers) else answers
+            targets = answers.argmax(1) if _attacks.is_one_hot(answers) else answers
             rc = FitConfig(epochs=r_epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
                            weight_decay=cfg.weight_decay, augment=cfg.augment, seed=cfg.seed + 1 + r, schedule=cfg.schedule)
             ck = wd / f"round{r}_ckpt.pt" if wd else None

@@ -20,6 +20,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .ops import atomic_write_text
+
 KEYS_FORMAT = "honeypotnet-keys/1"
 TOKEN_PREFIX = "mk_"  # neutral: a key holder (perhaps a thief) learns nothing about the server
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
@@ -76,16 +78,8 @@ def read_keys(path: str | os.PathLike) -> list[ApiKey]:
 
 def write_keys(path: str | os.PathLike, keys: list[ApiKey]) -> None:
     """Write the key file atomically, readable by its owner only."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"format": KEYS_FORMAT, "keys": [asdict(k) for k in keys]}, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps({"format": KEYS_FORMAT, "keys": [asdict(k) for k in keys]}, indent=2) + "\n",
+                      mode=0o600)
 
 
 def add_key(path: str | os.PathLike, name: str, quota: int | None = None) -> str:

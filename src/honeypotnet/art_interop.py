@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .models import create_model
+from .ops import to_float
 from .oracles import ModelOracle, Oracle
 
 ART_ATTACKS = ("knockoffnets", "copycatcnn")
@@ -114,7 +115,7 @@ def art_steal(victim: nn.Module | Oracle, pool: torch.Tensor | np.ndarray, budge
         raise ValueError(f"the pool must be images (N, 3, H, W), got shape {tuple(x.shape)}")
     if not 0 < budget <= len(x):
         raise ValueError(f"budget must be in 1..{len(x)} (the pool), got {budget}")
-    x_np = (x.float() / 255.0 if x.dtype == torch.uint8 else x.float()).numpy()
+    x_np = to_float(x).numpy()
     shape = tuple(x_np.shape[1:])
     if num_classes is None:
         if isinstance(victim, Oracle):

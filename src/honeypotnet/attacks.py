@@ -5,8 +5,8 @@ the oracle once per image, train a fresh substitute on the answers (soft cross-e
 answered distribution; a label-only API gives one-hot answers, i.e. plain cross-entropy).
 
 Active thieves (ActiveThief: entropy, k-center, DFAL selection in rounds) live in
-`honeypotnet.active` and are re-exported here: `attacks.extract(..., strategy=...)`,
-`attacks.STRATEGIES`. Counter-measures of a thief who suspects a backdoor are in
+`honeypotnet.active` (`active.extract(..., strategy=...)`, `active.STRATEGIES`), built on this
+module. Counter-measures of a thief who suspects a backdoor are in
 `honeypotnet.countermeasures`; ART's attacks in `honeypotnet.art_interop`.
 """
 from __future__ import annotations
@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from .models import create_model
 from .oracles import Oracle
-from .training import FitConfig, atomic_torch_save, fit, to_float
+from .ops import atomic_torch_save, to_float
+from .training import FitConfig, fit
 
 
 @dataclass
@@ -49,7 +50,7 @@ def query_oracle(oracle: Oracle, images: torch.Tensor, batch_size: int = 256, pr
         if state["n"] == len(images) and torch.equal(state["first"], images[:1]):
             answers = list(state["answers"].split(batch_size))
     done = sum(len(a) for a in answers)
-    bar = tqdm(total=len(images), initial=done, desc="queries", disable=not progress, leave=False)
+    bar = tqdm(total=len(images), initial=done, desc="queries", disable=None if progress else True, leave=False)
     for i in range(done, len(images), batch_size):
         answers.append(oracle(to_float(images[i : i + batch_size])).float().cpu())
         bar.update(len(answers[-1]))
@@ -72,12 +73,12 @@ def train_substitute(arch: str | nn.Module, num_classes: int, images: torch.Tens
         model = arch
     if device is not None:
         model.to(device)
-    targets = answers.argmax(1) if _is_one_hot(answers) else answers
+    targets = answers.argmax(1) if is_one_hot(answers) else answers
     fit(model, images, targets, cfg, progress=progress, checkpoint=checkpoint, desc=desc)
     return model.eval()
 
 
-def _is_one_hot(a: torch.Tensor) -> bool:
+def is_one_hot(a: torch.Tensor) -> bool:
     return bool(((a == 0) | (a == 1)).all() and (a.sum(1) == 1).all())
 
 
@@ -100,16 +101,3 @@ def random_extraction(oracle: Oracle, pool: torch.Tensor, budget: int, arch: str
     sub = train_substitute(arch, num_classes, images, answers, fit_config, progress=progress,
                            checkpoint=wd / "substitute_ckpt.pt" if wd else None, device=device)
     return ExtractionResult(sub, images, answers, oracle.queries - before, indices=idx, strategy="random")
-
-
-_ACTIVE_NAMES = ("extract", "STRATEGIES", "select", "round_sizes")
-
-
-def __getattr__(name: str):
-    """`attacks.extract` / `attacks.STRATEGIES` ... come from honeypotnet.active (imported lazily:
-    active imports this module)."""
-    if name in _ACTIVE_NAMES:
-        from . import active
-
-        return getattr(active, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

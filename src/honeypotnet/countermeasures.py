@@ -7,9 +7,9 @@
                     smallest mask + pattern that sends clean images to it; a backdoored class needs a
                     much smaller mask. Anomaly index = |norm − median| / (1.4826 · MAD); index > 2 on
                     the small side flags the class.
-* `purify`        — input purification at inference: JPEG re-compression or Gaussian blur of every
-                    input (`PurifiedModel` wraps a model so that it purifies what it is asked).
-* `assess`        — substitute CTA, ASR and the ownership verdict of a (counter-measured) model.
+
+Input purification (JPEG, blur) is in `honeypotnet.purify`; the verdict of a counter-measured copy is
+`honeypotnet.verify.assess`.
 
 Every function takes and returns plain `nn.Module`s (float images in [0,1], shape (N,3,H,W); uint8
 accepted where images are data) and never modifies its input model unless told so (`inplace`).
@@ -17,23 +17,18 @@ accepted where images are data) and never modifies its input model unless told s
 from __future__ import annotations
 
 import copy
-import io
 import math
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 from tqdm.auto import tqdm
 
 from .models import split_classifier
-from .training import FitConfig, accuracy, fit, to_float
-
-PURIFY_METHODS = ("jpeg", "blur")
-
+from .ops import batched_forward, to_float
+from .training import FitConfig, fit
 
 # ============================================================================ fine-tuning
 
@@ -86,16 +81,7 @@ def channel_activations(model: nn.Module, images: torch.Tensor, batch_size: int 
 
     The feature map reaches the classifier only through global average pooling, so the mean over
     images of the penultimate features is the mean activation of each channel."""
-    features, _ = split_classifier(model)
-    was = model.training
-    model.eval()
-    dev = next(model.parameters()).device
-    total = None
-    for i in range(0, len(images), batch_size):
-        f = features(to_float(images[i : i + batch_size], dev)).float().sum(0).cpu()
-        total = f if total is None else total + f
-    model.train(was)
-    return total / len(images)
+    return batched_forward(split_classifier(model)[0], images, batch_size=batch_size, channels_last=False).mean(0)
 
 
 def fine_prune(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, prune_ratio: float = 0.5,
@@ -235,7 +221,7 @@ def neural_cleanse(model: nn.Module, images: torch.Tensor, *, classes: list[int]
         if len(cls) < 3 or any(not 0 <= c < k for c in cls):
             raise ValueError(f"neural_cleanse needs >= 3 valid classes of 0..{k - 1}, got {cls}")
         norms, succ, masks, patterns = [], [], [], []
-        for c in tqdm(cls, desc="neural cleanse", disable=not progress, leave=False):
+        for c in tqdm(cls, desc="neural cleanse", disable=None if progress else True, leave=False):
             m, p, n, s = reverse_engineer_trigger(model, images, c, steps=steps, batch_size=batch_size, lr=lr,
                                                   init_cost=init_cost, seed=seed + c)
             norms.append(n), succ.append(s), masks.append(m), patterns.append(p)
@@ -255,83 +241,5 @@ def _num_classes(model: nn.Module, images: torch.Tensor) -> int:
     return int(model(to_float(images[:2], dev)).shape[1])
 
 
-# ============================================================================ input purification
-
-
-def purify(images: torch.Tensor, method: str = "jpeg", *, quality: int = 75, sigma: float = 1.0,
-           kernel_size: int | None = None) -> torch.Tensor:
-    """Purify inputs: JPEG re-compression at `quality` (Pillow) or Gaussian blur
-    with `sigma` (kernel 2·ceil(2σ)+1 unless given). Same shape, dtype and device as `images`
-    (uint8 or float in [0,1], (N,3,H,W))."""
-    if method not in PURIFY_METHODS:
-        raise ValueError(f"unknown purification {method!r}; expected one of {PURIFY_METHODS}")
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must have shape (N, 3, H, W), got {tuple(images.shape)}")
-    if len(images) == 0:
-        return images.clone()
-    dev, dtype = images.device, images.dtype
-    if method == "jpeg":
-        if not 1 <= quality <= 100:
-            raise ValueError(f"JPEG quality must be in 1..100, got {quality}")
-        u8 = images.cpu() if dtype == torch.uint8 else (images.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
-        out = torch.from_numpy(np.stack([_jpeg_roundtrip(img, quality) for img in u8.permute(0, 2, 3, 1).numpy()]))
-        out = out.permute(0, 3, 1, 2).contiguous()
-        return out.to(dev) if dtype == torch.uint8 else out.to(dev, dtype).div_(255.0)
-    from torchvision.transforms.v2.functional import gaussian_blur
-
-    if sigma <= 0:
-        raise ValueError(f"blur sigma must be positive, got {sigma}")
-    k = kernel_size or 2 * math.ceil(2 * sigma) + 1
-    if k % 2 == 0 or k < 1:
-        raise ValueError(f"blur kernel size must be odd and positive, got {k}")
-    x = to_float(images)
-    y = gaussian_blur(x, kernel_size=[k, k], sigma=[sigma, sigma])
-    return (y * 255).round().clamp(0, 255).to(torch.uint8) if dtype == torch.uint8 else y.to(dtype)
-
-
-def _jpeg_roundtrip(hwc_u8: np.ndarray, quality: int) -> np.ndarray:
-    """Encode one uint8 (H,W,3) image as JPEG with Pillow (standard 4:2:0 chroma subsampling) and decode it."""
-    buf = io.BytesIO()
-    Image.fromarray(hwc_u8, "RGB").save(buf, format="JPEG", quality=int(quality))
-    buf.seek(0)
-    with Image.open(buf) as im:
-        return np.asarray(im.convert("RGB"))
-
-
-class PurifiedModel(nn.Module):
-    """`model` that purifies every input first (the thief's deployed copy): forward(x) = model(purify(x))."""
-
-    def __init__(self, model: nn.Module, method: str = "jpeg", **kwargs) -> None:
-        super().__init__()
-        purify(torch.zeros(1, 3, 8, 8), method, **kwargs)  # validate the settings now
-        self.model, self.method, self.kwargs = model, method, kwargs
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(purify(x, self.method, **self.kwargs))
-
-    def extra_repr(self) -> str:
-        return f"method={self.method}, {self.kwargs}"
-
-
-# ============================================================================ evaluation
-
-
-def assess(model: nn.Module, trigger, images: torch.Tensor, labels: torch.Tensor, target: int, tau0: float, *,
-           alpha: float = 1e-3, cta_images: torch.Tensor | None = None, cta_labels: torch.Tensor | None = None,
-           purification: dict | None = None) -> dict:
-    """CTA, ASR and the verdict of `model` (optionally wrapped in PurifiedModel(**purification)).
-
-    images/labels: the owner's verification images (stamped with `trigger`, target class excluded, by
-    verify()); cta_images/cta_labels: where clean accuracy is measured (default the same images)."""
-    from .verify import verify
-
-    suspect = PurifiedModel(model, **purification) if purification else model
-    v = verify(suspect, trigger, images, labels, target, tau0, alpha)
-    ci, cl = (images, labels) if cta_images is None else (cta_images, cta_labels)
-    return {"cta": accuracy(suspect, ci, cl), "asr": v.asr, "hits": v.hits, "n": v.n, "unstamped_rate": v.unstamped_rate,
-            "p_value": v.p_value, "tau0": v.tau0, "alpha": v.alpha, "stolen": v.stolen, "verdict": v.verdict,
-            "clean_accuracy": v.clean_accuracy, "stamped_accuracy": v.stamped_accuracy}
-
-
 __all__ = ["finetune", "fine_prune", "channel_activations", "PruneResult", "neural_cleanse", "reverse_engineer_trigger",
-           "anomaly_index", "NeuralCleanseResult", "purify", "PurifiedModel", "PURIFY_METHODS", "assess"]
+           "anomaly_index", "NeuralCleanseResult"]

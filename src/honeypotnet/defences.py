@@ -54,7 +54,8 @@ from tqdm.auto import tqdm
 
 from .models import create_model
 from .oracles import ModelOracle, Oracle, OutputMode
-from .training import FitConfig, _schedule, augment_batch, predict_logits, to_float
+from .ops import to_float, to_uint8
+from .training import FitConfig, augment_batch, lr_schedule, predict_logits
 
 __all__ = [
     "Defence", "DefendedOracle", "NoDefence", "TopK", "Rounding", "LabelOnly", "GaussianNoise", "ReverseSigmoid",
@@ -64,17 +65,6 @@ __all__ = [
 
 
 # ============================================================================ base classes
-
-
-def _as_float_images(images: torch.Tensor) -> torch.Tensor:
-    return images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-
-
-def _quantise(images: torch.Tensor) -> torch.Tensor:
-    """Float images in [0,1] -> uint8 on CPU (exact for images that came from uint8)."""
-    if images.dtype == torch.uint8:
-        return images.cpu()
-    return (images.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 class Defence:
@@ -102,7 +92,7 @@ class Defence:
         if images is not None:
             if images.ndim != 4 or images.shape[1] != 3 or len(images) != len(probs):
                 raise ValueError(f"{self.name}: images must have shape ({len(probs)}, 3, H, W), got {tuple(images.shape)}")
-            images = _as_float_images(images)
+            images = to_float(images)
             if not torch.isfinite(images).all():
                 raise ValueError(f"{self.name}: images contain NaN or inf")
         elif self.needs_images:
@@ -247,7 +237,7 @@ class GaussianNoise(Defence):
             return torch.randn(n, k, generator=self._stream)
         out = torch.empty(n, k)
         g = torch.Generator()
-        for i, img in enumerate(_quantise(images)):
+        for i, img in enumerate(to_uint8(images)):
             h = hashlib.blake2b(img.contiguous().numpy().tobytes(), digest_size=8, key=str(self.seed).encode())
             g.manual_seed(int.from_bytes(h.digest(), "little") & ((1 << 63) - 1))
             out[i] = torch.randn(k, generator=g)
@@ -435,7 +425,7 @@ def mad_jacobian(surrogate: nn.Module, image: torch.Tensor) -> torch.Tensor:
     from .models import split_classifier
 
     _, head = split_classifier(surrogate)
-    x = _as_float_images(image[None]).to(head.weight.device)
+    x = to_float(image[None]).to(head.weight.device)
     logp = torch.log_softmax(surrogate.eval()(x), dim=1)[0]
     rows = [torch.autograd.grad(logp[k], head.weight, retain_graph=True)[0].flatten() for k in range(len(logp))]
     return torch.stack(rows).detach().cpu()
@@ -512,9 +502,9 @@ def train_misinformation_model(arch: str | nn.Module, num_classes: int, images: 
     model.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
     steps = math.ceil(len(images) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, cfg.epochs * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(cfg, cfg.epochs * steps))
     gen = torch.Generator().manual_seed(cfg.seed)
-    for _ in tqdm(range(cfg.epochs), desc="misinformation model", disable=not progress, leave=False):
+    for _ in tqdm(range(cfg.epochs), desc="misinformation model", disable=None if progress else True, leave=False):
         model.train()
         perm = torch.randperm(len(images), generator=gen)
         for i in range(0, len(images), cfg.batch_size):
@@ -576,7 +566,7 @@ class DAWN(Defence):
             raise ValueError("dawn needs at least 2 classes")
         sel, off = [], []
         threshold = self.rate * 2.0**64
-        for img in _quantise(images):
+        for img in to_uint8(images):
             h = self._digest(img)
             sel.append(int.from_bytes(h[:8], "big") < threshold)
             off.append(1 + int.from_bytes(h[8:16], "big") % (num_classes - 1))
@@ -596,7 +586,7 @@ class DAWN(Defence):
             if tie.any():
                 out[rows[tie]] = F.one_hot(w[tie], k).float()
             if self.record:
-                u8 = _quantise(images[rows])
+                u8 = to_uint8(images[rows])
                 for img, lab in zip(u8, w.tolist()):
                     self._wm.setdefault(self._digest(img), (img.clone(), lab))
         self.served += n

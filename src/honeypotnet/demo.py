@@ -16,11 +16,12 @@ import torch
 from .attacks import random_extraction
 from .bundle import load_bundle, save_bundle, save_model
 from .data import load_dataset
-from .honeypot import ProtectConfig, protect
+from .config import ProtectConfig
+from .protect import protect
 from .models import create_model
 from .oracles import ModelOracle
 from .training import FitConfig, accuracy, fit, predict_logits
-from .verify import calibrate_tau0, train_reference_models, verify
+from .verify import calibrate_null, verify
 
 
 @dataclass
@@ -44,10 +45,10 @@ QUICK = DemoSizes(train=4000, test=1000, shadow=3000, pool=4000, budget=3000, vi
 
 def demo_config(sz: DemoSizes, seed: int = 0, preset: str = "spec") -> ProtectConfig:
     """The demo's protect settings: the "spec" preset with ε = 24/255 and L_norm on shadow-set images
-    weighted 0.2 (owner images 1), chosen by the ablation in the README (embedded data), so the whole
-    chain runs in a few minutes; preset="robust" is the library default (ε 24 too) at the demo's sizes,
-    which adds a fine-tuned shadow, CNN and ResNet-20 negative shadows and their fine-tuned copies to
-    every iteration (README: its time and table on this data)."""
+    weighted 0.2 (owner images 1), chosen by the ablation on the embedded data (docs/research/reproduction.md),
+    so the whole chain runs in a few minutes; preset="robust" is the library default (ε 24 too) at the
+    demo's sizes, which adds a fine-tuned shadow, CNN and ResNet-20 negative shadows and their fine-tuned
+    copies to every iteration (README: its time and table on this data)."""
     return ProtectConfig.preset(preset, shadow_arch="cnn_small", outer_iters=sz.outer_iters,
                                 shadow_epochs=sz.shadow_epochs, honeypot_steps=sz.honeypot_steps, eps=24 / 255,
                                 shadow_norm_weight=0.2, seed=seed)
@@ -81,12 +82,12 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, sizes: DemoSizes | N
     res = protect(victim, shadow.images, train.images[: sz.shadow], cfg, checkpoint_dir=out / "protect.work", progress=progress)
     timings["protect"] = time.time() - t
     t = time.time()
-    refs = train_reference_models(victim, shadow.images, ["cnn", "cnn_small"], train.num_classes,
-                                  FitConfig(epochs=sz.reference_epochs, seed=seed + 100), progress=progress)
-    cal = calibrate_tau0(refs, res.trigger, train.images[-2000:], train.labels[-2000:], cfg.target)
+    cal = calibrate_null(victim, res.trigger, shadow.images, train.images[-2000:], train.labels[-2000:], cfg.target,
+                         archs=["cnn", "cnn_small"], num_classes=train.num_classes,
+                         fit_config=FitConfig(epochs=sz.reference_epochs, seed=seed + 100), progress=progress)
     timings["calibrate"] = time.time() - t
     save_bundle(out / "bundle", res.model, res.trigger, arch="cnn_small", target=cfg.target, classes=train.classes,
-                config=asdict(cfg), verification={"tau0": cal.tau0, "rule": cal.rule, "reference": cal.reference},
+                config=cfg.to_dict(), verification={"tau0": cal.tau0, "rule": cal.rule, "reference": cal.reference},
                 history=res.history, overwrite=True)
     bundle = load_bundle(out / "bundle")
 
@@ -115,7 +116,7 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, sizes: DemoSizes | N
         "clean_cta": accuracy(clean.substitute, test.images, test.labels),
         "tau0": cal.tau0, "reference": cal.reference,
         "verify_stolen": v_stolen.to_dict(), "verify_clean": v_clean.to_dict(),
-        "sizes": asdict(sz), "preset": None if config else preset, "config": asdict(cfg), "history": res.history,
+        "sizes": asdict(sz), "preset": None if config else preset, "config": cfg.to_dict(), "history": res.history,
         "seconds": {k: round(v, 1) for k, v in timings.items()},
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))

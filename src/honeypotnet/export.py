@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .ops import atomic_path
+
 FORMATS = ("onnx", "torchscript")
 
 
@@ -73,21 +75,16 @@ def export_model(model: nn.Module, path: str | os.PathLike, fmt: str, image_size
     net = (_Probabilities(model) if probabilities else model).eval().cpu()
     out_name = "probabilities" if probabilities else "logits"
     example = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
-    tmp = path.with_name(path.name + ".tmp")
     t0 = time.time()
     notes: list[str] = []
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer/deprecation chatter; the numerical check below is what counts
-            if fmt == "onnx":
-                opset = _export_onnx(net, example, tmp, out_name, opset, notes)
-            else:
-                with torch.no_grad():
-                    traced = torch.jit.trace(net, example)
-                torch.jit.save(traced, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer/deprecation chatter; the numerical check below is what counts
+        if fmt == "onnx":
+            opset = _export_onnx(net, example, tmp, out_name, opset, notes)
+        else:
+            with torch.no_grad():
+                traced = torch.jit.trace(net, example)
+            torch.jit.save(traced, str(tmp))
     diff, runtime = _check(net, path, fmt, image_size, batch_sizes, seed, out_name)
     with torch.no_grad():
         k = int(net(example).shape[1])

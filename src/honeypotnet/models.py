@@ -433,10 +433,81 @@ def create_model(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
     comes back in eval mode, as :func:`load_pretrained_cifar_resnet` returns it).
     Raises ``ValueError`` for an unknown name.
     """
+    if isinstance(name, str) and ":" in name:
+        return _create_foreign(name, num_classes, **kwargs)
     key = name.strip().lower() if isinstance(name, str) else name
     if key not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(list_models())}")
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(list_models())}, torchvision:NAME, timm:NAME")
     return _REGISTRY[key](num_classes=num_classes, **kwargs)
+
+
+def _create_foreign(spec: str, num_classes: int, *, weights: str | os.PathLike | None = None,
+                    normalize: tuple[Sequence[float], Sequence[float]] | None | str = "imagenet",
+                    pretrained: str | os.PathLike | None = None, **kwargs: Any) -> nn.Module:
+    """"torchvision:NAME" / "timm:NAME": the library's architecture with `num_classes` outputs, the user's
+    state dict from `weights` (or `pretrained`), wrapped as nn.Sequential(Normalize(mean, std), model) so it
+    takes [0, 1] images like every model here (normalize="imagenet" by default, None for a model that
+    normalises itself, or (mean, std))."""
+    lib, _, arch = spec.partition(":")
+    weights = weights if weights is not None else pretrained
+    if lib == "torchvision":
+        import torchvision
+
+        try:
+            model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"unknown torchvision model {arch!r}: {e}") from None
+    elif lib == "timm":
+        try:
+            import timm
+        except ImportError:
+            raise ValueError(f"{spec} needs timm: pip install 'honeypotnet[timm]' (or pip install timm)") from None
+        if not timm.is_model(arch):
+            raise ValueError(f"unknown timm model {arch!r}")
+        model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+    else:
+        raise ValueError(f"unknown model source {lib!r} in {spec!r}; use torchvision:NAME or timm:NAME")
+    if weights is not None:
+        load_weights(model, weights)
+    if normalize is None:
+        return model.eval()
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if normalize == "imagenet" else normalize
+    return nn.Sequential(Normalize(mean, std), model).eval()
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a user's state dict into `model` (strict), safely: .safetensors, or a torch file read with
+    weights_only=True (.pt / .pth / .th / .bin; a {"state_dict": ...} or {"model": ...} wrapper and a
+    "module." prefix from DataParallel are accepted). A clear ValueError for anything else."""
+    path = os.fspath(path)
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - corrupt, pickled code, not a tensor file
+        raise ValueError(f"{path}: not a readable state dict ({type(e).__name__}: {str(e)[:200]})") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a state dict (name -> tensor)")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(f"{path} does not fit {type(model).__name__} (is num_classes right?): "
+                         f"{str(e).splitlines()[-1].strip()[:300]}") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"{path} does not fit {type(model).__name__}: missing {result.missing_keys[:5]}"
+                         f"{'...' if len(result.missing_keys) > 5 else ''}, unexpected {result.unexpected_keys[:5]}"
+                         f"{'...' if len(result.unexpected_keys) > 5 else ''} (is the architecture or num_classes right?)")
+    return model
 
 
 def _cifar_resnet_factory(depth: int) -> Callable[..., nn.Module]:
@@ -500,35 +571,102 @@ def cnn_small(num_classes: int = 10, widths: Sequence[int] = (16, 32, 64, 128), 
 # --------------------------------------------------------------------------------------------
 # Splitting a classifier into (features, head)
 # --------------------------------------------------------------------------------------------
-_HEAD_NAMES: tuple[str, ...] = ("fc", "linear", "classifier", "head")
+HEAD_NAMES: tuple[str, ...] = ("fc", "linear", "classifier", "head")
 _SWAP_LOCK = threading.RLock()
 
 
-def _find_head(model: nn.Module) -> tuple[str, nn.Linear]:
-    """Return ``(attribute name, final Linear)`` of ``model`` or raise ``TypeError``."""
+def resolve_module(model: nn.Module, path: str) -> tuple[str, nn.Module]:
+    """The submodule at dotted `path` ("classifier.3", "classifier.-1", "1.fc") and its canonical path
+    (negative indices of Sequential/ModuleList resolved). Raises ValueError naming what is missing."""
+    mod, parts = model, []
+    for part in [p for p in str(path).split(".") if p != ""]:
+        if isinstance(mod, (nn.Sequential, nn.ModuleList)) and re.fullmatch(r"-?\d+", part):
+            idx = int(part)
+            if not -len(mod) <= idx < len(mod):
+                raise ValueError(f"head path {path!r}: index {idx} out of range for {type(mod).__name__} of {len(mod)}")
+            part = str(idx % len(mod))
+        child = mod._modules.get(part)
+        if child is None:
+            raise ValueError(f"head path {path!r}: {type(mod).__name__} has no submodule {part!r} "
+                             f"(it has {', '.join(mod._modules) or 'none'})")
+        mod = child
+        parts.append(part)
+    if not parts:
+        raise ValueError("head path is empty")
+    return ".".join(parts), mod
+
+
+def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put `module` at the canonical dotted `path` of `model` (in place)."""
+    parent_path, _, name = path.rpartition(".")
+    parent = resolve_module(model, parent_path)[1] if parent_path else model
+    parent._modules[name] = module
+
+
+def _path_of(model: nn.Module, target: nn.Module) -> str | None:
+    return next((name for name, m in model.named_modules() if m is target and name), None)
+
+
+def find_head(model: nn.Module, head: str | Callable[[nn.Module], nn.Module] | None = None) -> tuple[str, nn.Linear]:
+    """``(dotted path, final Linear)`` of a classifier, or ``TypeError`` saying how to name it.
+
+    head: the path of the last Linear ("classifier.3", "classifier.-1", "fc"), or a callable returning
+    it (e.g. ``lambda m: m.get_classifier()``); None finds it:
+    registry models (``ImageClassifier.head_attr``); timm models (``get_classifier()``); an attribute
+    fc / linear / classifier / head that is a Linear, or an nn.Sequential ending in one (torchvision's
+    MobileNet / EfficientNet ``classifier[-1]``); an nn.Sequential ending in a Linear, or whose last
+    module is such a classifier (``nn.Sequential(Normalize(...), model)``)."""
+    if head is not None:
+        if callable(head) and not isinstance(head, nn.Module):
+            found = head(model)
+            path = _path_of(model, found) if isinstance(found, nn.Module) else None
+            if path is None:
+                raise TypeError(f"the head callable returned {type(found).__name__}, not a submodule of the model")
+            mod = found
+        else:
+            path, mod = resolve_module(model, head)
+        if not isinstance(mod, nn.Linear):
+            raise TypeError(f"head {path!r} is {type(mod).__name__}, not an nn.Linear")
+        return path, mod
     if isinstance(model, ImageClassifier):
-        head = getattr(model, model.head_attr, None)
-        if isinstance(head, nn.Linear):
-            return model.head_attr, head
+        mod = getattr(model, model.head_attr, None)
+        if isinstance(mod, nn.Linear):
+            return model.head_attr, mod
         raise TypeError(f"{type(model).__name__}.{model.head_attr} is not an nn.Linear")
+    get = getattr(model, "get_classifier", None)  # timm
+    if callable(get):
+        try:
+            mod = get()
+        except Exception:  # noqa: BLE001 - not timm's contract after all
+            mod = None
+        path = _path_of(model, mod) if isinstance(mod, nn.Linear) else None
+        if path is not None:
+            return path, mod
     found: list[tuple[str, nn.Linear]] = []
-    for name in _HEAD_NAMES:
+    for name in HEAD_NAMES:
         mod = model._modules.get(name)
         if isinstance(mod, nn.Linear):
             found.append((name, mod))
-        elif isinstance(mod, nn.Sequential) and len(mod) == 1 and isinstance(mod[0], nn.Linear):
-            found.append((name, mod[0]))
+        elif isinstance(mod, nn.Sequential) and len(mod) and isinstance(mod[-1], nn.Linear):
+            found.append((f"{name}.{len(mod) - 1}", mod[-1]))
     if len(found) == 1:
         return found[0]
+    if not found and isinstance(model, nn.Sequential) and len(model):
+        last = model[-1]
+        if isinstance(last, nn.Linear):
+            return str(len(model) - 1), last
+        try:
+            path, mod = find_head(last)
+            return f"{len(model) - 1}.{path}", mod
+        except TypeError:
+            pass
     if not found:
         raise TypeError(
-            f"cannot split {type(model).__name__}: no final nn.Linear found as attribute "
-            f"{' / '.join(_HEAD_NAMES)} (an nn.Sequential counts only if its single module is an nn.Linear)"
-        )
-    raise TypeError(
-        f"cannot split {type(model).__name__}: several candidate heads {[n for n, _ in found]}; "
-        "subclass honeypotnet.models.ImageClassifier to say which one"
-    )
+            f"cannot split {type(model).__name__}: no final nn.Linear found (looked for registry models, timm's "
+            f"get_classifier(), attributes {' / '.join(HEAD_NAMES)} holding a Linear or a Sequential ending in one, "
+            "and an nn.Sequential ending in a Linear); name it: head='classifier.3' (its path) or a callable")
+    raise TypeError(f"cannot split {type(model).__name__}: several candidate heads {[n for n, _ in found]}; "
+                    "name one with head='PATH'")
 
 
 class FeatureExtractor(nn.Module):
@@ -550,10 +688,10 @@ class FeatureExtractor(nn.Module):
     def __init__(self, model: nn.Module, head_attr: str) -> None:
         super().__init__()
         object.__setattr__(self, "_model", model)  # the model itself is not a registered child
-        self.head_attr = head_attr
-        self.uses_forward_features = isinstance(model, ImageClassifier)
+        self.head_attr = head_attr  # dotted path of the head ("fc", "classifier.3")
+        self.uses_forward_features = isinstance(model, ImageClassifier) and head_attr == model.head_attr
         for name, child in model.named_children():
-            if name != head_attr:
+            if name != head_attr:  # a nested head's parameters stay reachable through its parent
                 self.add_module(name, child)
         for name, p in model.named_parameters(recurse=False):
             self.register_parameter(name, p)
@@ -574,33 +712,33 @@ class FeatureExtractor(nn.Module):
         if self.uses_forward_features:
             return model.forward_features(x)
         with _SWAP_LOCK:
-            head = model._modules[self.head_attr]
-            model._modules[self.head_attr] = nn.Identity()
+            head = resolve_module(model, self.head_attr)[1]
+            set_module(model, self.head_attr, nn.Identity())
             try:
                 out = model(x)
             finally:
-                model._modules[self.head_attr] = head
+                set_module(model, self.head_attr, head)
         return torch.flatten(out, 1)
 
 
-def split_classifier(model: nn.Module) -> tuple[FeatureExtractor, nn.Linear]:
+def split_classifier(model: nn.Module, head: str | Callable[[nn.Module], nn.Module] | None = None
+                     ) -> tuple[FeatureExtractor, nn.Linear]:
     """Split ``model`` into ``(features, head)`` with ``head(features(x)) == model(x)``.
 
     ``features``: a :class:`FeatureExtractor`, ``(N, 3, H, W) → (N, d)``, sharing the model's
     parameters. ``head``: the model's final ``nn.Linear`` itself (``d → K``), not a copy.
-    Works for every registry model (via ``forward_features``) and for other models whose final
-    Linear is the attribute ``fc``, ``linear``, ``classifier`` or ``head`` (or an ``nn.Sequential``
-    under one of those names holding only that Linear) and is applied last to flattened features
-    — e.g. torchvision ResNets. Raises ``TypeError`` otherwise.
+    The head is found by :func:`find_head` (or named: ``head="classifier.3"`` or a callable); it must
+    be applied last, to flattened features (torchvision and timm classifiers are). Raises ``TypeError``
+    otherwise.
     """
     if isinstance(model, FeatureExtractor):
         raise TypeError("split_classifier got a FeatureExtractor; pass the full classifier")
     if not isinstance(model, nn.Module):
         raise TypeError(f"split_classifier needs an nn.Module, got {type(model).__name__}")
-    attr, head = _find_head(model)
-    return FeatureExtractor(model, attr), head
+    attr, lin = find_head(model, head)
+    return FeatureExtractor(model, attr), lin
 
 
 def feature_dim(model: nn.Module) -> int:
     """Dimension ``d`` of the penultimate features (the head's ``in_features``)."""
-    return int(_find_head(model)[1].in_features)
+    return int(find_head(model)[1].in_features)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .ops import to_float
 from .training import predict_logits
 
 OUTPUT_MODES = ("probs", "topk", "rounded", "label")
@@ -59,8 +60,7 @@ class Oracle:
         """Query a batch: x float (N,3,H,W) in [0,1] or uint8; returns (N,K) float on CPU."""
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"oracle input must have shape (N, 3, H, W), got {tuple(x.shape)}")
-        if x.dtype == torch.uint8:
-            x = x.float() / 255.0
+        x = to_float(x)
         if not torch.isfinite(x).all():
             raise ValueError("oracle input contains NaN or inf")
         if self.budget is not None and self.queries + len(x) > self.budget:

@@ -34,7 +34,8 @@ def is_url(s: str | object) -> bool:
 
 
 def model_url(url: str) -> str:
-    """Normalise a v2 URL to ``.../v2/models/NAME`` (accepts a trailing '/infer' or '/')."""
+    """Normalise a v2 URL to ``.../v2/models/NAME`` or ``.../v2/models/NAME/versions/V`` (accepts a trailing
+    '/infer' or '/')."""
     if not is_url(url):
         raise HttpOracleError(f"not an http(s) URL: {url!r}")
     u = url.rstrip("/")
@@ -42,6 +43,8 @@ def model_url(url: str) -> str:
         u = u[: -len("/infer")]
     parts = urlsplit(u)
     segs = parts.path.strip("/").split("/")
+    if len(segs) >= 5 and segs[-5:-3] == ["v2", "models"] and segs[-2] == "versions" and segs[-3] and segs[-1]:
+        return u
     if len(segs) < 3 or segs[-3:-1] != ["v2", "models"] or not segs[-1]:
         raise HttpOracleError(f"{url!r} is not a v2 model URL; expected http://HOST:PORT/v2/models/NAME")
     return u

@@ -10,6 +10,14 @@ Schema (table ``queries``):
     id, ts (unix seconds), key (key name, "anonymous" on an open server), model, endpoint,
     images (images in the request; 0 when it could not be parsed), input_sha256 (sha256 of the
     request body), status (HTTP status), latency_ms, error (message of a rejected request)
+
+Failed authentications (a missing, malformed or unknown token, and the 429s of an address that
+made too many) are not rows of ``queries``: the server counts them per client address and writes
+the counts to table ``auth_failures`` (first_ts, last_ts, address, count, throttled) at most once
+a minute and when it stops, so guessing tokens cannot flood the log.
+
+The file is created readable and writable by its owner only (0600); SQLite gives its -wal and
+-shm files the same mode.
 """
 from __future__ import annotations
 
@@ -35,6 +43,14 @@ CREATE TABLE IF NOT EXISTS queries (
     error TEXT
 );
 CREATE INDEX IF NOT EXISTS queries_key_ts ON queries (key, ts);
+CREATE TABLE IF NOT EXISTS auth_failures (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    first_ts REAL NOT NULL,
+    last_ts REAL NOT NULL,
+    address TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    throttled INTEGER NOT NULL
+);
 """
 
 BUCKETS = {"minute": 60, "hour": 3600, "day": 86400}
@@ -60,6 +76,11 @@ class QueryLog:
         self.path = Path(path) if path is not None else None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not self.path.exists():  # create it private before SQLite does (0644 by default)
+                try:
+                    os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+                except OSError as e:
+                    raise ValueError(f"cannot create query log {self.path}: {e}") from e
         try:
             self._conn = sqlite3.connect(str(self.path) if self.path else ":memory:", check_same_thread=False,
                                          isolation_level=None, timeout=30)
@@ -81,6 +102,18 @@ class QueryLog:
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (r.ts, r.key, r.model, r.endpoint, r.images, r.input_sha256, r.status, r.latency_ms, r.error),
             )  # autocommit mode: the INSERT is its own committed transaction
+
+    def record_auth_failures(self, rows: list[tuple[str, float, float, int, int]]) -> None:
+        """Append counted failed authentications: (address, first ts, last ts, count, throttled), one transaction."""
+        with self._lock:
+            self._conn.execute("BEGIN")
+            try:
+                self._conn.executemany("INSERT INTO auth_failures (address, first_ts, last_ts, count, throttled)"
+                                       " VALUES (?, ?, ?, ?, ?)", rows)
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
 
     def images_answered(self) -> dict[str, int]:
         """Images answered (status 200) per key: what counts against quotas, also across restarts."""
@@ -141,6 +174,11 @@ def summarise(path: str | os.PathLike, bucket: str = "hour", heavy_share: float 
         buckets = conn.execute(
             f"SELECT CAST(ts / {width} AS INTEGER) * {width} AS b, key, COUNT(*), "
             "COALESCE(SUM(CASE WHEN status = 200 THEN images END), 0) FROM queries GROUP BY b, key ORDER BY b, key").fetchall()
+        try:
+            auth = conn.execute("SELECT address, SUM(count), SUM(throttled) FROM auth_failures GROUP BY address "
+                                "ORDER BY 2 DESC, 1").fetchall()
+        except sqlite3.OperationalError:  # a log written before failed authentications were counted
+            auth = []
     finally:
         conn.close()
     n_req, n_img, n_ok, first, last = total
@@ -169,15 +207,21 @@ def summarise(path: str | os.PathLike, bucket: str = "hour", heavy_share: float 
     return {"database": str(path), "requests": n_req, "answered": n_ok, "images": int(n_img),
             "first": _iso(first), "last": _iso(last), "bucket": bucket, "keys": keys,
             "buckets": list(rows.values()), "heavy": [k["key"] for k in keys if k["heavy"]],
-            "heavy_share": heavy_share, "heavy_images": heavy_images}
+            "heavy_share": heavy_share, "heavy_images": heavy_images,
+            "auth_failures": {"total": sum(int(n) for _, n, _ in auth), "throttled": sum(int(t) for _, _, t in auth),
+                              "addresses": {a: int(n) for a, n, _ in auth}}}
 
 
 def format_summary(s: dict) -> str:
     """The summary as tables for a terminal."""
     lines = [f"query log {s['database']}: {s['requests']} requests, {s['answered']} answered, {s['images']} images"
              + (f", {s['first']} .. {s['last']}" if s["first"] else "")]
+    fails = s.get("auth_failures") or {}
+    if fails.get("total"):
+        top = ", ".join(f"{a} ({n})" for a, n in list(fails["addresses"].items())[:5])
+        lines.append(f"failed authentications: {fails['total']} ({fails['throttled']} throttled) from {top}")
     if not s["keys"]:
-        return lines[0] + "\n(no queries yet)"
+        return "\n".join(lines) + "\n(no queries yet)"
     head = ("key", "requests", "answered", "images", "share", "repeats", "first seen", "last seen", "flag")
     rows = [(k["key"], str(k["requests"]), str(k["answered"]), str(k["images"]), f"{100 * k['share']:.1f}%",
              str(k["repeated_inputs"]), k["first_seen"] or "", k["last_seen"] or "", "HEAVY" if k["heavy"] else "")

@@ -7,11 +7,14 @@ Endpoints (``{name}`` is the served model's name):
     GET  /v2                                   server metadata (no key needed)
     GET  /v2/models/{name}                     model metadata: input/output names, shapes, datatypes
     GET  /v2/models/{name}/ready               model readiness
-    POST /v2/models/{name}/infer               one FP32 tensor [N,3,H,W] in [0,1] -> FP32 [N,K]
+    POST /v2/models/{name}/infer               one FP32 tensor [N,3,H,W] in [0,1] -> FP32 [N,K] (JSON, or the
+                                               binary tensor extension)
+    .../v2/models/{name}/versions/1[/ready|/infer]  the same, for the one version the metadata advertises
     POST /v1/models/{name}:predict             image files (multipart) -> top-k labels with class names
 
 Every error is a 4xx with a JSON body ``{"error": "..."}`` saying what was wrong; anything
-unexpected is a JSON 500 without a traceback. The answers are post-processed by the server's
+unexpected is a JSON 500 without a traceback. Failed authentications are throttled per client
+address and counted, not logged row by row; request heads and bodies have a read deadline. The answers are post-processed by the server's
 output mode (probabilities, top-k, rounded, label). The server never says whether the model is
 protected: the metadata of a bundle and of a plain model look the same.
 
@@ -40,7 +43,8 @@ import numpy as np
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse as _StarletteJSONResponse
+from fastapi.responses import Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -48,6 +52,7 @@ from torch import nn
 
 from . import __version__
 from .apikeys import ApiKey, KeyStore
+from .ops import to_float
 from .oracles import OutputMode
 from .querylog import QueryLog, QueryRecord
 
@@ -64,17 +69,39 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 ANONYMOUS = "anonymous"
 SERVER_NAME = "model-server"  # neutral on purpose: nothing the API says tells a thief the model is protected
 UNAUTHENTICATED = "(unauthenticated)"
+MAX_ID_CHARS = 256  # a request id longer than this is refused
+MAX_AUTH_ADDRESSES = 10_000  # failed-auth buckets kept in memory; full (idle) ones are dropped beyond this
+VERSIONS = ("1",)  # the model versions the metadata advertises and the versioned paths serve
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")  # what :predict decodes; PIL's other readers stay off
+JSON_TYPES = ("application/json",)
+_HEX_ADDRESS = re.compile(r" at 0x[0-9A-Fa-f]+")
+
+
+class JSONResponse(_StarletteJSONResponse):
+    """Starlette's JSONResponse, but a string that is not valid UTF-8 (a lone surrogate) is escaped
+    as \\uXXXX instead of failing after the answer was computed."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return json.dumps(content, ensure_ascii=True, allow_nan=False, indent=None, separators=(",", ":")).encode()
 
 
 class ApiError(Exception):
     """A client error: becomes a response with `status` and body {"error": message, **extra}."""
 
     def __init__(self, status: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> None:
+        message = _HEX_ADDRESS.sub("", message)  # reprs such as <_io.BytesIO object at 0x7f...>: no heap addresses out
         super().__init__(message)
         self.status, self.message, self.headers, self.extra = status, message, headers or {}, extra
 
     def response(self) -> JSONResponse:
         return JSONResponse({"error": self.message, **self.extra}, status_code=self.status, headers=self.headers)
+
+
+class AuthError(ApiError):
+    """A failed or throttled authentication: counted per client address, not logged row by row."""
 
 
 # ----------------------------------------------------------------------------- the served model
@@ -139,17 +166,40 @@ def load_served_model(path: str | os.PathLike, name: str | None = None, image_si
 # ----------------------------------------------------------------------------- request parsing
 
 
-def parse_infer_request(body: bytes, image_size: int, max_batch: int) -> tuple[torch.Tensor, str | None, list[str] | None]:
-    """Validate an Open Inference Protocol v2 request body.
+@dataclass
+class InferRequest:
+    x: torch.Tensor  # float32 (N,3,S,S) in [0,1]
+    id: str | None = None
+    outputs: list[str] | None = None  # requested output names (None: all)
+    binary_output: bool = False  # answer in the binary tensor extension
 
-    Returns (x float32 (N,3,S,S) in [0,1], request id or None, requested output names or None);
-    raises ApiError (400/413/422) saying what is wrong."""
+
+def parse_infer_request(body: bytes, image_size: int, max_batch: int, header_length: int | None = None) -> InferRequest:
+    """Validate an Open Inference Protocol v2 request body; raises ApiError (400/413/422) saying what is wrong.
+
+    header_length: the Inference-Header-Content-Length of a request in the binary tensor extension (the
+    first `header_length` bytes are the JSON header; the input's raw little-endian FP32 bytes follow)."""
+    binary = b""
+    if header_length is not None:
+        if not 0 < header_length <= len(body):
+            raise ApiError(400, f"Inference-Header-Content-Length {header_length} does not fit a body of {len(body)} bytes")
+        body, binary = body[:header_length], body[header_length:]
     try:
         payload = json.loads(body)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ApiError(400, f"request body is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(payload, dict):
         raise ApiError(422, "request body must be a JSON object with an 'inputs' list (Open Inference Protocol v2)")
+    rid = payload.get("id")
+    if rid is not None:
+        if not isinstance(rid, str):
+            raise ApiError(422, f"'id' must be a string, got {type(rid).__name__}")
+        if len(rid) > MAX_ID_CHARS:
+            raise ApiError(422, f"'id' is {len(rid)} characters; at most {MAX_ID_CHARS} are accepted")
+        try:
+            rid.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(422, "'id' is not valid Unicode (it holds a lone surrogate escape)") from None
     inputs = payload.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1:
         got = f"{len(inputs)} tensors" if isinstance(inputs, list) else type(inputs).__name__ if inputs is not None else "nothing"
@@ -157,6 +207,8 @@ def parse_infer_request(body: bytes, image_size: int, max_batch: int) -> tuple[t
     t = inputs[0]
     if not isinstance(t, dict):
         raise ApiError(422, "the input tensor must be an object with 'name', 'shape', 'datatype' and 'data'")
+    if t.get("name") != INPUT_NAME:
+        raise ApiError(400, f"unknown input name {t.get('name')!r}; this model has one input, named {INPUT_NAME!r}")
     want = [1, 3, image_size, image_size]
     if t.get("datatype") != "FP32":
         raise ApiError(422, f"input datatype must be 'FP32', got {t.get('datatype')!r}")
@@ -171,20 +223,38 @@ def parse_infer_request(body: bytes, image_size: int, max_batch: int) -> tuple[t
         raise ApiError(422, "empty batch: shape[0] is 0; send at least one image")
     if n > max_batch:
         raise ApiError(413, f"batch of {n} images exceeds the server's limit of {max_batch} per request; split it")
+    params = t.get("parameters")
+    if params is not None and not isinstance(params, dict):
+        raise ApiError(422, f"input 'parameters' must be an object, got {type(params).__name__}")
+    size = (params or {}).get("binary_data_size")
     data = t.get("data")
-    if not isinstance(data, list):
-        raise ApiError(422, f"input 'data' must be a (flat or nested) list of numbers, got {type(data).__name__}")
-    try:
-        arr = np.asarray(data)
-    except (ValueError, TypeError) as e:
-        raise ApiError(422, f"input 'data' is not a rectangular array of numbers (ragged nesting?): {str(e)[:150]}") from None
-    if arr.dtype.kind not in "iuf":
-        raise ApiError(422, f"input 'data' must hold only numbers, found {'booleans' if arr.dtype.kind == 'b' else 'non-numeric values'}")
-    if arr.size != math.prod(shape):
-        raise ApiError(422, f"input 'data' has {arr.size} values but shape {shape} needs {math.prod(shape)}")
-    if arr.ndim != 1 and list(arr.shape) != shape:
-        raise ApiError(422, f"nested input 'data' has shape {list(arr.shape)} but 'shape' says {shape}")
-    arr = arr.astype(np.float64, copy=False).reshape(shape)
+    if size is not None:
+        want_bytes = 4 * math.prod(shape)
+        if data is not None:
+            raise ApiError(422, "the input has both 'data' and parameters.binary_data_size; send one of them")
+        if header_length is None:
+            raise ApiError(422, "parameters.binary_data_size needs the binary tensor extension (an Inference-Header-Content-Length header)")
+        if not isinstance(size, int) or isinstance(size, bool) or size != want_bytes:
+            raise ApiError(422, f"parameters.binary_data_size must be {want_bytes} (4 bytes per FP32 value of shape {shape}), got {size!r}")
+        if len(binary) != size:
+            raise ApiError(400, f"the binary section after the JSON header has {len(binary)} bytes; binary_data_size says {size}")
+        arr = np.frombuffer(binary, dtype="<f4").astype(np.float64).reshape(shape)
+    else:
+        if binary:
+            raise ApiError(400, f"{len(binary)} bytes follow the JSON header but no input has parameters.binary_data_size")
+        if not isinstance(data, list):
+            raise ApiError(422, f"input 'data' must be a (flat or nested) list of numbers, got {type(data).__name__}")
+        try:
+            arr = np.asarray(data)
+        except (ValueError, TypeError) as e:
+            raise ApiError(422, f"input 'data' is not a rectangular array of numbers (ragged nesting?): {str(e)[:150]}") from None
+        if arr.dtype.kind not in "iuf":
+            raise ApiError(422, f"input 'data' must hold only numbers, found {'booleans' if arr.dtype.kind == 'b' else 'non-numeric values'}")
+        if arr.size != math.prod(shape):
+            raise ApiError(422, f"input 'data' has {arr.size} values but shape {shape} needs {math.prod(shape)}")
+        if arr.ndim != 1 and list(arr.shape) != shape:
+            raise ApiError(422, f"nested input 'data' has shape {list(arr.shape)} but 'shape' says {shape}")
+        arr = arr.astype(np.float64, copy=False).reshape(shape)
     bad = int(arr.size - np.isfinite(arr).sum())
     if bad:
         raise ApiError(422, f"input contains {bad} NaN/inf values; send finite floats in [0, 1]")
@@ -193,12 +263,15 @@ def parse_infer_request(body: bytes, image_size: int, max_batch: int) -> tuple[t
         raise ApiError(422, f"input values must be in [0, 1] (RGB scaled by 1/255), got min {lo:g}, max {hi:g}")
     outputs = payload.get("outputs")
     names = None
+    req_params = payload.get("parameters")
+    binary_out = isinstance(req_params, dict) and req_params.get("binary_data_output") is True
     if outputs is not None:
         if not isinstance(outputs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs):
             raise ApiError(422, "'outputs' must be a list of objects with a 'name'")
         names = [o["name"] for o in outputs]
-    rid = payload.get("id")
-    return torch.from_numpy(arr.astype(np.float32)), (str(rid) if rid is not None else None), names
+        binary_out = binary_out or any(isinstance(o.get("parameters"), dict) and o["parameters"].get("binary_data") is True
+                                       for o in outputs)
+    return InferRequest(torch.from_numpy(arr.astype(np.float32)), rid, names, binary_out)
 
 
 def decode_images(files: list[tuple[str, bytes]], image_size: int) -> torch.Tensor:
@@ -212,7 +285,7 @@ def decode_images(files: list[tuple[str, bytes]], image_size: int) -> torch.Tens
         if not data:
             raise ApiError(422, f"file {name!r} is empty")
         try:
-            with Image.open(io.BytesIO(data)) as im:
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
                 if im.width * im.height > MAX_IMAGE_PIXELS:
                     raise ApiError(422, f"file {name!r} is {im.width}x{im.height} pixels; at most {MAX_IMAGE_PIXELS} pixels are accepted")
                 im = im.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
@@ -220,8 +293,9 @@ def decode_images(files: list[tuple[str, bytes]], image_size: int) -> torch.Tens
         except ApiError:
             raise
         except Exception as e:  # PIL raises many kinds (UnidentifiedImageError, OSError, SyntaxError, ...)
-            raise ApiError(422, f"file {name!r} is not a decodable image ({type(e).__name__}: {str(e)[:150]})") from None
-    return torch.stack(out).float() / 255.0
+            raise ApiError(422, f"file {name!r} is not a decodable image in one of {', '.join(IMAGE_FORMATS)} "
+                                f"({type(e).__name__}: {str(e)[:150]})") from None
+    return to_float(torch.stack(out))
 
 
 # ----------------------------------------------------------------------------- limits
@@ -234,11 +308,21 @@ class TokenBucket:
         self.rate, self.capacity = float(rate), float(capacity)
         self.tokens, self.last = float(capacity), time.monotonic()
 
-    def take(self, cost: float) -> float:
-        """Take `cost` tokens; returns 0.0 if taken, else the seconds until enough would be there."""
+    def refill(self) -> float:
+        """The tokens there now."""
         now = time.monotonic()
         self.tokens = min(self.capacity, self.tokens + (now - self.last) * self.rate)
         self.last = now
+        return self.tokens
+
+    def wait(self, cost: float) -> float:
+        """Seconds until `cost` tokens would be there (0.0: now), without taking them."""
+        have = self.refill()
+        return 0.0 if cost <= have else (cost - have) / self.rate
+
+    def take(self, cost: float) -> float:
+        """Take `cost` tokens; returns 0.0 if taken, else the seconds until enough would be there."""
+        self.refill()
         if cost <= self.tokens:
             self.tokens -= cost
             return 0.0
@@ -256,6 +340,10 @@ class Limits:
     rate: float | None = None
     burst: float | None = None
     rate_unit: str = "requests"
+    read_timeout_s: float = 10.0  # a request body not read whole within this many seconds gets a 408
+    auth_fail_rate: float = 1.0  # failed authentications per second per client address, after ...
+    auth_fail_burst: float = 20.0  # ... this many at once; beyond that the address gets 429
+    auth_log_interval_s: float = 60.0  # failed authentications are written to the log as counts at most this often
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -270,6 +358,12 @@ class Limits:
             raise ValueError(f"rate unit must be 'requests' or 'images', got {self.rate_unit!r}")
         if self.burst is not None and not self.burst >= 1:
             raise ValueError(f"burst must be >= 1, got {self.burst}")
+        if not self.read_timeout_s > 0:
+            raise ValueError(f"read timeout must be > 0 seconds, got {self.read_timeout_s}")
+        if not self.auth_fail_rate > 0 or not self.auth_fail_burst >= 1:
+            raise ValueError(f"failed-auth rate must be > 0 and burst >= 1, got {self.auth_fail_rate}, {self.auth_fail_burst}")
+        if not self.auth_log_interval_s >= 0:
+            raise ValueError(f"failed-auth log interval must be >= 0 seconds, got {self.auth_log_interval_s}")
 
     @property
     def max_body_bytes(self) -> int:
@@ -300,31 +394,89 @@ class ServerState:
         self.output_name = OUTPUT_NAMES[output.mode]
         self.used: dict[str, int] = qlog.images_answered()  # quotas survive restarts
         self.buckets: dict[str, TokenBucket] = {}
+        self.auth_buckets: dict[str, TokenBucket] = {}  # failed authentications per client address
+        self.auth_failures: dict[str, list] = {}  # address -> [first ts, last ts, count, throttled], not yet logged
+        self.auth_flushed = time.monotonic()
         self.limiter = anyio.CapacityLimiter(1)  # one forward pass at a time; torch uses the cores itself
         self.parse_limiter = anyio.CapacityLimiter(2)  # a parsed 16 MB JSON body is ~200 MB of Python floats: few at once
         self.started = time.time()
 
     # --- checks, in the order a request meets them
 
-    def check_model(self, name: str) -> None:
+    def check_model(self, name: str, version: str | None = None) -> None:
         if name != self.served.name:
             raise ApiError(404, f"unknown model {name!r}; this server serves {self.served.name!r}")
+        if version is not None and version not in VERSIONS:
+            raise ApiError(404, f"unknown version {version[:64]!r} of model {name!r}; it has version(s) {', '.join(VERSIONS)}")
 
     def authenticate(self, request: Request) -> ApiKey | None:
-        """None on an open server; the caller's key otherwise, or ApiError(401)."""
+        """None on an open server; the caller's key otherwise, or AuthError: 401, or 429 while the client's
+        address has used up its failed authentications (whatever it sends then, a valid key included)."""
         if self.keys is None:
             return None
+        addr = request.client.host if request.client else "unknown"
+        bucket = self.auth_buckets.get(addr)
+        if bucket is not None:
+            wait = bucket.wait(1)
+            if wait > 0:
+                self.note_auth_failure(addr, throttled=True)
+                raise AuthError(429, f"too many failed authentications from this address; retry in {wait:.2f} s",
+                                {"Retry-After": str(max(1, math.ceil(wait)))}, retry_after=round(wait, 3))
         challenge = {"WWW-Authenticate": 'Bearer realm="model-server"'}
         header = request.headers.get("authorization")
+        scheme, _, token = (header or "").partition(" ")
+        key = self.keys.lookup(token.strip()) if header and scheme.lower() == "bearer" and token.strip() else None
+        if key is not None:
+            return key
+        if bucket is None:
+            if len(self.auth_buckets) >= MAX_AUTH_ADDRESSES:  # forget addresses whose bucket has refilled ...
+                for a in [a for a, b in self.auth_buckets.items() if b.refill() >= b.capacity]:
+                    del self.auth_buckets[a]
+                for a in list(self.auth_buckets)[: max(0, len(self.auth_buckets) - MAX_AUTH_ADDRESSES // 2)]:
+                    del self.auth_buckets[a]  # ... and, if that is not enough, the oldest: memory stays bounded
+            bucket = self.auth_buckets[addr] = TokenBucket(self.limits.auth_fail_rate, self.limits.auth_fail_burst)
+        bucket.take(1)
+        self.note_auth_failure(addr, throttled=False)
         if not header:
-            raise ApiError(401, "missing API key: send the header 'Authorization: Bearer <token>'", challenge)
-        scheme, _, token = header.partition(" ")
+            raise AuthError(401, "missing API key: send the header 'Authorization: Bearer <token>'", challenge)
         if scheme.lower() != "bearer" or not token.strip():
-            raise ApiError(401, "malformed Authorization header: expected 'Bearer <token>'", challenge)
-        key = self.keys.lookup(token.strip())
-        if key is None:
-            raise ApiError(401, "invalid API key", challenge)
-        return key
+            raise AuthError(401, "malformed Authorization header: expected 'Bearer <token>'", challenge)
+        raise AuthError(401, "invalid API key", challenge)
+
+    def note_auth_failure(self, addr: str, throttled: bool) -> None:
+        """Count a failed (or throttled) authentication; the counts go to the log at most once per interval."""
+        now = time.time()
+        entry = self.auth_failures.setdefault(addr, [now, now, 0, 0])
+        entry[1], entry[2], entry[3] = now, entry[2] + 1, entry[3] + throttled
+        if time.monotonic() - self.auth_flushed >= self.limits.auth_log_interval_s or len(self.auth_failures) >= MAX_AUTH_ADDRESSES:
+            self.flush_auth_failures()
+
+    def flush_auth_failures(self) -> None:
+        """Write the counted failed authentications to the log (one row per address) and reset the counts."""
+        self.auth_flushed = time.monotonic()
+        pending, self.auth_failures = self.auth_failures, {}
+        if pending:
+            try:
+                self.qlog.record_auth_failures([(a, f, l, n, t) for a, (f, l, n, t) in pending.items()])
+            except Exception:
+                log.exception("query log write failed (failed-authentication counts)")
+
+    def check_json(self, request: Request) -> None:
+        """The v2 JSON endpoints take application/json only (a browser's cross-origin 'simple' POST, text/plain
+        or a form, is refused unread); a request in the binary extension carries a custom header, which no
+        browser sends cross-origin without a preflight the server does not answer."""
+        if request.headers.get("inference-header-content-length") is not None:
+            return
+        ctype = request.headers.get("content-type", "")
+        if ctype.split(";")[0].strip().lower() not in JSON_TYPES:
+            raise ApiError(415, f"send the request as Content-Type application/json, got {ctype[:100] or 'none'!r}")
+
+    def check_quota_left(self, key: ApiKey | None, key_name: str) -> None:
+        """Refuse (429) a key with no image left before its request body is read."""
+        quota, used = self.quota_of(key), self.used.get(key_name, 0)
+        if quota is not None and used >= quota:
+            raise ApiError(429, f"query quota exhausted for key {key_name!r}: {used} of {quota} images used",
+                           {"Retry-After": str(QUOTA_RETRY_AFTER_S)}, quota=quota, used=used)
 
     def rate_limit(self, key_name: str, cost: int) -> None:
         if self.limits.rate is None:
@@ -368,19 +520,24 @@ class ServerState:
         too_big = f"exceeds the limit of {limit} bytes ({self.limits.max_body_mb:g} MB)"
         length = request.headers.get("content-length")
         if length is not None:
-            if not length.strip().isdigit():
+            if not (length.strip().isascii() and length.strip().isdigit() and len(length.strip()) <= 18):
                 raise ApiError(400, f"invalid Content-Length header {length!r}")
             if int(length) > limit:
                 raise ApiError(413, f"request body of {int(length)} bytes {too_big}")
         chunks, size = [], 0
+        deadline = self.limits.read_timeout_s
         try:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise ApiError(413, f"request body {too_big}")
-                chunks.append(chunk)
+            with anyio.fail_after(deadline):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise ApiError(413, f"request body {too_big}")
+                    chunks.append(chunk)
         except ClientDisconnect:
             raise ApiError(400, "client disconnected before sending the whole body") from None
+        except TimeoutError:
+            raise ApiError(408, f"request body not received within the read deadline of {deadline:g} s "
+                                f"({size} bytes came); the connection is closed", {"Connection": "close"}) from None
         return b"".join(chunks)
 
     async def answer(self, x: torch.Tensor) -> torch.Tensor:
@@ -392,28 +549,41 @@ class ServerState:
 
     # --- the two inference endpoints
 
-    async def infer(self, request: Request, model_name: str, ctx: _Ctx) -> JSONResponse:
+    async def infer(self, request: Request, model_name: str, ctx: _Ctx, version: str | None = None) -> Response:
         key = self.authenticate(request)  # before the model name: no key, nothing learnt about the server
         ctx.key = key.name if key else ANONYMOUS
-        self.check_model(model_name)
+        self.check_model(model_name, version)
         if self.limits.rate_unit == "requests":
             self.rate_limit(ctx.key, 1)
-        if request.headers.get("inference-header-content-length") is not None:
-            raise ApiError(415, "the binary tensor extension is not supported; send the tensor as JSON 'data'")
+        self.check_json(request)
+        header_length = None
+        raw_hl = request.headers.get("inference-header-content-length")
+        if raw_hl is not None:
+            if not re.fullmatch(r"[0-9]{1,12}", raw_hl.strip()):
+                raise ApiError(400, f"invalid Inference-Header-Content-Length header {raw_hl[:40]!r}")
+            header_length = int(raw_hl.strip())
+        self.check_quota_left(key, ctx.key)
         body = await self.read_body(request)
         ctx.sha256 = hashlib.sha256(body).hexdigest()
-        x, rid, names = await anyio.to_thread.run_sync(parse_infer_request, body, self.served.image_size, self.limits.max_batch,
-                                                       limiter=self.parse_limiter)
+        req = await anyio.to_thread.run_sync(parse_infer_request, body, self.served.image_size, self.limits.max_batch,
+                                             header_length, limiter=self.parse_limiter)
+        names = req.outputs
         if names is not None and any(n != self.output_name for n in names):
             raise ApiError(422, f"unknown output {[n for n in names if n != self.output_name]}; this model has one output, {self.output_name!r}")
-        ctx.images = len(x)
-        self.charge(key, ctx.key, len(x), ctx)
-        probs = await self.answer(x)
-        out = {"model_name": self.served.name, "model_version": "1",
-               "outputs": [{"name": self.output_name, "datatype": "FP32", "shape": list(probs.shape), "data": probs.flatten().tolist()}]}
-        if rid is not None:
-            out["id"] = rid
-        return JSONResponse(out)
+        ctx.images = len(req.x)
+        self.charge(key, ctx.key, len(req.x), ctx)
+        probs = await self.answer(req.x)
+        tensor = {"name": self.output_name, "datatype": "FP32", "shape": list(probs.shape)}
+        out = {"model_name": self.served.name, "model_version": VERSIONS[0], **({"id": req.id} if req.id is not None else {}),
+               "outputs": [tensor]}
+        if not req.binary_output:
+            tensor["data"] = probs.flatten().tolist()
+            return JSONResponse(out)
+        raw = probs.contiguous().numpy().astype("<f4").tobytes()
+        tensor["parameters"] = {"binary_data_size": len(raw)}
+        head = json.dumps(out, separators=(",", ":")).encode()
+        return Response(head + raw, media_type="application/octet-stream",
+                        headers={"Inference-Header-Content-Length": str(len(head))})
 
     async def predict_files(self, request: Request, model_name: str, ctx: _Ctx) -> JSONResponse:
         key = self.authenticate(request)  # before the model name: no key, nothing learnt about the server
@@ -422,12 +592,13 @@ class ServerState:
         if self.limits.rate_unit == "requests":
             self.rate_limit(ctx.key, 1)
         ctype = request.headers.get("content-type", "")
-        if not ctype.lower().startswith("multipart/form-data"):
+        if ctype.split(";")[0].strip().lower() != "multipart/form-data":
             raise ApiError(415, f"send the images as multipart/form-data file fields (e.g. curl -F file=@cat.png), got Content-Type {ctype or 'none'!r}")
         raw_k = request.query_params.get("top_k", "5")
-        if not raw_k.isdigit() or int(raw_k) < 1:
-            raise ApiError(422, f"top_k must be a positive integer, got {raw_k!r}")
+        if not re.fullmatch(r"[0-9]{1,9}", raw_k) or int(raw_k) < 1:
+            raise ApiError(422, f"top_k must be a positive integer, got {raw_k[:20]!r}{'...' if len(raw_k) > 20 else ''}")
         top_k = min(int(raw_k), self.served.num_classes)
+        self.check_quota_left(key, ctx.key)
         body = await self.read_body(request)
         ctx.sha256 = hashlib.sha256(body).hexdigest()
         replay = Request(request.scope, receive=_replay(body))
@@ -445,12 +616,12 @@ class ServerState:
                 raise ApiError(422, "no image files in the upload: send one or more file fields (curl -F file=@image.png)")
             if len(uploads) > self.limits.max_batch:
                 raise ApiError(413, f"too many files: {len(uploads)} > {self.limits.max_batch} images per request")
+            ctx.images = len(uploads)
+            self.charge(key, ctx.key, len(uploads), ctx)  # quota and image rate before any file is decoded
             files = [(name, await v.read()) for name, v in uploads]
         finally:
             await form.close()
-        ctx.images = len(files)
         x = await anyio.to_thread.run_sync(decode_images, files, self.served.image_size, limiter=self.parse_limiter)
-        self.charge(key, ctx.key, len(x), ctx)
         probs = await self.answer(x)
         scores, idx = probs.topk(top_k, dim=1)
         preds = []
@@ -461,13 +632,16 @@ class ServerState:
         return JSONResponse({"model_name": self.served.name, "output_mode": self.output.mode, "predictions": preds})
 
     async def handle(self, request: Request, endpoint: str, model_name: str,
-                     fn: Callable[[Request, str, _Ctx], Awaitable[JSONResponse]]) -> JSONResponse:
-        """Run an inference endpoint; log the request (committed) before the answer leaves."""
+                     fn: Callable[..., Awaitable[Response]], version: str | None = None) -> Response:
+        """Run an inference endpoint; log the request (committed) before the answer leaves. A failed
+        authentication is counted (flush_auth_failures), not logged as a row."""
         t0 = time.perf_counter()
         ctx = _Ctx()
         error = None
         try:
-            response = await fn(request, model_name, ctx)
+            response = await (fn(request, model_name, ctx, version) if version is not None else fn(request, model_name, ctx))
+        except AuthError as e:
+            return e.response()
         except ApiError as e:
             response, error = e.response(), e.message
         except Exception:
@@ -490,7 +664,7 @@ class ServerState:
     def model_metadata(self) -> dict:
         s = self.served
         return {
-            "name": s.name, "versions": ["1"], "platform": "pytorch",
+            "name": s.name, "versions": list(VERSIONS), "platform": "pytorch",
             "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, 3, s.image_size, s.image_size]}],
             "outputs": [{"name": self.output_name, "datatype": "FP32", "shape": [-1, s.num_classes]}],
             "parameters": {"classes": s.classes, "output_mode": self.output.mode,
@@ -534,6 +708,7 @@ def create_app(model_or_bundle_path: str | os.PathLike | ServedModel, *, name: s
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
+        state.flush_auth_failures()
         state.qlog.close()
 
     app = FastAPI(title=SERVER_NAME, version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -564,29 +739,39 @@ def create_app(model_or_bundle_path: str | os.PathLike | ServedModel, *, name: s
 
     @app.get("/v2")
     async def server_metadata() -> dict:
-        return {"name": SERVER_NAME, "version": __version__, "extensions": []}
+        return {"name": SERVER_NAME, "version": __version__, "extensions": ["binary_tensor_data"]}
+
+    def metadata_or_ready(request: Request, model_name: str, version: str | None, ready: bool) -> JSONResponse:
+        try:
+            state.authenticate(request)
+            state.check_model(model_name, version)
+        except ApiError as e:
+            return e.response()
+        return JSONResponse({"name": model_name, "ready": True} if ready else state.model_metadata())
 
     @app.get("/v2/models/{model_name}")
     async def model_metadata(model_name: str, request: Request) -> JSONResponse:
-        try:
-            state.authenticate(request)
-            state.check_model(model_name)
-        except ApiError as e:
-            return e.response()
-        return JSONResponse(state.model_metadata())
+        return metadata_or_ready(request, model_name, None, ready=False)
+
+    @app.get("/v2/models/{model_name}/versions/{version}")
+    async def model_version_metadata(model_name: str, version: str, request: Request) -> JSONResponse:
+        return metadata_or_ready(request, model_name, version, ready=False)
 
     @app.get("/v2/models/{model_name}/ready")
     async def model_ready(model_name: str, request: Request) -> JSONResponse:
-        try:
-            state.authenticate(request)
-            state.check_model(model_name)
-        except ApiError as e:
-            return e.response()
-        return JSONResponse({"name": model_name, "ready": True})
+        return metadata_or_ready(request, model_name, None, ready=True)
+
+    @app.get("/v2/models/{model_name}/versions/{version}/ready")
+    async def model_version_ready(model_name: str, version: str, request: Request) -> JSONResponse:
+        return metadata_or_ready(request, model_name, version, ready=True)
 
     @app.post("/v2/models/{model_name}/infer")
-    async def infer(model_name: str, request: Request) -> JSONResponse:
+    async def infer(model_name: str, request: Request) -> Response:
         return await state.handle(request, "infer", model_name, state.infer)
+
+    @app.post("/v2/models/{model_name}/versions/{version}/infer")
+    async def infer_version(model_name: str, version: str, request: Request) -> Response:
+        return await state.handle(request, "infer", model_name, state.infer, version)
 
     @app.post("/v1/models/{model_name}:predict")
     async def predict(model_name: str, request: Request) -> JSONResponse:
@@ -612,6 +797,57 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def header_deadline_protocol(seconds: float) -> type:
+    """uvicorn's h11 protocol with a deadline on a request's head: a connection that sends nothing, or only
+    part of a request line and headers, within `seconds` (from its opening, or from the end of its previous
+    answer) is closed. uvicorn alone times out only idle keep-alive connections after a first answer, so a
+    client could hold connections open forever by sending its headers slowly. Once the head is in, the
+    app's read deadline (Limits.read_timeout_s) covers the body."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadlineProtocol(H11Protocol):
+        _head_timer: Any = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._head_timer = self.loop.call_later(seconds, self._head_timeout)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timeout(self) -> None:
+            self._head_timer = None
+            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+                self.transport.close()  # still waiting for a request's head
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._disarm()  # a head came in: the body's deadline is the app's
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderDeadlineProtocol
+
+
+def _read_timeout(app: FastAPI) -> float:
+    state = getattr(app.state, "honeypotnet", None)
+    return state.limits.read_timeout_s if state is not None else Limits().read_timeout_s
+
+
 def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
                on_listening: Callable[[str, int], None] | None = None) -> None:
     """Serve `app` with uvicorn until SIGINT/SIGTERM. `on_listening(host, port)` is called once the
@@ -621,7 +857,8 @@ def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_leve
     sock = bind_socket(host, port)
     if on_listening is not None:
         on_listening(host, sock.getsockname()[1])
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, server_header=False,
+                            http=header_deadline_protocol(_read_timeout(app)))
     uvicorn.Server(config).run(sockets=[sock])
 
 
@@ -638,7 +875,8 @@ class BackgroundServer:
         self.app, self.host = app, host
         self.sock = bind_socket(host, port)
         self.port = int(self.sock.getsockname()[1])
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=5))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=5,
+                                                       server_header=False, http=header_deadline_protocol(_read_timeout(app))))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True, name="honeypotnet-server")
 
     @property

@@ -17,15 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .ops import atomic_torch_save, batched_forward, to_float
+
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def to_float(x: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
-    """uint8 (N,3,H,W) or float images -> float32 in [0,1] on `device`."""
-    x = x.to(device) if device is not None else x
-    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator | None = None, pad: int = 4, flip: bool = True) -> torch.Tensor:
@@ -66,7 +62,7 @@ class FitConfig:
     schedule: str = "onecycle"  # "onecycle" | "cosine" | "constant"
 
 
-def _schedule(cfg: FitConfig, total_steps: int):
+def lr_schedule(cfg: FitConfig, total_steps: int):
     def f(step: int) -> float:
         if cfg.schedule == "constant" or total_steps <= 1:
             return 1.0
@@ -103,7 +99,7 @@ def fit(
     model.to(device, memory_format=torch.channels_last)  # 1.4-2x faster convolutions on CPU
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(images) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, cfg.epochs * steps_per_epoch))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(cfg, cfg.epochs * steps_per_epoch))
     gen = torch.Generator().manual_seed(cfg.seed)
     start, history = 0, []
     ckpt = Path(checkpoint) if checkpoint else None
@@ -114,7 +110,7 @@ def fit(
         sched.load_state_dict(state["sched"])
         gen.set_state(state["gen"])
         start, history = int(state["epoch"]), [float(v) for v in state["history"]]
-    bar = tqdm(range(start, cfg.epochs), desc=desc, disable=not progress, leave=False, initial=start, total=cfg.epochs)
+    bar = tqdm(range(start, cfg.epochs), desc=desc, disable=None if progress else True, leave=False, initial=start, total=cfg.epochs)
     for epoch in bar:
         model.train()
         perm = torch.randperm(len(images), generator=gen)
@@ -146,25 +142,10 @@ def fit(
     return history
 
 
-def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file then rename, so a kill never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 @torch.inference_mode()
 def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 500, device=None) -> torch.Tensor:
     """Logits (N,K) on CPU for uint8/float images (N,3,H,W), in eval mode."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out = [model(to_float(images[i : i + batch_size], device).contiguous(memory_format=torch.channels_last)).float().cpu()
-           for i in range(0, len(images), batch_size)]
-    model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0)
+    return batched_forward(model, images, batch_size=batch_size, device=device)
 
 
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:

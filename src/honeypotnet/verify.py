@@ -1,4 +1,4 @@
-"""Ownership verification (PAPER.md §3) and the calibration of its null hypothesis.
+"""Ownership verification and the calibration of its null hypothesis (docs/verification.md).
 
 Stamp the owner's held-out images (target class excluded) with the secret trigger, query the
 suspect, and count answers equal to the target class. H0 is "an independently trained model":
@@ -11,6 +11,7 @@ of H0: ASR ≤ τ0 at level α.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -19,9 +20,12 @@ from scipy.stats import binom
 from torch import nn
 
 from .attacks import query_oracle, train_substitute
-from .honeypot import Trigger
+from .countermeasures import finetune
 from .oracles import ModelOracle, Oracle
-from .training import FitConfig, to_float
+from .purify import PurifiedModel
+from .ops import to_float
+from .training import FitConfig, accuracy, predict_logits
+from .trigger import Trigger
 
 
 def clopper_pearson_upper(hits: int, n: int, confidence: float) -> float:
@@ -47,6 +51,9 @@ class Calibration:
     rule: str = ""
 
 
+TAU0_CAP = 0.5  # calibrate_tau0's default cap
+
+
 def calibrate_tau0(
     reference_models: list[tuple[str, nn.Module]],
     trigger: Trigger,
@@ -57,7 +64,7 @@ def calibrate_tau0(
     confidence: float = 0.999,
     factor: float = 2.0,
     floor: float = 0.05,
-    cap: float = 0.5,
+    cap: float = TAU0_CAP,
 ) -> Calibration:
     """τ0 = min(cap, max(floor, factor · max_r UCB_r)), UCB_r the Clopper–Pearson upper bound (at
     `confidence`) of reference model r's ASR on the stamped non-target images. The factor gives
@@ -103,8 +110,6 @@ def finetuned_references(reference_models: list[tuple[str, nn.Module]], images: 
     that case. Measured there, it raised tau0 a little but did not clear those false positives:
     the fine-tuned references stayed far below the clean *extracted* copies that were flagged.
     `images`/`labels`: the owner's labelled images (uint8 (N,3,H,W), int64 (N,))."""
-    from .countermeasures import finetune
-
     out = []
     for name, model in reference_models:
         for epochs, lr in settings:
@@ -112,7 +117,7 @@ def finetuned_references(reference_models: list[tuple[str, nn.Module]], images: 
     return out
 
 
-# what a suspect may do to every input before its model sees it: countermeasures.purify settings
+# what a suspect may do to every input before its model sees it: purify.purify settings
 # (JPEG re-compression, Gaussian blur), the thief sweep's purifications (bench/robustness.py)
 PURIFY_SETTINGS = (("jpeg-q75", {"method": "jpeg", "quality": 75}), ("jpeg-q50", {"method": "jpeg", "quality": 50}),
                    ("blur-0.5", {"method": "blur", "sigma": 0.5}), ("blur-1.0", {"method": "blur", "sigma": 1.0}))
@@ -125,7 +130,7 @@ PURIFY_MAX_DROP = 0.20
 def purified_references(reference_models: list[tuple[str, nn.Module]], settings=PURIFY_SETTINGS, *,
                         images: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                         max_drop: float = PURIFY_MAX_DROP) -> list[tuple[str, nn.Module]]:
-    """Each reference model behind each input purification (countermeasures.PurifiedModel; the
+    """Each reference model behind each input purification (purify.PurifiedModel; the
     weights are shared, nothing is trained): innocent models whose owners blur or re-compress
     every input, as a thief may.
 
@@ -138,9 +143,6 @@ def purified_references(reference_models: list[tuple[str, nn.Module]], settings=
     images/labels (labelled clean images): a wrapper whose accuracy is more than `max_drop` below
     its reference's is left out, as a deployment no owner would serve (PURIFY_MAX_DROP, the same rule
     as bench/robustness.py's usable purifications). Without them every wrapper is kept. settings: (name, purify kwargs) pairs."""
-    from .countermeasures import PurifiedModel
-    from .training import accuracy
-
     if (images is None) != (labels is None):
         raise ValueError("purified_references: give both images and labels (or neither)")
     if not 0 <= max_drop <= 1:
@@ -153,6 +155,34 @@ def purified_references(reference_models: list[tuple[str, nn.Module]], settings=
             if base is None or base - accuracy(wrapped, images, labels) <= max_drop:
                 out.append((f"{name}+{label}", wrapped))
     return out
+
+
+def calibrate_null(victim: nn.Module, trigger: Trigger, query_images: torch.Tensor, images: torch.Tensor,
+                   labels: torch.Tensor, target: int, *, archs=("cnn", "resnet20"), num_classes: int | None = None,
+                   fit_config: FitConfig | None = None, finetune_images: int = 0, purify=(),
+                   purify_max_drop: float = PURIFY_MAX_DROP, seed: int = 0, progress: bool = False,
+                   device=None, **calibration) -> Calibration:
+    """The verification null in one call (what `protect --references`, the demo and the benchmarks use):
+    clean reference models of the *unprotected* victim (one per arch, trained on its soft answers to
+    `query_images`), optionally widened by their copies fine-tuned on `finetune_images` of the labelled
+    owner images (finetuned_references) and by each behind the `purify` settings (purified_references,
+    names or (name, spec) pairs of PURIFY_SETTINGS); then tau0 from calibrate_tau0 on `images`/`labels`
+    (held-out labelled owner images). `calibration`: calibrate_tau0's keyword options."""
+    table = dict(PURIFY_SETTINGS)
+    settings = []
+    for item in purify:
+        name, spec = (item, table.get(item)) if isinstance(item, str) else item
+        if spec is None:
+            raise ValueError(f"unknown purification {name!r}; known: {', '.join(table)}")
+        settings.append((name, spec))
+    k = num_classes or int(predict_logits(victim, images[:1]).shape[1])
+    refs = train_reference_models(victim, query_images, list(archs), k, fit_config, progress=progress, device=device)
+    if finetune_images:  # innocent copies fine-tuned on clean labels
+        n = min(int(finetune_images), len(images))
+        refs = refs + finetuned_references(refs, images[:n], labels[:n].long(), seed=seed)
+    if settings:  # ... and every one of them behind each input purification a suspect may apply
+        refs = refs + purified_references(refs, settings, images=images, labels=labels.long(), max_drop=purify_max_drop)
+    return calibrate_tau0(refs, trigger, images, labels, target, **calibration)
 
 
 @dataclass
@@ -169,6 +199,8 @@ class VerificationResult:
     clean_accuracy: float | None = None  # suspect's accuracy on the unstamped images
     stamped_accuracy: float | None = None  # ... and on the stamped ones (functionality disruption)
     queries: int = 0
+    warnings: list[str] = field(default_factory=list)  # what weakens this verdict (a null at its cap, a useless suspect)
+    sequential: dict | None = None  # the sequential test's record (verify(..., sequential=True))  # what weakens this verdict (a null at its cap, a useless suspect)
 
     @property
     def verdict(self) -> str:
@@ -184,14 +216,19 @@ class VerificationResult:
         rows = [
             ("images (non-target)", f"{self.n}"),
             ("ASR (stamped -> target)", f"{100 * self.asr:.2f}%  ({self.hits}/{self.n})"),
-            ("unstamped target rate", f"{100 * self.unstamped_rate:.2f}%"),
+            *([("unstamped target rate", f"{100 * self.unstamped_rate:.2f}%")] if self.unstamped_rate == self.unstamped_rate
+              else []),
             ("null bound tau0", f"{100 * self.tau0:.2f}%"),
             ("p-value (H0: ASR <= tau0)", "< 1e-300" if self.p_value == 0 else f"{self.p_value:.3g}"),
             ("alpha", f"{self.alpha:g}"),
         ]
         if self.clean_accuracy is not None:
             rows.append(("accuracy clean / stamped", f"{100 * self.clean_accuracy:.2f}% / {100 * (self.stamped_accuracy or 0):.2f}%"))
+        if self.sequential:
+            rows.append(("sequential test", f"{self.sequential['decided']} after {self.sequential['stamped_queries']} "
+                                            f"stamped queries (of at most {self.sequential['max_queries']})"))
         rows.append(("verdict", self.verdict))
+        rows += [("warning", w) for w in self.warnings]
         w = max(len(r[0]) for r in rows)
         return "\n".join(f"{a:<{w}}  {b}" for a, b in rows)
 
@@ -218,19 +255,170 @@ def _count_hits(oracle: Oracle, trigger: Trigger, images: torch.Tensor, labels: 
     return int((sp == target).sum()), len(sp), extra
 
 
-def verify(suspect: Oracle | nn.Module, trigger: Trigger, images: torch.Tensor, labels: torch.Tensor | None,
-           target: int, tau0: float, alpha: float = 1e-3) -> VerificationResult:
-    """Ownership test of a suspect (an Oracle, or a local model wrapped as one).
+class EstimatorOracle(Oracle):
+    """Any object with ART's classifier interface (`predict(x: np.ndarray (N,3,H,W) float32) -> (N,K)`): an
+    Adversarial Robustness Toolbox estimator, or a user's own wrapper of a remote API."""
+
+    def __init__(self, estimator) -> None:
+        super().__init__()
+        self.estimator = estimator
+
+    def _answer(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.as_tensor(self.estimator.predict(x.detach().cpu().numpy().astype("float32")), dtype=torch.float32)
+        if out.ndim != 2 or len(out) != len(x) or not torch.isfinite(out).all():
+            raise ValueError(f"the estimator's predict returned {tuple(out.shape)} for {len(x)} images (or NaN/inf)")
+        return out
+
+
+def as_oracle(suspect) -> Oracle:
+    """An Oracle for a suspect: an Oracle (local, HTTP, defended), an nn.Module, or an ART-style estimator."""
+    if isinstance(suspect, Oracle):
+        return suspect
+    if isinstance(suspect, nn.Module):
+        return ModelOracle(suspect)
+    if callable(getattr(suspect, "predict", None)):
+        return EstimatorOracle(suspect)
+    raise TypeError(f"cannot query a suspect of type {type(suspect).__name__}: pass an nn.Module, an Oracle, or an "
+                    "estimator with predict(x) (e.g. an ART classifier)")
+
+
+def verify(suspect, trigger: Trigger, images: torch.Tensor, labels: torch.Tensor | None, target: int, tau0: float,
+           alpha: float = 1e-3, *, sequential: bool = False, max_queries: int | None = None,
+           batch_size: int = 10, stolen_asr: float | None = None, unstamped: bool = False) -> VerificationResult:
+    """Ownership test of a suspect (an nn.Module, an Oracle such as an HTTP endpoint, or an ART estimator).
 
     images: the owner's held-out images (uint8/float (N,3,H,W)); labels (N,) to exclude the target
-    class and report accuracy on clean vs stamped inputs (pass None for unlabeled images)."""
+    class and report accuracy on clean vs stamped inputs (pass None for unlabeled images).
+    sequential: query stamped images `batch_size` at a time and stop as soon as the verdict is decided
+    (sequential_test; at most `max_queries` stamped images); unstamped queries only with `unstamped`."""
     if not 0 < tau0 < 1:
         raise ValueError(f"tau0 must be in (0, 1), got {tau0}")
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    oracle = suspect if isinstance(suspect, Oracle) else ModelOracle(suspect)
+    oracle = as_oracle(suspect)
+    if sequential:
+        return sequential_verify(oracle, trigger, images, labels, target, tau0, alpha, max_queries=max_queries,
+                                 batch_size=batch_size, stolen_asr=stolen_asr, unstamped=unstamped)
     before = oracle.queries
     hits, n, extra = _count_hits(oracle, trigger, images, labels, target)
     p = binomial_p_value(hits, n, tau0)
-    return VerificationResult(n=n, hits=hits, asr=hits / n, tau0=tau0, p_value=p, alpha=alpha, stolen=p < alpha,
-                              target=target, queries=oracle.queries - before, **extra)
+    res = VerificationResult(n=n, hits=hits, asr=hits / n, tau0=tau0, p_value=p, alpha=alpha, stolen=p < alpha,
+                             target=target, queries=oracle.queries - before, **extra)
+    _warn(res, labels)
+    return res
+
+
+def _warn(res: VerificationResult, labels: torch.Tensor | None) -> None:
+    tau0 = res.tau0
+    if tau0 >= TAU0_CAP:
+        res.warnings.append(f"tau0 is at its cap ({TAU0_CAP:.0%}): innocent reference models answer this trigger "
+                            "often, so the test can only flag suspects that obey it most of the time")
+    if labels is not None and res.clean_accuracy is not None:
+        k = int(labels.max()) + 1 if len(labels) else 0
+        chance = 1 / max(k, 1)
+        if k > 1 and res.clean_accuracy < 2 * chance:
+            res.warnings.append(f"the suspect's clean accuracy {res.clean_accuracy:.1%} is near chance ({chance:.1%}): "
+                                "is it a model of this task, and are the images in its input format?")
+
+
+# ----------------------------------------------------------------------------- the sequential test
+
+
+def log_evidence_stolen(hits: int, n: int, tau0: float) -> float:
+    """log M_n of the test martingale against H0: ASR <= tau0 after `hits` of `n` stamped queries (numbers, or
+    numpy arrays of them).
+
+    M_n = mean over p ~ Uniform(tau0, 1) of prod_i Bernoulli(x_i; p) / Bernoulli(x_i; tau0) (Robbins' mixture of
+    likelihood ratios). Under any ASR <= tau0 each ratio has expectation <= 1, so M is a nonnegative
+    supermartingale with M_0 = 1 and, by Ville's inequality, P(ever M_n >= 1/alpha) <= alpha: stopping whenever
+    it crosses is always valid, whatever the stopping rule."""
+    import numpy as np
+    from scipy.special import betaln
+
+    hits, n = np.asarray(hits, dtype=float), np.asarray(n, dtype=float)
+    tail = beta_dist.logsf(tau0, hits + 1, n - hits + 1)  # log P(p > tau0) under Beta(hits+1, n-hits+1)
+    out = (betaln(hits + 1, n - hits + 1) + tail - math.log1p(-tau0)
+           - hits * math.log(tau0) - (n - hits) * math.log1p(-tau0))
+    out = np.where(n == 0, 0.0, out)  # M_0 = 1
+    return float(out) if out.ndim == 0 else out
+
+
+def log_evidence_innocent(hits: int, n: int, stolen_asr: float) -> float:
+    """log M'_n against H0': ASR >= stolen_asr (the suspect answers the trigger like a stolen copy): the mirror
+    image of log_evidence_stolen (a mixture over p ~ Uniform(0, stolen_asr)); crossing 1/alpha clears it."""
+    return log_evidence_stolen(n - hits, n, 1 - stolen_asr)
+
+
+def sequential_verify(oracle: Oracle, trigger: Trigger, images: torch.Tensor, labels: torch.Tensor | None,
+                      target: int, tau0: float, alpha: float = 1e-6, *, max_queries: int | None = None,
+                      batch_size: int = 10, stolen_asr: float | None = None, unstamped: bool = False) -> VerificationResult:
+    """The ownership test in as few queries as it takes: stamped images are sent `batch_size` at a time, and
+    after each batch two always-valid tests are checked (mixture likelihood-ratio martingales, Ville's
+    inequality): flagged STOLEN once H0 "ASR <= tau0" is rejected at alpha, cleared once H0' "ASR >=
+    stolen_asr" (default 0.5, or halfway between a tau0 above it and 1) is rejected at alpha (a suspect that
+    obeys the trigger less than stolen copies do); neither
+    by max_queries (or the images' end): not flagged, undecided. The error guarantee holds at every stopping
+    time, so peeking after each batch costs nothing. p_value reports 1/M (an always-valid p-value)."""
+    if stolen_asr is None:  # the ASR stolen copies show at least: 0.5, or halfway above a high tau0
+        stolen_asr = 0.5 if tau0 < 0.5 else (1 + tau0) / 2
+    if not 0 < stolen_asr < 1 or stolen_asr <= tau0:
+        raise ValueError(f"stolen_asr must be in (tau0, 1), got {stolen_asr}")
+    if batch_size < 1 or (max_queries is not None and max_queries < 1):
+        raise ValueError("batch_size and max_queries must be >= 1")
+    if labels is not None:
+        keep = labels != target
+        images, labels = images[keep], labels[keep]
+    if len(images) == 0:
+        raise ValueError("no verification images outside the target class")
+    limit = min(len(images), max_queries or len(images))
+    trigger = trigger.cpu()
+    threshold = math.log(1 / alpha)
+    before = oracle.queries
+    hits = n = 0
+    clean_pred, stamped_pred = [], []
+    decided = None
+    while n < limit and decided is None:
+        x = to_float(images[n : min(n + batch_size, limit)])
+        pred = oracle(trigger.stamp(x)).argmax(1)
+        stamped_pred.append(pred)
+        if unstamped:
+            clean_pred.append(oracle(x).argmax(1))
+        hits += int((pred == target).sum())
+        n += len(x)
+        if log_evidence_stolen(hits, n, tau0) >= threshold:
+            decided = "stolen"
+        elif log_evidence_innocent(hits, n, stolen_asr) >= threshold:
+            decided = "cleared"
+    log_m = log_evidence_stolen(hits, n, tau0)
+    extra = {"unstamped_rate": float("nan")}
+    if unstamped:
+        cp, sp = torch.cat(clean_pred), torch.cat(stamped_pred)
+        extra["unstamped_rate"] = float((cp == target).float().mean())
+        if labels is not None:
+            extra["clean_accuracy"] = float((cp == labels[:n]).float().mean())
+            extra["stamped_accuracy"] = float((sp == labels[:n]).float().mean())
+    res = VerificationResult(n=n, hits=hits, asr=hits / n, tau0=tau0, p_value=min(1.0, math.exp(-log_m)), alpha=alpha,
+                             stolen=decided == "stolen", target=target, queries=oracle.queries - before, **extra)
+    res.sequential = {"decided": decided or "undecided", "stamped_queries": n, "max_queries": limit,
+                      "batch_size": batch_size, "stolen_asr": stolen_asr,
+                      "log_evidence_stolen": log_m, "log_evidence_innocent": log_evidence_innocent(hits, n, stolen_asr),
+                      "test": "mixture likelihood-ratio test martingales (Ville's inequality), always valid"}
+    if decided is None:
+        res.warnings.append(f"undecided after {n} stamped queries: neither test reached 1/alpha (raise --max-queries)")
+    _warn(res, labels)
+    return res
+
+
+def assess(model: nn.Module, trigger, images: torch.Tensor, labels: torch.Tensor, target: int, tau0: float, *,
+           alpha: float = 1e-3, cta_images: torch.Tensor | None = None, cta_labels: torch.Tensor | None = None,
+           purification: dict | None = None) -> dict:
+    """CTA, ASR and the verdict of `model` (optionally wrapped in PurifiedModel(**purification)).
+
+    images/labels: the owner's verification images (stamped with `trigger`, target class excluded, by
+    verify()); cta_images/cta_labels: where clean accuracy is measured (default the same images)."""
+    suspect = PurifiedModel(model, **purification) if purification else model
+    v = verify(suspect, trigger, images, labels, target, tau0, alpha)
+    ci, cl = (images, labels) if cta_images is None else (cta_images, cta_labels)
+    return {"cta": accuracy(suspect, ci, cl), "asr": v.asr, "hits": v.hits, "n": v.n, "unstamped_rate": v.unstamped_rate,
+            "p_value": v.p_value, "tau0": v.tau0, "alpha": v.alpha, "stolen": v.stolen, "verdict": v.verdict,
+            "clean_accuracy": v.clean_accuracy, "stamped_accuracy": v.stamped_accuracy}

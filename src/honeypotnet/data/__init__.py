@@ -12,26 +12,31 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from .base import DatasetError, ImageDataset
-from .files import load_cifar, load_imagefolder, load_tinyimagenet
+from .files import load_cifar, load_folder, load_imagefolder, load_tinyimagenet
 
 __all__ = [
     "DATASETS",
     "DatasetError",
     "ImageDataset",
+    "as_images",
     "load_cifar",
     "load_dataset",
+    "load_folder",
     "load_imagefolder",
     "load_tinyimagenet",
 ]
 
 #: Names load_dataset accepts; all but "shapes" read files under ``root``.
-DATASETS = ("shapes", "cifar10", "cifar100", "imagefolder", "tinyimagenet")
+DATASETS = ("shapes", "cifar10", "cifar100", "imagefolder", "folder", "tinyimagenet")
 
 _FILE_BASED = {
     "cifar10": "a directory holding cifar-10-batches-py/ (torchvision's python format)",
     "cifar100": "a directory holding cifar-100-python/ (torchvision's python format)",
     "imagefolder": "a directory laid out as root/<split>/<class>/<image files>",
+    "folder": "a directory of image files (found recursively; no labels), or root/<split>/",
     "tinyimagenet": "the tiny-imagenet-200 directory (wnids.txt, words.txt, train/, val/)",
 }
 
@@ -45,7 +50,7 @@ def load_dataset(
     cache_dir: str | os.PathLike | None = None,
     **kwargs,
 ) -> ImageDataset:
-    """Load dataset ``name`` ("shapes", "cifar10", "cifar100", "imagefolder", "tinyimagenet").
+    """Load dataset ``name`` ("shapes", "cifar10", "cifar100", "imagefolder", "folder", "tinyimagenet").
 
     root: data directory (not used by "shapes", required by the others).
     split: "train"/"test" (shapes also "shadow", "pool"; tinyimagenet "train"/"val";
@@ -69,6 +74,42 @@ def load_dataset(
         return load_cifar(root, split, 10 if key == "cifar10" else 100, size=size, cache_dir=cache_dir, **kwargs)
     if key == "imagefolder":
         return load_imagefolder(root, split, size=size, cache_dir=cache_dir, **kwargs)
+    if key == "folder":
+        return load_folder(root, split, size=size, cache_dir=cache_dir, **kwargs)
     if split is None:
         raise DatasetError("dataset 'tinyimagenet' needs a split: 'train' or 'val'")
     return load_tinyimagenet(root, split, size=size, cache_dir=cache_dir, **kwargs)
+
+
+def as_images(data, name: str = "images") -> torch.Tensor:
+    """Images in the forms people have, as one tensor (N, 3, H, W) (uint8, or float in [0, 1]):
+    a tensor, an ImageDataset, any torch Dataset (items: an image tensor, or (image, label, ...)), or a
+    DataLoader (batches: images, or (images, labels, ...)). Float images outside [0, 1] are refused:
+    every model here takes [0, 1] input and normalises inside (see create_model(normalize=...))."""
+    from torch.utils.data import DataLoader, Dataset
+
+    if isinstance(data, ImageDataset):
+        return data.images
+    if isinstance(data, torch.Tensor):
+        x = data
+    elif isinstance(data, (DataLoader, Dataset)):
+        loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=256, shuffle=False)
+        parts = [batch[0] if isinstance(batch, (tuple, list)) else batch for batch in loader]
+        if not parts or not all(isinstance(p, torch.Tensor) for p in parts):
+            raise ValueError(f"{name}: the dataset must yield image tensors (use a ToTensor-like transform)")
+        x = torch.cat([p if p.dtype == torch.uint8 else p.float() for p in parts])
+    else:
+        raise ValueError(f"{name}: expected a tensor (N, 3, H, W), an ImageDataset, a Dataset or a DataLoader, "
+                         f"got {type(data).__name__}")
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"{name} must be images of shape (N, 3, H, W), got {tuple(x.shape)}")
+    if len(x) == 0:
+        raise ValueError(f"{name} is empty")
+    if x.dtype != torch.uint8:
+        if not torch.isfinite(x).all():
+            raise ValueError(f"{name} contains NaN or inf")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < -1e-6 or hi > 1 + 1e-6:
+            raise ValueError(f"{name} holds values in [{lo:.3g}, {hi:.3g}], not [0, 1]: pass raw images (uint8, or "
+                             "float in [0, 1]); normalisation belongs to the model (create_model(normalize=...))")
+    return x

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..ops import atomic_path, atomic_write_bytes
 from .base import DatasetError, ImageDataset
 
 __all__ = [
@@ -277,42 +278,15 @@ def _write_cache(path: Path, ds: ImageDataset, info: dict) -> None:
         "crc_images": _crc(images),
         "crc_labels": _crc(labels),
     }
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         # Sidecar first (informational only), then the safetensors file is the commit point.
         sidecar = dict(info, classes=list(ds.classes), num_images=len(ds), shape=list(images.shape),
                        version=CACHE_VERSION)
-        _atomic_write_bytes(path.with_suffix(".json"), json.dumps(sidecar, indent=1).encode())
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        os.close(fd)
-        save_file({"images": images, "labels": labels}, tmp, metadata=meta)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        tmp = None
+        atomic_write_bytes(path.with_suffix(".json"), json.dumps(sidecar, indent=1).encode())
+        with atomic_path(path) as tmp:
+            save_file({"images": images, "labels": labels}, tmp, metadata=meta)
     except Exception as exc:  # noqa: BLE001 - caching is best effort
         warnings.warn(f"could not write dataset cache {str(path)!r}: {exc}", RuntimeWarning, stacklevel=3)
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _cached(
@@ -521,6 +495,32 @@ def load_imagefolder(
         return ImageDataset(images, torch.tensor(labels, dtype=torch.int64), classes, name)
 
     return _cached("imagefolder", root, split, size, files, build, cache_dir, cache)
+
+
+def load_folder(
+    root: PathLike,
+    split: str | None = None,
+    *,
+    size: int | None = None,
+    cache_dir: PathLike | None = None,
+    cache: bool = True,
+) -> ImageDataset:
+    """Every image under ``root`` (or ``root/split``), found recursively: an unlabeled set (labels None),
+    e.g. a shadow set or a thief's pool that is just a directory of images."""
+    size = _check_size(size)
+    root = _existing_dir(root, "image folder")
+    folder = root if split in (None, "", ".") else root / split
+    if not folder.is_dir():
+        raise DatasetError(f"image folder {str(folder)!r} not found")
+    files = _image_files(folder)
+    if not files:
+        raise DatasetError(f"no image files ({', '.join(IMG_EXTENSIONS)}) under {str(folder)!r}")
+    name = folder.resolve().name
+
+    def build() -> ImageDataset:
+        return ImageDataset(decode_images(files, size, desc=f"decoding {name}"), None, [], name)
+
+    return _cached("folder", root, split, size, files, build, cache_dir, cache)
 
 
 # ----------------------------------------------------------------------------- Tiny ImageNet

@@ -7,7 +7,7 @@ natural-ish clutter: one to three smaller shapes of any class, some as outlines,
 backgrounds (stripes, blotches, gradients) with more pixel noise. That mirrors the paper's
 setting of a CIFAR victim queried with Tiny ImageNet images.
 
-Sizing matters for the method (PAPER.md §5): the trigger must stand above the data's own noise,
+Sizing matters for the method (docs/method.md): the trigger must stand above the data's own noise,
 so the labelled images carry little pixel noise (σ = 2/255) and the pool moderate noise.
 
 Everything is vectorised numpy; 10,000 images take well under a second.

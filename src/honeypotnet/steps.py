@@ -1,0 +1,167 @@
+"""The three steps of one outer iteration of `protect`, each a plain function on tensors and modules.
+
+    1. simulate_extraction  train a shadow on the shadow set labelled by F_H's soft answers
+    2. generate_trigger     momentum sign steps (MI-FGSM) of a universal trigger on the shadows, kept off
+                            innocent (negative) models
+    3. finetune_honeypot    tune H: keep F's outputs on clean features, answer y_t on stamped ones
+
+and the simulated thief's fine-tuning that step 2 also aims at (finetune_set, finetuned_copy).
+Every random stream is `stream(cfg, name, iteration, index)`, one name per stream.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ProtectConfig
+from .head import HoneypotLayer
+from .ops import device_of, seed_of, to_float
+from .purify import purify
+from .training import FitConfig, fit
+from .trigger import Trigger
+
+
+def stream(cfg: ProtectConfig, name: str, iteration: int = 0, index: int = 0) -> int:
+    """The seed of random stream `name` (of the `index`-th model) at outer iteration `iteration`."""
+    return seed_of(cfg.seed, name, iteration, index)
+
+
+def simulate_extraction(shadow: nn.Module, head: nn.Module, shadow_images: torch.Tensor, shadow_feats: torch.Tensor,
+                        cfg: ProtectConfig, iteration: int, *, stream_name: str = "shadow", index: int = 0,
+                        progress: bool = False) -> nn.Module:
+    """Step 1: train `shadow` (in place) on the shadow set labelled by head(f(x))'s soft answers.
+
+    head: the honeypot layer (the shadow), or the victim's own last layer (a negative shadow, an
+    innocent copy). shadow_feats: f(x) of the shadow images, (N, d)."""
+    with torch.no_grad():
+        answers = torch.softmax(head(shadow_feats.to(device_of(head))), 1).cpu()
+    fit(shadow, shadow_images, answers,
+        FitConfig(epochs=cfg.shadow_epochs, batch_size=cfg.shadow_batch, lr=cfg.shadow_lr,
+                  seed=stream(cfg, stream_name, iteration, index)),
+        progress=progress, desc=f"{stream_name} {iteration + 1}")
+    return shadow.eval()
+
+
+def generate_trigger(shadows: list[nn.Module], trigger: Trigger, images: torch.Tensor, cfg: ProtectConfig,
+                     iteration: int, negatives: list[nn.Module] = ()) -> Trigger:
+    """Step 2: targeted universal perturbation on the shadows with momentum sign steps, projected (in place).
+
+        g <- μ·g + ∇/‖∇‖₁ ;  δ <- δ − α·sign(g) ;  δ <- Π(δ)
+
+    minimising mean_s CE(s(x ⊕ δ), y_t) + cfg.negative_weight · Σ_n mean(−log(1 − p_target(n(x ⊕ δ)))).
+    cfg.trigger_blur b > 0: each batch also goes through the models Gaussian-blurred with σ ~ U(b/4, b).
+    cfg.negative_noise s > 0: each negative runs with its weights times (1 + s·N(0, 1)), fresh per batch.
+    The models' parameters are left as they were (frozen for the step, restored after)."""
+    negatives = list(negatives) if cfg.negative_weight > 0 else []
+    models = list(shadows) + negatives
+    params = [p for m in models for p in m.parameters()]
+    was = [p.requires_grad for p in params]
+    for m in models:
+        m.eval()
+    for p in params:
+        p.requires_grad_(False)
+    dev = trigger.pattern.device
+    alpha = cfg.step_size()
+    g = torch.zeros_like(trigger.pattern)
+    gen = torch.Generator().manual_seed(stream(cfg, "trigger", iteration))
+    noise_gen = torch.Generator().manual_seed(stream(cfg, "negative-noise", iteration))
+    target = torch.full((cfg.trigger_batch,), cfg.target, dtype=torch.long, device=dev)
+    for _ in range(cfg.trigger_passes):
+        perm = torch.randperm(len(images), generator=gen)
+        for i in range(0, len(images), cfg.trigger_batch):
+            x = to_float(images[perm[i : i + cfg.trigger_batch]], dev)
+            delta = trigger.pattern.clone().requires_grad_(True)
+            stamped = with_blur(trigger.stamp(x, delta), cfg.trigger_blur, gen)
+            y = target[: len(x)].repeat(len(stamped) // len(x))
+            loss = sum(F.cross_entropy(s(stamped), y) for s in shadows) / len(shadows)
+            for neg in negatives:  # −log(1 − p_t), computed stably from the log-probabilities
+                logp = F.log_softmax(noisy_forward(neg, stamped, cfg.negative_noise, noise_gen), 1)
+                others = torch.cat([logp[:, : cfg.target], logp[:, cfg.target + 1 :]], 1)
+                loss = loss - cfg.negative_weight * torch.logsumexp(others, 1).mean()
+            (grad,) = torch.autograd.grad(loss, delta)
+            g = cfg.momentum * g + grad / grad.abs().sum().clamp_min(1e-12)
+            with torch.no_grad():
+                trigger.pattern.sub_(alpha * g.sign())
+                trigger.project_()
+    for p, w in zip(params, was):
+        p.requires_grad_(w)
+    return trigger
+
+
+def noisy_forward(model: nn.Module, x: torch.Tensor, noise: float, gen: torch.Generator) -> torch.Tensor:
+    """model(x), or (noise > 0) model(x) with every parameter w replaced by w·(1 + noise·N(0, 1)) drawn from
+    gen: a random member of a family of innocent models around `model` (buffers unchanged; the model
+    itself is not modified)."""
+    if noise <= 0:
+        return model(x)
+    params = {name: p * (1 + noise * torch.randn(p.shape, generator=gen).to(p.device, p.dtype))
+              for name, p in model.named_parameters()}
+    return torch.func.functional_call(model, params, (x,))
+
+
+def with_blur(x: torch.Tensor, max_sigma: float, gen: torch.Generator) -> torch.Tensor:
+    """x, followed (max_sigma > 0) by a copy blurred by purify (the thief's blur, differentiable on float
+    images) with σ ~ U(0.25, 1)·max_sigma drawn from gen."""
+    if max_sigma <= 0:
+        return x
+    sigma = (0.25 + 0.75 * float(torch.rand((), generator=gen))) * max_sigma
+    return torch.cat([x, purify(x, "blur", sigma=sigma)])
+
+
+def finetune_set(n_shadow: int, images: torch.Tensor, clean_logits: torch.Tensor,
+                 cfg: ProtectConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The simulated thief's clean labelled set: cfg.shadow_finetune_images owner images (the rows of
+    `images` after the first n_shadow), labelled by the victim (the argmax of its clean_logits)."""
+    n_owner = len(images) - n_shadow
+    if n_owner < 1:
+        raise ValueError("this configuration simulates a thief who fine-tunes its copy (thief.finetune_epochs or "
+                         "negatives.finetune_epochs > 0, as in the default robust preset): pass owner_images, "
+                         "or use ProtectConfig.preset('spec')")
+    gen = torch.Generator().manual_seed(stream(cfg, "finetune-set"))
+    pick = n_shadow + torch.randperm(n_owner, generator=gen)[: cfg.shadow_finetune_images]
+    return images[pick], clean_logits[pick].argmax(1)
+
+
+def finetuned_copy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epochs: int, lr: float,
+                   seed: int, progress: bool = False, desc: str = "fine-tune") -> nn.Module:
+    """A copy of `model` fine-tuned the way a suspicious thief would (a few epochs on a small clean labelled
+    set), for generate_trigger to aim at what survives such fine-tuning."""
+    ft = copy.deepcopy(model)
+    fit(ft, images, labels, FitConfig(epochs=epochs, batch_size=64, lr=lr, seed=seed), progress=progress, desc=desc)
+    return ft.eval()
+
+
+def finetune_honeypot(honeypot: HoneypotLayer, opt: torch.optim.Optimizer, clean_feats: torch.Tensor,
+                      clean_logits: torch.Tensor, stamped_feats: torch.Tensor, cfg: ProtectConfig,
+                      iteration: int, n_shadow: int = 0) -> dict:
+    """Step 3: minimise w·L_norm(H(f(x)), F(x)) + λ·CE(H(f(x ⊕ δ)), y_t) over cached features.
+
+    The first `n_shadow` rows of clean_feats are shadow-set images, weighted cfg.shadow_norm_weight
+    (owner images 1). Returns the last step's losses."""
+    dev = device_of(honeypot)
+    gen = torch.Generator().manual_seed(stream(cfg, "honeypot", iteration))
+    honeypot.train()
+    last = {}
+    for _ in range(cfg.honeypot_steps):
+        ic = torch.randint(0, len(clean_feats), (cfg.honeypot_batch,), generator=gen)
+        it = torch.randint(0, len(stamped_feats), (cfg.honeypot_batch,), generator=gen)
+        z, ref = clean_feats[ic].to(dev), clean_logits[ic].to(dev)
+        w = torch.where(ic < n_shadow, cfg.shadow_norm_weight, 1.0).to(dev)
+        out = honeypot(z)
+        per = torch.zeros(len(ic), device=dev)
+        if "kl" in cfg.l_norm:
+            per = per + F.kl_div(F.log_softmax(out, 1), F.log_softmax(ref, 1), log_target=True, reduction="none").sum(1)
+        if "ce" in cfg.l_norm:
+            per = per + F.cross_entropy(out, ref.argmax(1), reduction="none")
+        norm = (w * per).mean()
+        backdoor = F.cross_entropy(honeypot(stamped_feats[it].to(dev)), torch.full((len(it),), cfg.target, device=dev))
+        loss = norm + cfg.lam * backdoor
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        last = {"l_norm": float(norm.detach()), "l_backdoor": float(backdoor.detach())}
+    honeypot.eval()
+    return last
