@@ -21,7 +21,9 @@ Protocol (the paper's protocol, so the figures compare; bench.benchlib.protocol 
              random_extraction(PoolOracle(model), pool, budget, arch, FitConfig(epochs=12, seed)) for each
              budget and substitute arch, against the protected model and against the unprotected victim
              (the "clean" substitute: same budget, same seed). A label-only thief at the largest budget
-             (first arch), against both.
+             (first arch), against both. `--pools` (default all): at the largest budget, a thief with
+             images like the owner's (CIFAR-10 train outside the owner's 10k; soft and label-only) and one
+             with half Tiny ImageNet, half CIFAR-10 (soft), each with its clean twin.
   measured   substitute CTA, ASR (verify() on the verification half, target class excluded), unstamped
              target rate, verdict + p-value with the bundle's tau0, accuracy clean vs stamped; victim CTA
              before/after and fidelity; wall time of every stage (and of protect's steps, as protect's
@@ -57,9 +59,12 @@ from .benchlib.args import add_common_args, add_data_args, finish_common_args
 from .benchlib.common import (command_line, jsonable, log, machine_info, pct, save_report, set_threads, stage_timings,
                               timings_json, timings_table)
 from .benchlib.data import find_victim, load_data
-from .benchlib.protocol import FULL, PROTECTION_COLUMNS, QUICK, SUBSTITUTE_COLUMNS, Reproduction, base_config
+from .benchlib.data import POOLS
+from .benchlib.protocol import (FULL, PROTECTION_COLUMNS, QUICK, SUBSTITUTE_COLUMNS, Reproduction, base_config,
+                                 preset_overrides)
 
 NAME = "reproduce"
+ROBUST = preset_overrides("robust")  # the library's default preset, as overrides of the protocol's spec base
 
 # name -> [(variant label, ProtectConfig overrides)]; each variant is one protect + one thief.
 ABLATIONS: dict[str, list[tuple[str, dict]]] = {
@@ -70,15 +75,32 @@ ABLATIONS: dict[str, list[tuple[str, dict]]] = {
     "shadow-reinit": [("shadow-reinit", {"shadow_warm_start": False})],
     "head-linear": [("head-linear", {"head": "linear"})],
     "shadow-norm-weight": [("paper-snw1", {"shadow_norm_weight": 1.0}), ("snw0.5", {"shadow_norm_weight": 0.5})],
+    # the thief with images like the owner's (--pools cifar mixed): the robust default; L_norm as
+    # cross-entropy to the victim's labels (top-1 kept, the rest of the distribution free) instead of KL;
+    # and the shadows querying half the owner images too (shadow.owner_share), so the trigger step aims
+    # at what an in-distribution thief learns
+    "in-distribution": [("robust", ROBUST), ("robust-lnorm-ce", {**ROBUST, "l_norm": "ce"}),
+                        ("robust-owner0.5", {**ROBUST, "shadow_owner_share": 0.5}),
+                        ("robust-lnorm-ce-owner0.5", {**ROBUST, "l_norm": "ce", "shadow_owner_share": 0.5})],
 }
+# the thieves each protection also meets, besides the Tiny ImageNet grid: (pool, output) at the largest budget
+EXTRA_POOL_THIEVES = [("cifar", "probs"), ("cifar", "label"), ("mixed", "probs")]
 
 
 # ============================================================================ plans
 
 
-def run_main(rep: Reproduction, seeds, budgets, archs, full_grid_seeds=None) -> None:
-    """Every seed: each substitute arch at each budget, plus a label-only thief. With
-    full_grid_seeds, the other seeds run the first arch at the largest budget only (and the label-only thief)."""
+def pool_thieves(rep: Reproduction, seed: int, prot: dict, arch: str, budget: int, pools) -> None:
+    """The thieves of the other pools (EXTRA_POOL_THIEVES whose pool is in `pools`), each with its clean twin."""
+    for pool, mode in EXTRA_POOL_THIEVES:
+        if pool in pools:
+            rep.pair(seed, prot, arch, budget, mode, pool=pool)
+
+
+def run_main(rep: Reproduction, seeds, budgets, archs, full_grid_seeds=None, pools=("tin",)) -> None:
+    """Every seed: each substitute arch at each budget, plus a label-only thief, on the Tiny ImageNet pool;
+    then the in-distribution and mixed pools' thieves at the largest budget. With full_grid_seeds, the other
+    seeds run the first arch at the largest budget only (and the label-only and other pools' thieves)."""
     for seed in seeds:
         prot = rep.protection(seed, "base", {})
         full = full_grid_seeds is None or seed in full_grid_seeds
@@ -86,16 +108,20 @@ def run_main(rep: Reproduction, seeds, budgets, archs, full_grid_seeds=None) -> 
             for budget in budgets if full else [max(budgets)]:
                 rep.pair(seed, prot, arch, budget, "probs")
         rep.pair(seed, prot, archs[0], max(budgets), "label")
+        pool_thieves(rep, seed, prot, archs[0], max(budgets), pools)
 
 
-def run_ablation(rep: Reproduction, name: str, seeds, budgets, archs) -> None:
+def run_ablation(rep: Reproduction, name: str, seeds, budgets, archs, pools=("tin",), only=None) -> None:
     for seed in seeds:
         done = set()
         for label, overrides in [("base", {}), *ABLATIONS[name]]:
+            if only and label not in only:
+                continue
             prot = rep.protection(seed, label, overrides)
             if prot["rel"] not in done:  # a variant equal to the base configuration is one row
                 done.add(prot["rel"])
                 rep.pair(seed, prot, archs[0], max(budgets), "probs")
+                pool_thieves(rep, seed, prot, archs[0], max(budgets), pools)
 
 
 # ============================================================================ tables
@@ -117,12 +143,16 @@ def format_tables(protections: list[dict], substitutes: list[dict], timings: dic
     out.append("| protection | thief | budget | output | thief CTA (clean) | ASR (clean) | unstamped (clean) "
                "| acc. clean → stamped | flagged: stolen / clean | p (stolen) | tau0 | seeds |")
     out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    groups = list(dict.fromkeys((s["protection"], s["arch"], s["budget"], s["output"]) for s in substitutes))
+    def key(s: dict) -> tuple:
+        return s["protection"], s["arch"], s["budget"], s["output"], s.get("pool", "tin")
+
+    groups = list(dict.fromkeys(map(key, substitutes)))
     for g in groups:
-        st = [s for s in substitutes if (s["protection"], s["arch"], s["budget"], s["output"]) == g and s["oracle"] == "protected"]
-        cl = [s for s in substitutes if (s["protection"], s["arch"], s["budget"], s["output"]) == g and s["oracle"] == "clean"]
+        st = [s for s in substitutes if key(s) == g and s["oracle"] == "protected"]
+        cl = [s for s in substitutes if key(s) == g and s["oracle"] == "clean"]
         pv = max(s["p_value"] for s in st) if st else None
-        out.append(f"| {g[0]} | {g[1]} | {g[2]} | {'label-only' if g[3] == 'label' else 'soft'} | "
+        thief = g[1] if g[4] == "tin" else f"{g[1]}, {POOLS[g[4]]} pool"
+        out.append(f"| {g[0]} | {thief} | {g[2]} | {'label-only' if g[3] == 'label' else 'soft'} | "
                    f"{pct([s['cta'] for s in st])} ({pct([s['cta'] for s in cl])}) | "
                    f"{pct([s['asr'] for s in st])} ({pct([s['asr'] for s in cl])}) | "
                    f"{pct([s['unstamped_rate'] for s in st])} ({pct([s['unstamped_rate'] for s in cl])}) | "
@@ -153,10 +183,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--full-grid-seeds", type=int, nargs="+", metavar="SEED",
                     help="run every budget x substitute for these seeds only; the other seeds run the first "
                          "substitute at the largest budget (and the label-only thief). Default: every seed")
-    ap.add_argument("--ablation", choices=sorted(ABLATIONS), help="run one ablation (base + variants, one thief each)")
+    ap.add_argument("--ablation", choices=sorted(ABLATIONS),
+                    help="run one ablation (base + variants, one Tiny ImageNet thief each, plus the other pools')")
+    ap.add_argument("--only", nargs="+", metavar="VARIANT",
+                    help="with --ablation: run only these of its rows (base and the variants' names)")
+    ap.add_argument("--pools", nargs="+", choices=sorted(POOLS), default=["tin", "cifar", "mixed"],
+                    help="thieves' pools: tin (Tiny ImageNet train, the paper's), cifar (CIFAR-10 train images outside "
+                         "the owner's: in-distribution), mixed (half each); the other pools add a soft and a "
+                         "label-only cifar thief and a soft mixed one at the largest budget (default: all)")
     ap.add_argument("--finetune-victim", type=int, default=0, metavar="N",
                     help="fine-tune the victim N epochs on cifar10-jpeg/train first (default 0 = the paper's setting)")
     args = finish_common_args(ap.parse_args(argv), NAME)
+    if args.only:
+        if not args.ablation:
+            ap.error("--only needs --ablation")
+        names = ["base", *(n for n, _ in ABLATIONS[args.ablation])]
+        unknown = sorted(set(args.only) - set(names))
+        if unknown:
+            ap.error(f"--only: {', '.join(unknown)} not in the {args.ablation} ablation ({', '.join(names)})")
     if args.seeds is None:
         args.seeds = [0] if (args.quick or args.ablation) else [0, 1, 2]
     if args.substitutes is None:
@@ -185,9 +229,9 @@ def main(argv=None) -> dict:
                        finetune_victim=args.finetune_victim)
     rep.victim()
     if args.ablation:
-        run_ablation(rep, args.ablation, args.seeds, budgets, args.substitutes)
+        run_ablation(rep, args.ablation, args.seeds, budgets, args.substitutes, args.pools, args.only)
     else:
-        run_main(rep, args.seeds, budgets, args.substitutes, args.full_grid_seeds)
+        run_main(rep, args.seeds, budgets, args.substitutes, args.full_grid_seeds, args.pools)
 
     # trigger picture(s)
     first = rep.protections[0]
@@ -208,7 +252,7 @@ def main(argv=None) -> dict:
         "benchmark": "bench.reproduce", "mode": "quick" if args.quick else "full", "ablation": args.ablation,
         "command": command_line("bench.reproduce", argv),
         "protocol": {**asdict(p), "budgets": budgets, "seeds": args.seeds, "full_grid_seeds": args.full_grid_seeds,
-                     "substitutes": args.substitutes, "finetune_victim": args.finetune_victim,
+                     "substitutes": args.substitutes, "pools": args.pools, "finetune_victim": args.finetune_victim,
                      "victim_weights": rep.victim_path.name,
                      "thief_fit": asdict(FitConfig(epochs=p.thief_epochs, seed=0)) | {"seed": "= run seed"},
                      "reference_fit": asdict(FitConfig(epochs=p.reference_epochs, seed=0)) | {"seed": "= 100 + run seed"},

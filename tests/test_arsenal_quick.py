@@ -36,7 +36,8 @@ def arsenal(request, shared_dir, cifar10_jpeg_root, tinyimagenet_root, tmp_path_
         source = request.getfixturevalue("reproduce_quick")[0]
     out = tmp_path_factory.mktemp("arsenal") / "quick"
     argv = ["--quick", "--from-reproduce", str(source), "--out", str(out), "--shared", str(shared_dir),
-            "--cifar-root", str(cifar10_jpeg_root), "--tin-root", str(tinyimagenet_root), "--device", "cpu", "--no-progress"]
+            "--cifar-root", str(cifar10_jpeg_root), "--tin-root", str(tinyimagenet_root), "--device", "cpu", "--no-progress",
+            "--budgets", "5000", "20000"]  # quick: 500 (< the pool: active picks) and 2000 (the whole pool)
     res, stdout = _run(argv)
     assert res["benchmark"] == "bench.arsenal"
     return out, argv, stdout, json.loads((out / "results.json").read_text())

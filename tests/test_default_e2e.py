@@ -1,6 +1,6 @@
 """The default configuration (the robust preset) end to end at toy size: the properties the method promises.
 
-Victim: the quick demo's (conftest `quick_demo`). Protect with ProtectConfig() — every robust part on: ε 24/255,
+Victim: trained here as the quick demo trains its own (a small CNN on the embedded shapes). Protect with ProtectConfig() — every robust part on: ε 24/255,
 trigger blur, the simulated thief's fine-tuned shadow, CNN and ResNet-20 negative shadows with fine-tuned
 copies and weight noise — changing only the loop's sizes. Then a thief steals the protected model, the
 same thief the unprotected one (an innocent copy), and the owner verifies both against a calibrated null.
@@ -8,34 +8,41 @@ same thief the unprotected one (an innocent copy), and the owner verifies both a
 from dataclasses import fields
 
 import pytest
+import torch
 
 from honeypotnet.attacks import random_extraction
-from honeypotnet.bundle import load_model
 from honeypotnet.config import ProtectConfig
 from honeypotnet.data import load_dataset
+from honeypotnet.models import create_model
 from honeypotnet.oracles import ModelOracle
 from honeypotnet.protect import protect
-from honeypotnet.training import FitConfig, predict_logits
+from honeypotnet.training import FitConfig, fit, predict_logits
 from honeypotnet.verify import calibrate_null, verify
 
-SIZES = dict(outer_iters=3, shadow_arch="cnn_small", shadow_epochs=2, honeypot_steps=200, shadow_finetune_images=500)
+# the loop's sizes only (one trigger pass over 1,000 shadow images: the trigger step, 6 models x 2 blur passes,
+# is most of protect's time). Measured at 2 threads: fidelity 99.2%, tau0 5.0%, stolen copy ASR 91.3% (its clean
+# accuracy 58.8%), innocent copy 0.0% (83.0%); about 95 s
+SIZES = dict(outer_iters=3, shadow_arch="cnn_small", shadow_epochs=2, honeypot_steps=200, shadow_finetune_images=500,
+             trigger_passes=1)
 
 
 @pytest.fixture(scope="module")
-def default_run(quick_demo):
-    out, _ = quick_demo
-    victim, _ = load_model(out / "victim.safetensors")
-    shadow = load_dataset("shapes", split="shadow", n=1500, seed=0)
+def default_run():
     owner = load_dataset("shapes", split="train", n=4000, seed=0)
+    torch.manual_seed(0)
+    victim = create_model("cnn_small", owner.num_classes)  # the quick demo's victim recipe
+    fit(victim, owner.images, owner.labels, FitConfig(epochs=8, seed=0))
+    victim.eval()
+    shadow = load_dataset("shapes", split="shadow", n=1000, seed=0)
     cfg = ProtectConfig().override(SIZES)  # the default, at toy sizes: nothing else changed
     assert {f.name for f in fields(cfg) if getattr(cfg, f.name) != getattr(ProtectConfig(), f.name)} <= set(SIZES)
-    res = protect(victim, shadow.images, owner.images[:1500], cfg, progress=False)
+    res = protect(victim, shadow.images, owner.images[:1000], cfg, progress=False)
     null = calibrate_null(victim, res.trigger, shadow.images, owner.images[-1500:], owner.labels[-1500:], cfg.target,
                           archs=["cnn"], fit_config=FitConfig(epochs=6, seed=100))
     pool = load_dataset("shapes", split="pool", n=3000, seed=0).images
-    fit_cfg = FitConfig(epochs=8, seed=7)
-    stolen = random_extraction(ModelOracle(res.model), pool, 2500, "cnn", 10, fit_cfg, seed=0).substitute
-    clean = random_extraction(ModelOracle(victim), pool, 2500, "cnn", 10, fit_cfg, seed=0).substitute
+    fit_cfg = FitConfig(epochs=10, seed=7)
+    stolen = random_extraction(ModelOracle(res.model), pool, 3000, "cnn", 10, fit_cfg, seed=0).substitute
+    clean = random_extraction(ModelOracle(victim), pool, 3000, "cnn", 10, fit_cfg, seed=0).substitute
     test = load_dataset("shapes", split="test", n=1000, seed=0)
     return victim, res, null, stolen, clean, test
 

@@ -92,6 +92,27 @@ def test_protect_validates_inputs():
     # them it says what to do (the default's end-to-end properties: tests/test_default_e2e.py)
     with pytest.raises(ValueError, match=r"owner_images.*preset\('spec'\)"):
         protect(model, imgs, None, ProtectConfig(outer_iters=1), progress=False)
+    with pytest.raises(ValueError, match="owner_share.*owner_images"):
+        protect(model, imgs, None, SPEC(shadow_owner_share=0.5, outer_iters=1), progress=False)
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="owner_share"):
+            SPEC(shadow_owner_share=bad)
+
+
+def test_shadows_query_owner_images_with_owner_share():
+    """shadow.owner_share > 0: the shadow also queries (and the trigger step runs over) that share of the
+    owner images, so the same seeds give another shadow and another trigger; 0 leaves the run as it was."""
+    shadow = load_dataset("shapes", split="shadow", n=300).images
+    owner = load_dataset("shapes", split="train", n=300)
+    torch.manual_seed(0)
+    victim = create_model("cnn_small", 10)
+    fit(victim, owner.images, owner.labels, FitConfig(epochs=1, seed=0), progress=False)
+    runs = {}
+    for share in (0.0, 0.0, 1.0):
+        cfg = SPEC(outer_iters=1, shadow_arch="cnn_small", shadow_epochs=1, honeypot_steps=5, shadow_owner_share=share)
+        runs.setdefault(share, []).append(protect(victim, shadow, owner.images, cfg, progress=False).trigger.pattern)
+    assert torch.equal(runs[0.0][0], runs[0.0][1])  # deterministic, so a difference is the option's
+    assert not torch.equal(runs[0.0][0], runs[1.0][0])
 
 
 def test_protect_resumes_exactly_after_interruption(tmp_path):

@@ -158,10 +158,12 @@ def test_quick_results_have_every_column_and_verdict(quick_run):
         assert s["stolen"] == (s["p_value"] < s["alpha"])
         assert 0 <= s["asr"] <= 1 and 0 <= s["p_value"] <= 1 and s["tau0"] == prot["tau0"]
         assert s["n"] == 900  # verification half: 100 per class, target class excluded
-    keys = {(s["oracle"], s["budget"], s["output"]) for s in subs}
-    assert keys == {(o, b, m) for o in ("protected", "clean") for b, m in
-                    [(500, "probs"), (1000, "probs"), (2000, "probs"), (2000, "label")]}
-    assert "| base | cnn | 2000 | soft |" in stdout
+    keys = {(s["oracle"], s["budget"], s["output"], s["pool"]) for s in subs}
+    assert keys == {(o, b, m, pool) for o in ("protected", "clean") for b, m, pool in
+                    [(500, "probs", "tin"), (1000, "probs", "tin"), (2000, "probs", "tin"), (2000, "label", "tin"),
+                     (2000, "probs", "cifar"), (2000, "label", "cifar"), (2000, "probs", "mixed")]}
+    assert r["protocol"]["pools"] == ["tin", "cifar", "mixed"]
+    assert "| base | cnn | 2000 | soft |" in stdout and "| base | cnn, CIFAR-10 (in-distribution) pool | 2000 | label-only |" in stdout
     assert (out / "trigger.png").is_file() and (out / "results.md").is_file()
     manifest = json.loads((out / "seed0" / "protect-base" / "bundle" / "manifest.json").read_text())
     assert manifest["verification"]["tau0"] == pytest.approx(prot["tau0"])
@@ -172,15 +174,15 @@ def test_quick_stolen_copy_is_flagged_and_clean_copies_are_not(quick_run):
     """The point of the protection: the copy stolen from the protected model at the largest budget is
     FLAGGED (H0: ASR <= tau0 rejected at alpha), and no copy of the unprotected victim is."""
     _, _, _, r = quick_run
-    by = {(s["oracle"], s["budget"], s["output"]): s for s in r["substitutes"]}
+    by = {(s["oracle"], s["budget"], s["output"]): s for s in r["substitutes"] if s["pool"] == "tin"}
     stolen, clean = by[("protected", 2000, "probs")], by[("clean", 2000, "probs")]
     assert stolen["stolen"] and stolen["verdict"] == "STOLEN (backdoor present)", stolen
     assert stolen["p_value"] < stolen["alpha"] and stolen["asr"] > stolen["tau0"]
     assert not clean["stolen"] and clean["verdict"] == "not flagged", \
         f"the clean copy is flagged: ASR {clean['asr']:.4f} against tau0 {clean['tau0']:.4f}, p {clean['p_value']:.2g}"
-    flagged = [(s["budget"], s["output"], round(s["asr"], 4), s["p_value"]) for s in r["substitutes"]
-               if s["oracle"] == "clean" and s["stolen"]]
-    assert not flagged, f"clean copies flagged (budget, output, ASR, p) against tau0 {clean['tau0']:.4f}: {flagged}"
+    flagged = [(s["budget"], s["output"], s["pool"], round(s["asr"], 4), s["p_value"]) for s in r["substitutes"]
+               if s["oracle"] == "clean" and s["stolen"]]  # every pool's clean twin, in-distribution ones too
+    assert not flagged, f"clean copies flagged (budget, output, pool, ASR, p) against tau0 {clean['tau0']:.4f}: {flagged}"
 
 
 @pytest.mark.slow
@@ -193,3 +195,28 @@ def test_quick_resume_skips_every_finished_unit(quick_run):
     assert json.loads((out / "results.json").read_text())["units"] == again["units"]
     assert all(u["resumed"] for u in again["units"]), [u["unit"] for u in again["units"] if not u["resumed"]]
     assert again["substitutes"] == r["substitutes"] and "resumed" in buf.getvalue()
+
+
+def test_thief_pools_never_hold_the_owners_or_the_test_images(shared_dir, cifar10_jpeg_root, tinyimagenet_root):
+    """The in-distribution pool is CIFAR-10 train images the owner never gave protect (nor test images:
+    verification), the mixed pool half of it and half Tiny ImageNet, each as large as the Tiny ImageNet pool."""
+    from types import SimpleNamespace
+
+    from bench.benchlib.data import POOLS, load_data
+
+    args = SimpleNamespace(shared=str(shared_dir), cifar_root=str(cifar10_jpeg_root), tin_root=str(tinyimagenet_root))
+    data = load_data(args, protocol.QUICK)
+
+    def rows(x: torch.Tensor) -> set[bytes]:
+        return {bytes(r) for r in x.flatten(1).numpy()}
+
+    owner, test, tin, cifar = rows(data.owner), rows(data.test_images), rows(data.pool), rows(data.pool_in)
+    # (a handful of pictures occur twice in CIFAR-10 itself; a pool drawn from the owner's would share ~1,000)
+    assert len(cifar) > 0.99 * len(data.pool_in) and len(cifar & owner) <= 3 and len(cifar & test) <= 3
+    mixed = data.pool_images("mixed")
+    assert len(mixed) == len(data.pool) == len(data.pool_images("cifar")) and set(POOLS) == {"tin", "cifar", "mixed"}
+    m = rows(mixed)
+    assert abs(len(m & tin) - len(mixed) // 2) <= 5 and abs(len(m & cifar) - len(mixed) // 2) <= 5
+    assert torch.equal(mixed, data.pool_images("mixed"))  # a fixed draw
+    with pytest.raises(ValueError, match="unknown pool"):
+        data.pool_images("imagenet")

@@ -21,23 +21,46 @@ class Data:
     verif: torch.Tensor
     shadow: torch.Tensor
     owner: torch.Tensor
-    pool: torch.Tensor
+    pool: torch.Tensor  # the thief's pool: Tiny ImageNet train (natural images, another distribution)
     classes: list[str]
     train_images: torch.Tensor | None = None  # for --finetune-victim
     train_labels: torch.Tensor | None = None
     info: dict = field(default_factory=dict)
+    pool_in: torch.Tensor | None = None  # an in-distribution pool: cifar10-jpeg/train images outside the owner's
 
     @property
     def eval_idx(self) -> torch.Tensor:
         return torch.cat([self.calib, self.verif]).sort().values
 
+    def pool_images(self, name: str) -> torch.Tensor:
+        """A thief's pool by name (POOLS): "tin" (Tiny ImageNet train), "cifar" (CIFAR-10 train images the
+        owner never used: a thief with unlabeled images like the owner's), "mixed" (a random half of each,
+        as many images as the others)."""
+        if name == "tin":
+            return self.pool
+        if self.pool_in is None:
+            raise ValueError("this Data has no in-distribution pool")
+        if name == "cifar":
+            return self.pool_in
+        if name == "mixed":
+            half = len(self.pool) // 2
+            tin = self.pool[subset(len(self.pool), half, 5)]
+            cif = self.pool_in[subset(len(self.pool_in), len(self.pool) - half, 6)]
+            return torch.cat([tin, cif])[subset(len(self.pool), len(self.pool), 7, ordered=False)].contiguous()
+        raise ValueError(f"unknown pool {name!r}: one of {', '.join(POOLS)}")
 
-def subset(n_total: int, n: int, salt: int) -> torch.Tensor:
-    """n sorted indices of range(n_total), a fixed draw per salt (1 owner, 2 shadow, 3 pool, 4 ...)."""
+
+POOLS = {"tin": "Tiny ImageNet", "cifar": "CIFAR-10 (in-distribution)", "mixed": "½ Tiny ImageNet + ½ CIFAR-10"}
+
+
+def subset(n_total: int, n: int, salt: int, ordered: bool = True) -> torch.Tensor:
+    """n indices of range(n_total) (sorted unless ordered=False), a fixed draw per salt (1 owner, 2 shadow,
+    3 pool, 4 in-distribution pool, 5-7 the mixed pool)."""
     if n > n_total:
         raise SystemExit(f"asked for {n} images of a set of {n_total}")
     g = torch.Generator().manual_seed(DATA_SEED * 1000 + salt)
-    return torch.randperm(n_total, generator=g)[:n].sort().values
+    idx = torch.randperm(n_total, generator=g)[:n]
+    return idx.sort().values if ordered else idx
 
 
 def unpack_once(tarball: Path, top: str) -> Path:
@@ -106,12 +129,16 @@ def load_data(args, p, keep_train: bool = False) -> Data:
                 shadow_all.images[subset(len(shadow_all), p.shadow, 2)].contiguous(),
                 train.images[owner_idx].contiguous(),
                 pool_all.images[subset(len(pool_all), p.pool, 3)].contiguous(), list(test.classes))
+    outside = torch.ones(len(train), dtype=torch.bool)
+    outside[owner_idx] = False
+    rest = outside.nonzero().flatten()  # never the owner's images (nor the test split: another folder)
+    data.pool_in = train.images[rest[subset(len(rest), min(p.pool, len(rest)), 4)]].contiguous()
     if keep_train:
         data.train_images, data.train_labels = train.images, train.labels
     data.info = {"cifar_root": str(cifar_root), "tin_root": str(tin_root), "test": len(test), "train": len(train),
                  "tin_val": len(shadow_all), "tin_train": len(pool_all), "calibration_images": len(data.calib),
                  "verification_images": len(data.verif), "shadow": len(data.shadow), "owner": len(data.owner),
-                 "pool": len(data.pool),
+                 "pool": len(data.pool), "pool_in": len(data.pool_in),
                  "split": f"per class: first {p.calib_per_class} test images calibrate tau0, last "
                           f"{p.verify_per_class} verify (disjoint); subsets drawn with data seed {DATA_SEED}"}
     return data

@@ -17,7 +17,7 @@ when resumed (units.Units).
 from __future__ import annotations
 
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -84,7 +84,14 @@ def base_config(p: Protocol, seed: int) -> ProtectConfig:
                                 shadow_norm_weight=0.2, seed=seed)
 
 
-SUBSTITUTE_COLUMNS = ["seed", "protection", "oracle", "arch", "budget", "output", "epochs", "queries", "cta", "asr", "hits", "n",
+def preset_overrides(name: str) -> dict:
+    """The fields where preset `name` differs from "spec": base_config(...).override(preset_overrides("robust"))
+    is the robust preset (the library default) at the protocol's schedule."""
+    other, spec = ProtectConfig.preset(name), ProtectConfig.preset("spec")
+    return {f.name: getattr(other, f.name) for f in fields(other) if getattr(other, f.name) != getattr(spec, f.name)}
+
+
+SUBSTITUTE_COLUMNS = ["seed", "protection", "oracle", "arch", "budget", "output", "pool", "epochs", "queries", "cta", "asr", "hits", "n",
                       "unstamped_rate", "tau0", "p_value", "alpha", "stolen", "verdict", "clean_accuracy",
                       "stamped_accuracy", "seconds"]
 PROTECTION_COLUMNS = ["seed", "protection", "overrides", "config", "victim_cta", "protected_cta", "cta_delta",
@@ -145,17 +152,19 @@ class Reproduction:
         self.victim()
         return self.victim_rec["key"]
 
-    def pool_answers(self, rel: str, model, parent_key: str) -> torch.Tensor:
-        """The model's probabilities for every pool image (computed once, cached in its unit)."""
+    def pool_answers(self, rel: str, model, parent_key: str, pool: str = "tin") -> torch.Tensor:
+        """The model's probabilities for every image of the named pool (computed once, cached in its unit)."""
         if rel in self._answers:
             return self._answers[rel]
+        images = self.data.pool_images(pool)
 
         def run(d: Path) -> dict:
-            answers = query_oracle(ModelOracle(model), self.data.pool, batch_size=500, progress=self.progress)
+            answers = query_oracle(ModelOracle(model), images, batch_size=500, progress=self.progress)
             torch.save(answers, d / "answers.pt")
             return {"n": len(answers)}
 
-        self.units.run(rel, {"model": parent_key, "pool": len(self.data.pool)}, run, "pool answers")
+        params = {"model": parent_key, "pool": len(images)} | ({} if pool == "tin" else {"pool_set": pool})
+        self.units.run(rel, params, run, "pool answers")
         self._answers[rel] = torch.load(self.out / rel / "answers.pt", weights_only=True)
         return self._answers[rel]
 
@@ -284,30 +293,35 @@ class Reproduction:
 
     # ------------------------------------------------------------------ thieves
     def thief(self, seed: int, oracle: str, arch: str, budget: int, mode: str, prot: dict | None,
-              epochs: int | None = None, thief_seed: int | None = None) -> dict:
+              epochs: int | None = None, thief_seed: int | None = None, pool: str = "tin") -> dict:
         """One extraction: oracle "protected" (prot's bundle) or "clean" (the unprotected victim);
         `epochs` other than the protocol's thief_epochs is a unit of its own (its name ends -e<epochs>),
         and so is a `thief_seed` other than the run's seed (-t<thief_seed>: the thief's initialisation,
-        batch order and, below the pool's size, query subset, against the same protection)."""
+        batch order and, below the pool's size, query subset, against the same protection), and a
+        `pool` other than Tiny ImageNet (-<pool>: data.POOLS, e.g. "cifar", in-distribution images)."""
         epochs = epochs or self.p.thief_epochs
         suffix = "" if epochs == self.p.thief_epochs else f"-e{epochs}"
         if thief_seed is not None and thief_seed != seed:
             suffix += f"-t{thief_seed}"
+        if pool != "tin":
+            suffix += f"-{pool}"
+        answers_name = "pool-answers" if pool == "tin" else f"pool-answers-{pool}"
         tseed = seed if thief_seed is None else thief_seed
         if oracle == "protected":
-            model, model_key, answers_rel = prot["bundle"].model.to(self.device), prot["key"], f"{prot['rel']}/pool-answers"
+            model, model_key, answers_rel = prot["bundle"].model.to(self.device), prot["key"], f"{prot['rel']}/{answers_name}"
             rel = f"seed{seed}/thief-{prot['protection']}-{arch}-{budget}-{mode}{suffix}"
         else:
-            model, model_key, answers_rel = self.victim(), self.victim_key(), "victim/pool-answers"
+            model, model_key, answers_rel = self.victim(), self.victim_key(), f"victim/{answers_name}"
             rel = f"seed{seed}/thief-clean-{arch}-{budget}-{mode}{suffix}"
-        probs = self.pool_answers(answers_rel, model, model_key)
+        probs = self.pool_answers(answers_rel, model, model_key, pool)
+        images = self.data.pool_images(pool)
         fitc = FitConfig(epochs=epochs, seed=tseed)
         params = {"model": model_key, "arch": arch, "budget": budget, "mode": mode, "fit": asdict(fitc), "seed": tseed,
-                  "pool": len(self.data.pool)}
+                  "pool": len(images)} | ({} if pool == "tin" else {"pool_set": pool})
 
         def run(d: Path) -> dict:
-            orc = PoolOracle(probs, self.data.pool, OutputMode(mode))
-            res = random_extraction(orc, self.data.pool, budget, arch, 10, fitc, seed=tseed, progress=self.progress,
+            orc = PoolOracle(probs, images, OutputMode(mode))
+            res = random_extraction(orc, images, budget, arch, 10, fitc, seed=tseed, progress=self.progress,
                                     work_dir=d / "work", device=self.device)
             # a resumed extraction (its answers cached in work/) pays here only the queries still missing
             if len(res.answers) != budget or orc.queries > budget:
@@ -319,8 +333,10 @@ class Reproduction:
             return {"queries": len(res.answers), "queries_this_run": res.queries,
                     "cta": accuracy(res.substitute, self.eval_images, self.eval_labels)}
 
-        rec = self.units.run(rel, params, run, f"thief ({oracle}{', label-only' if mode == 'label' else ''})")
+        rec = self.units.run(rel, params, run, f"thief ({oracle}{', label-only' if mode == 'label' else ''}"
+                                               f"{'' if pool == 'tin' else ', ' + pool + ' pool'})")
         rec["rel"] = rel
+        rec["pool_set"] = pool
         return rec
 
     def evaluate(self, seed: int, thief: dict, oracle: str, arch: str, budget: int, mode: str, prot: dict) -> dict:
@@ -338,18 +354,18 @@ class Reproduction:
         v = {k: v[k] for k in ("n", "hits", "asr", "unstamped_rate", "tau0", "p_value", "alpha", "stolen", "verdict",
                                "clean_accuracy", "stamped_accuracy")}
         row = {"seed": seed, "protection": prot["protection"], "oracle": oracle, "arch": arch, "budget": budget,
-               "output": mode, "epochs": thief["params"]["fit"]["epochs"], "queries": thief["queries"], "cta": thief["cta"],
+               "output": mode, "pool": thief.get("pool_set", "tin"), "epochs": thief["params"]["fit"]["epochs"], "queries": thief["queries"], "cta": thief["cta"],
                **v, "seconds": thief["seconds"]}
-        log(f"[seed {seed}] {prot['protection']:>12} {oracle:>9} {arch:>8} {budget:>6} {mode:>5}: CTA {100 * row['cta']:.2f}%  "
+        log(f"[seed {seed}] {prot['protection']:>12} {oracle:>9} {arch:>8} {budget:>6} {mode:>5} {row['pool']:>5}: CTA {100 * row['cta']:.2f}%  "
             f"ASR {100 * row['asr']:.2f}%  unstamped {100 * row['unstamped_rate']:.2f}%  p {row['p_value']:.3g}  "
             f"{row['verdict']}  [{thief['seconds']:.0f} s{', resumed' if thief.get('resumed') else ''}]")
         self.substitutes.append(row)
         return row
 
     def pair(self, seed: int, prot: dict, arch: str, budget: int, mode: str, oracles=("protected", "clean"),
-             epochs: int | None = None) -> None:
-        """The protected thief and the clean thief with the same budget, seed and epochs (default the
-        protocol's thief_epochs), both verified (`oracles`: only some of them)."""
+             epochs: int | None = None, pool: str = "tin") -> None:
+        """The protected thief and the clean thief with the same budget, seed, epochs (default the
+        protocol's thief_epochs) and pool, both verified (`oracles`: only some of them)."""
         for oracle in oracles:
-            t = self.thief(seed, oracle, arch, budget, mode, prot, epochs)
+            t = self.thief(seed, oracle, arch, budget, mode, prot, epochs, pool=pool)
             self.evaluate(seed, t, oracle, arch, budget, mode, prot)

@@ -68,6 +68,10 @@ class ProtectConfig:
                                                                 "one each iteration")
     shadow_lr: float = _f(0.05, "shadow", "lr", "SGD learning rate of the shadow")
     shadow_batch: int = _f(128, "shadow", "batch", "shadow batch size")
+    shadow_owner_share: float = _f(0.0, "shadow", "owner_share", "share of the owner images the shadow and the "
+                                                                  "negative shadows also query and the trigger is "
+                                                                  "optimised on (a thief with images like the "
+                                                                  "owner's); 0 = the shadow set only")
     # [thief] ---------------------------------------------------------------------------------------------
     shadow_finetune_epochs: int = _f(2, "thief", "finetune_epochs", "epochs a copy of the shadow is fine-tuned on "
                                                                      "owner images each iteration; 0 = off")
@@ -112,6 +116,7 @@ class ProtectConfig:
         need(self.trigger_step >= 0, "trigger.step must be >= 0 (0 = automatic)")
         need(self.lam >= 0 and 0 <= self.momentum < 1, "head.lam must be >= 0 and trigger.momentum in [0, 1)")
         need(self.shadow_norm_weight >= 0, "head.shadow_norm_weight must be >= 0")
+        need(0 <= self.shadow_owner_share <= 1, "shadow.owner_share must be in [0, 1]")
         need(self.honeypot_lr > 0 and self.shadow_lr > 0 and self.shadow_finetune_lr > 0
              and self.negative_finetune_lr > 0, "learning rates must be > 0")
         need(0 <= self.trigger_blur <= 4, "trigger.blur (the largest blur σ, pixels) must be in [0, 4]; 0 = off")

@@ -112,7 +112,11 @@ def _run(victim, shadow_images, owner_images, cfg, num_classes, checkpoint_dir, 
     clean_feats = batched_forward(features, images, device=device)  # f(x), cached once
     with torch.no_grad():
         clean_logits = head(clean_feats.to(device)).cpu()
-    shadow_feats = clean_feats[:n_shadow]
+    # what the shadows query (and the trigger is optimised on): the shadow set, plus a share of the owner images
+    n_query = n_shadow + round(cfg.shadow_owner_share * (len(images) - n_shadow))
+    if cfg.shadow_owner_share > 0 and owner_images is None:
+        raise ValueError("shadow.owner_share > 0 has the shadows query owner images: pass owner_images")
+    query_images, query_feats = images[:n_query], clean_feats[:n_query]
     ft_images, ft_labels = finetune_set(n_shadow, images, clean_logits, cfg) if cfg.simulates_finetuning() \
         else (None, None)
 
@@ -151,10 +155,10 @@ def _run(victim, shadow_images, owner_images, cfg, num_classes, checkpoint_dir, 
         if not cfg.shadow_warm_start and it > 0:
             torch.manual_seed(stream(cfg, "shadow-init", it))
             shadow = create_model(cfg.shadow_arch, k).to(device)
-        simulate_extraction(shadow, honeypot, shadow_images, shadow_feats, cfg, it, progress=progress)
+        simulate_extraction(shadow, honeypot, query_images, query_feats, cfg, it, progress=progress)
         inherited = attack_success_rate(shadow, trigger, shadow_images, cfg.target, n=1000)
         lap("shadow")
-        negatives.extract(head, shadow_images, shadow_feats, it, progress)
+        negatives.extract(head, query_images, query_feats, it, progress)
         lap("negatives")
         # the thief's fine-tuning of its copy, simulated
         shadows = [shadow]
@@ -165,7 +169,7 @@ def _run(victim, shadow_images, owner_images, cfg, num_classes, checkpoint_dir, 
         neg_ft = negatives.finetuned(ft_images, ft_labels, it, progress)
         lap("fine-tuned copies")
         # 2. the trigger
-        generate_trigger(shadows, trigger, shadow_images, cfg, it, negatives.models + neg_ft)
+        generate_trigger(shadows, trigger, query_images, cfg, it, negatives.models + neg_ft)
         lap("trigger")
         extra = {}
         for name, m in zip(negatives.names(), neg_ft):
