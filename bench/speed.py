@@ -16,10 +16,14 @@ What is compared (before -> after):
   decode     loading cifar10-jpeg/test: decoding 10k JPEG files -> reading the uint8 safetensors cache
   stamping   stamping a UAP on a batch: per image in a Python loop -> one broadcast over the batch
 
-Each figure is the median of --repeats runs. Then one short protect run (the "spec" preset, or
---preset, at --protect-iters outer iterations on --n shadow images, on --device) reports the wall time
-of each of its steps as protect's callback gives them (ProtectEvent.seconds). Output: markdown tables
-on stdout and OUT/speed.md, OUT/speed.json (default runs/speed[-quick]).
+Each figure is the median of --repeats runs. Then short protect runs, one per --configs entry (default:
+the spec preset, the robust default, and the robust default with negatives.per_batch 1, a speed option
+that draws one negative model per trigger batch), each at --protect-iters outer iterations on --n shadow
+and --n owner images on --device, side by side: the wall time of each step as protect's callback gives
+it (ProtectEvent.seconds) and each run's total as a multiple of the first's. Output: markdown tables on
+stdout and OUT/speed.md, OUT/speed.json (default runs/speed[-quick]).
+
+    python -m bench.speed --n 2000 --protect-iters 2 --skip-decode --configs spec robust
 """
 from __future__ import annotations
 
@@ -88,6 +92,21 @@ def protect_steps(victim, shadow: torch.Tensor, owner: torch.Tensor, cfg: Protec
             "per_iteration": [{k: round(v, 3) for k, v in e.seconds.items()} for e in events]}
 
 
+def protect_table(runs: list[dict], iters: int, n_shadow: int, n_owner: int, device) -> list[str]:
+    """Markdown: one column per protect run, one row per step (seconds summed over its iterations), the
+    total, and each total as a multiple of the first run's."""
+    steps = list(dict.fromkeys(k for r in runs for k in r["steps_s"]))
+    names = [r["config"] for r in runs]
+    md = ["", f"protect, side by side ({iters} outer iteration(s), {n_shadow} shadow + {n_owner} owner images, "
+              f"{device}; seconds summed over iterations):", "",
+          "| step | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+    md += [f"| {k} | " + " | ".join(f"{r['steps_s'].get(k, 0.0):.2f}" for r in runs) + " |" for k in steps]
+    md.append("| total (protect call) | " + " | ".join(f"{r['total_s']:.2f}" for r in runs) + " |")
+    base = runs[0]["total_s"] or 1.0
+    md.append(f"| × {names[0]} | " + " | ".join(f"{r['total_s'] / base:.2f}×" for r in runs) + " |")
+    return md
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench.speed", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -98,7 +117,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--thieves", type=int, default=4, help="thieves sharing one pool in the answers comparison")
     ap.add_argument("--repeats", type=int, help="runs per timing, the median is kept (default 3; quick 1)")
     ap.add_argument("--skip-decode", action="store_true", help="skip the JPEG decode comparison (about a minute)")
-    ap.add_argument("--preset", default="spec", help="the protect run's preset (default spec)")
+    ap.add_argument("--configs", nargs="+", default=["spec", "robust", "robust:negatives.per_batch=1"],
+                    metavar="PRESET[:KEY=VALUE,...]",
+                    help="protect runs timed side by side: a preset, optionally with --set style changes "
+                         "(default: spec robust robust:negatives.per_batch=1; the first is the ratios' base)")
     ap.add_argument("--protect-iters", type=int, help="outer iterations of the protect run (default 2; quick 1; 0 skips it)")
     args = finish_common_args(ap.parse_args(argv), NAME)
     args.n = args.n or (500 if args.quick else 4000)
@@ -106,7 +128,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.skip_decode = args.skip_decode or args.quick
     if args.protect_iters is None:
         args.protect_iters = 1 if args.quick else 2
+    try:
+        args.protect_configs = [(c, config_of(c, args.protect_iters)) for c in args.configs]
+    except (ValueError, KeyError) as e:
+        ap.error(f"--configs: {e}")
     return args
+
+
+def config_of(spec: str, outer_iters: int) -> ProtectConfig:
+    """"robust" or "robust:negatives.per_batch=1,trigger.passes=1" -> the preset with those changes."""
+    preset, _, sets = spec.partition(":")
+    cfg = ProtectConfig.preset(preset, outer_iters=outer_iters)
+    return cfg.override([a for a in sets.split(",") if a]) if sets else cfg
 
 
 def main(argv=None) -> dict:
@@ -178,27 +211,22 @@ def main(argv=None) -> dict:
     md += [f"| {r['step']} | {r['before']} | {r['after']} | {r['before_s']:.3f} | {r['after_s']:.3f} | "
            f"{r['speedup']:.2f}x | {r['per']} |" for r in rows]
 
-    # where a protect run's time goes (its own step timings, from the callback)
-    steps = None
+    # where protect's time goes, per configuration side by side (each run's own step timings, from the callback)
+    runs: list[dict] = []
     if args.protect_iters:
         device = torch.device(args.device)
-        cfg = ProtectConfig.preset(args.preset, outer_iters=args.protect_iters)
         shadow = load_dataset("tinyimagenet", tin_root, "val", size=32).images[: args.n].contiguous()
-        train = load_dataset("imagefolder", cifar_root, "train")
-        owner = train.images[: args.n].contiguous()
-        steps = {"preset": args.preset, "device": str(device), "shadow": len(shadow), "owner": len(owner),
+        owner = load_dataset("imagefolder", cifar_root, "train").images[: args.n].contiguous()
+        for name, cfg in args.protect_configs:
+            r = {"config": name, "device": str(device), "shadow": len(shadow), "owner": len(owner),
                  **protect_steps(victim, shadow, owner, cfg, device)}
-        log(f"protect ({args.preset}, T={steps['iterations']}, {len(shadow)} + {len(owner)} images, {device}): "
-            f"{steps['total_s']:.1f} s: " + ", ".join(f"{k} {v:.1f} s" for k, v in steps["steps_s"].items()))
-        md += ["", f"protect ({args.preset} preset, outer iterations: {steps['iterations']}, {len(shadow)} shadow + "
-                   f"{len(owner)} owner images, {device}; seconds summed over iterations):", "",
-               "| step | seconds | share |", "| --- | --- | --- |"]
-        tot = sum(steps["steps_s"].values()) or 1.0
-        md += [f"| {k} | {v:.2f} | {100 * v / tot:.0f}% |" for k, v in steps["steps_s"].items()]
-        md.append(f"| total (protect call) | {steps['total_s']:.2f} | |")
+            runs.append(r)
+            log(f"protect {name} (T={r['iterations']}, {len(shadow)} + {len(owner)} images, {device}): {r['total_s']:.1f} s: "
+                + ", ".join(f"{k} {v:.1f} s" for k, v in r["steps_s"].items()))
+        md += protect_table(runs, args.protect_iters, len(shadow), len(owner), device)
     table = "\n".join(md)
     out = {"benchmark": "bench.speed", "mode": "quick" if args.quick else "full", "command": command_line("bench.speed", argv),
-           "rows": rows, "protect": steps, "machine": machine_info(torch.device(args.device)), "n": args.n,
+           "rows": rows, "protect": runs, "machine": machine_info(torch.device(args.device)), "n": args.n,
            "repeats": args.repeats}
     written = save_report(Path(args.out), "speed", out, table, record=args.record, folder=NAME)
     log("")

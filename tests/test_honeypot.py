@@ -218,6 +218,31 @@ def test_negative_shadow_keeps_the_trigger_off_a_clean_model(near_copy):
         SPEC(negative_weight=float("nan"))
 
 
+def test_negatives_per_batch_draws_some_negatives_and_all_of_them_is_the_default(near_copy):
+    """negatives.per_batch k: each trigger batch sees k of the negative models (the term scaled by n/k);
+    k = n is exactly the default (every negative model), k = 1 another trigger that still keeps off them."""
+    train, a, b = near_copy
+    x = train.float()[:500]
+    b2 = copy.deepcopy(b)  # a second, slightly different innocent model
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(5)
+        for p in b2.parameters():
+            p.mul_(1 + 0.05 * torch.randn(p.shape, generator=g))
+    negs = [b, b2]
+    trig = {}
+    for k in (0, 2, 1):
+        cfg = SPEC(target=3, eps=32 / 255, trigger_passes=3, negative_weight=5.0, negative_per_batch=k)
+        trig[k] = generate_trigger([a], Trigger.uap(32, cfg.eps), train.images, cfg, 0, negs)
+    cfg = SPEC(target=3, eps=32 / 255, trigger_passes=3)
+    trig["plain"] = generate_trigger([a], Trigger.uap(32, cfg.eps), train.images, cfg, 0)
+    assert torch.equal(trig[0].pattern, trig[2].pattern) and not torch.equal(trig[0].pattern, trig[1].pattern)
+    with torch.no_grad():
+        rate = {k: float((b(trig[k].stamp(x)).argmax(1) == 3).float().mean()) for k in ("plain", 0, 1)}
+    assert rate[1] < rate["plain"] / 2, rate  # one negative per batch still keeps the trigger off the clean copy
+    with pytest.raises(ValueError, match="per_batch"):
+        SPEC(negative_per_batch=-1)
+
+
 def test_noisy_negatives_see_a_family_of_innocent_models(near_copy):
     """negative_noise=s runs each negative model with weights w·(1 + s·N(0, 1)), fresh per batch: the
     forward is the model's own at s = 0, a different, reproducible one at s > 0, and the model is left

@@ -88,6 +88,9 @@ class ProtectConfig:
     negative_finetune_lr: float = _f(0.05, "negatives", "finetune_lr", "learning rate of those copies")
     negative_noise: float = _f(0.2, "negatives", "noise", "relative std of the weight noise on negative models "
                                                           "per trigger batch; 0 = off")
+    negative_per_batch: int = _f(0, "negatives", "per_batch", "negative models (of the shadows and their "
+                                                               "fine-tuned copies) drawn per trigger batch, their "
+                                                               "term scaled to stay unbiased; 0 = all of them")
     # [loop] ----------------------------------------------------------------------------------------------
     outer_iters: int = _f(8, "loop", "outer_iters", "T, outer iterations of the bi-level loop")
     seed: int = _f(0, "loop", "seed", "seed of every random stream of the run")
@@ -122,6 +125,7 @@ class ProtectConfig:
         need(0 <= self.trigger_blur <= 4, "trigger.blur (the largest blur σ, pixels) must be in [0, 4]; 0 = off")
         need(self.negative_weight >= 0, "negatives.weight must be >= 0 (0 = no negative shadows)")
         need(0 <= self.negative_noise <= 1, "negatives.noise (relative std of the weight noise) must be in [0, 1]")
+        need(self.negative_per_batch >= 0, "negatives.per_batch must be >= 0 (0 = every negative model)")
         need(not (self.negative_finetune_epochs and not self.negative_shadow_archs()),
              "negatives.finetune_epochs > 0 fine-tunes the negative shadows: it needs negatives.weight > 0")
         known = list_models()

@@ -54,6 +54,8 @@ def generate_trigger(shadows: list[nn.Module], trigger: Trigger, images: torch.T
     minimising mean_s CE(s(x ⊕ δ), y_t) + cfg.negative_weight · Σ_n mean(−log(1 − p_target(n(x ⊕ δ)))).
     cfg.trigger_blur b > 0: each batch also goes through the models Gaussian-blurred with σ ~ U(b/4, b).
     cfg.negative_noise s > 0: each negative runs with its weights times (1 + s·N(0, 1)), fresh per batch.
+    cfg.negative_per_batch k > 0: each batch goes through a random k of the negatives only, their term
+    scaled by (number of negatives) / k, so its expectation is the full term at a fraction of the cost.
     The models' parameters are left as they were (frozen for the step, restored after)."""
     negatives = list(negatives) if cfg.negative_weight > 0 else []
     models = list(shadows) + negatives
@@ -68,6 +70,9 @@ def generate_trigger(shadows: list[nn.Module], trigger: Trigger, images: torch.T
     g = torch.zeros_like(trigger.pattern)
     gen = torch.Generator().manual_seed(stream(cfg, "trigger", iteration))
     noise_gen = torch.Generator().manual_seed(stream(cfg, "negative-noise", iteration))
+    pick_gen = torch.Generator().manual_seed(stream(cfg, "negative-pick", iteration))
+    k = min(cfg.negative_per_batch or len(negatives), len(negatives))
+    scale = 1.0 if k == len(negatives) else len(negatives) / k
     target = torch.full((cfg.trigger_batch,), cfg.target, dtype=torch.long, device=dev)
     for _ in range(cfg.trigger_passes):
         perm = torch.randperm(len(images), generator=gen)
@@ -77,10 +82,12 @@ def generate_trigger(shadows: list[nn.Module], trigger: Trigger, images: torch.T
             stamped = with_blur(trigger.stamp(x, delta), cfg.trigger_blur, gen)
             y = target[: len(x)].repeat(len(stamped) // len(x))
             loss = sum(F.cross_entropy(s(stamped), y) for s in shadows) / len(shadows)
-            for neg in negatives:  # −log(1 − p_t), computed stably from the log-probabilities
+            picked = negatives if k == len(negatives) else \
+                [negatives[j] for j in torch.randperm(len(negatives), generator=pick_gen)[:k].tolist()]
+            for neg in picked:  # −log(1 − p_t), computed stably from the log-probabilities
                 logp = F.log_softmax(noisy_forward(neg, stamped, cfg.negative_noise, noise_gen), 1)
                 others = torch.cat([logp[:, : cfg.target], logp[:, cfg.target + 1 :]], 1)
-                loss = loss - cfg.negative_weight * torch.logsumexp(others, 1).mean()
+                loss = loss - cfg.negative_weight * scale * torch.logsumexp(others, 1).mean()
             (grad,) = torch.autograd.grad(loss, delta)
             g = cfg.momentum * g + grad / grad.abs().sum().clamp_min(1e-12)
             with torch.no_grad():

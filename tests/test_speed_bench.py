@@ -1,0 +1,23 @@
+"""bench.speed's side-by-side protect table and its --configs parsing (no timing: the script prints figures)."""
+import pytest
+
+from bench import speed
+
+
+def test_configs_are_presets_with_set_style_changes():
+    cfg = speed.config_of("robust:negatives.per_batch=1,trigger.passes=1", 3)
+    assert cfg.negative_per_batch == 1 and cfg.trigger_passes == 1 and cfg.outer_iters == 3
+    assert speed.config_of("spec", 2).negative_weight == 0
+    args = speed.parse_args(["--configs", "spec", "robust", "--protect-iters", "1"])
+    assert [n for n, _ in args.protect_configs] == ["spec", "robust"]
+    for bad in (["--configs", "fast"], ["--configs", "robust:negatives.nope=1"], ["--configs", "robust:negatives.per_batch=-1"]):
+        with pytest.raises(SystemExit):
+            speed.parse_args(bad)
+
+
+def test_protect_table_puts_runs_side_by_side_with_their_ratio():
+    runs = [{"config": "spec", "total_s": 10.0, "steps_s": {"shadow": 4.0, "trigger": 6.0}},
+            {"config": "robust", "total_s": 25.0, "steps_s": {"shadow": 4.0, "negatives": 8.0, "trigger": 13.0}}]
+    md = "\n".join(speed.protect_table(runs, 1, 100, 100, "cpu"))
+    assert "| step | spec | robust |" in md and "| negatives | 0.00 | 8.00 |" in md
+    assert "| total (protect call) | 10.00 | 25.00 |" in md and "| × spec | 1.00× | 2.50× |" in md
