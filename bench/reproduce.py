@@ -58,8 +58,7 @@ from honeypotnet.training import FitConfig
 from .benchlib.args import add_common_args, add_data_args, finish_common_args
 from .benchlib.common import (command_line, jsonable, log, machine_info, pct, save_report, set_threads, stage_timings,
                               timings_json, timings_table)
-from .benchlib.data import find_victim, load_data
-from .benchlib.data import POOLS
+from .benchlib.data import POOLS, find_victim, load_data
 from .benchlib.protocol import (FULL, PROTECTION_COLUMNS, QUICK, SUBSTITUTE_COLUMNS, Reproduction, base_config,
                                  preset_overrides)
 

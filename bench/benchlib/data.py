@@ -27,6 +27,7 @@ class Data:
     train_labels: torch.Tensor | None = None
     info: dict = field(default_factory=dict)
     pool_in: torch.Tensor | None = None  # an in-distribution pool: cifar10-jpeg/train images outside the owner's
+    _mixed: torch.Tensor | None = field(default=None, init=False, repr=False)  # pool_images("mixed"), drawn once
 
     @property
     def eval_idx(self) -> torch.Tensor:
@@ -43,10 +44,12 @@ class Data:
         if name == "cifar":
             return self.pool_in
         if name == "mixed":
-            half = len(self.pool) // 2
-            tin = self.pool[subset(len(self.pool), half, 5)]
-            cif = self.pool_in[subset(len(self.pool_in), len(self.pool) - half, 6)]
-            return torch.cat([tin, cif])[subset(len(self.pool), len(self.pool), 7, ordered=False)].contiguous()
+            if self._mixed is None:
+                half = len(self.pool) // 2
+                tin = self.pool[subset(len(self.pool), half, 5)]
+                cif = self.pool_in[subset(len(self.pool_in), len(self.pool) - half, 6)]
+                self._mixed = torch.cat([tin, cif])[subset(len(self.pool), len(self.pool), 7, ordered=False)].contiguous()
+            return self._mixed
         raise ValueError(f"unknown pool {name!r}: one of {', '.join(POOLS)}")
 
 

@@ -87,6 +87,8 @@ def protect(victim: nn.Module, shadow_images: torch.Tensor, owner_images: torch.
     The caller's global torch random state is left as it was."""
     cfg = config or ProtectConfig()
     shadow_images = as_images(shadow_images, "shadow_images")
+    if cfg.shadow_owner_share > 0 and owner_images is None:
+        raise ValueError("shadow.owner_share > 0 has the shadows query owner images: pass owner_images")
     if owner_images is not None:
         owner_images = as_images(owner_images, "owner_images")
         if owner_images.shape[1:] != shadow_images.shape[1:]:
@@ -114,8 +116,6 @@ def _run(victim, shadow_images, owner_images, cfg, num_classes, checkpoint_dir, 
         clean_logits = head(clean_feats.to(device)).cpu()
     # what the shadows query (and the trigger is optimised on): the shadow set, plus a share of the owner images
     n_query = n_shadow + round(cfg.shadow_owner_share * (len(images) - n_shadow))
-    if cfg.shadow_owner_share > 0 and owner_images is None:
-        raise ValueError("shadow.owner_share > 0 has the shadows query owner images: pass owner_images")
     query_images, query_feats = images[:n_query], clean_feats[:n_query]
     ft_images, ft_labels = finetune_set(n_shadow, images, clean_logits, cfg) if cfg.simulates_finetuning() \
         else (None, None)
