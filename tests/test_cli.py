@@ -263,3 +263,88 @@ def test_protect_a_torchvision_state_dict_end_to_end(tmp_path, capsys):
     rc, out, err = call(capsys, "protect", tmp_path / "mine.pth", "--arch", "torchvision:resnet18", "--shadow",
                         "shapes", "--owner", "shapes", "--output", tmp_path / "x")
     assert rc == 2 and "resnet18" in err
+
+
+def test_verify_image_size_must_be_the_bundles(tmp_path, capsys):
+    """verify resizes the held-out images to the bundle's trigger size; an --image-size that differs is refused
+    with the reason (a trigger is stamped at the size it was made for), the bundle's own size is accepted."""
+    import torch
+
+    from honeypotnet.bundle import save_bundle
+    from honeypotnet.head import build_protected
+    from honeypotnet.trigger import Trigger
+
+    save_bundle(tmp_path / "b", build_protected("cnn_small", 10, "linear", 8), Trigger.uap(32), arch="cnn_small",
+                target=0, classes=[f"c{i}" for i in range(10)], verification={"tau0": 0.05})
+    torch.manual_seed(0)
+    rc, out, err = call(capsys, "verify", tmp_path / "b", tmp_path / "b", "--data", "shapes:test:50", "--image-size", "64")
+    assert rc == 2 and "--image-size 64" in err and "32x32" in err and "STOLEN" not in out
+    rc, out, err = call(capsys, "verify", tmp_path / "b", tmp_path / "b", "--data", "shapes:test:50", "--image-size", "32")
+    assert rc == 2 and "class names differ" in err  # past the size check: the embedded data's names are not c0..c9
+
+
+def test_bundle_trigger_png_is_readable(tmp_path):
+    """trigger.png: the trigger amplified to the full range (a weak trigger too), after an example clean and
+    stamped when one is given, enlarged to a size people can see; the bare trigger alone otherwise."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from honeypotnet.bundle import load_bundle, save_bundle
+    from honeypotnet.head import build_protected
+    from honeypotnet.trigger import Trigger
+
+    t = Trigger.uap(32, 16 / 255)
+    t.pattern.copy_(torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(0)).sign() * 2 / 255)  # weak
+    example = torch.full((3, 32, 32), 0.5)
+    for name, ex in (("with", example), ("without", None)):
+        save_bundle(tmp_path / name, build_protected("cnn_small", 3, "linear", 8), t, arch="cnn_small", target=0,
+                    classes=["a", "b", "c"], example=ex)
+        assert load_bundle(tmp_path / name).trigger.image_size == 32  # the picture is covered by the bundle's hashes
+    pic = np.asarray(Image.open(tmp_path / "with" / "trigger.png").convert("RGB")).astype(int)
+    side = pic.shape[0]
+    assert side >= 192 and pic.shape[1] == 3 * side + 2 * 4  # clean | stamped | trigger, 4 px apart
+    clean, stamped, trig = pic[:, :side], pic[:, side + 4: 2 * side + 4], pic[:, 2 * side + 8:]
+    assert trig.min() == 0 and trig.max() == 255  # amplified: ±2/255 spans the whole range
+    assert (clean == 128).all() and 0 < np.abs(stamped - clean).max() <= 3  # the stamp itself is faint
+    alone = np.asarray(Image.open(tmp_path / "without" / "trigger.png").convert("RGB")).astype(int)
+    assert alone.shape == trig.shape and (alone == trig).all()
+
+
+def test_protect_streams_a_file_dataset_larger_than_the_threshold(tmp_path, monkeypatch, capsys):
+    """A folder / ImageFolder set above $HONEYPOTNET_STREAM_BYTES (0: every one) is decoded batch by batch: the
+    run says so and gives the bundle the in-memory run gives; below it (the default 4G) the set is loaded."""
+    import torch
+    from PIL import Image
+
+    from honeypotnet.bundle import load_bundle, save_model
+    from honeypotnet.data import load_dataset
+    from honeypotnet.models import create_model
+
+    shadow = load_dataset("shapes", split="shadow", n=60).images
+    owner = load_dataset("shapes", split="train", n=40)
+    for i, x in enumerate(shadow):  # the default split of both is train
+        (tmp_path / "shadow" / "train").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x.permute(1, 2, 0).numpy()).save(tmp_path / "shadow" / "train" / f"{i}.png")
+    for i, (x, y) in enumerate(zip(owner.images, owner.labels)):
+        (tmp_path / "owner" / "train" / owner.classes[y]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x.permute(1, 2, 0).numpy()).save(tmp_path / "owner" / "train" / owner.classes[y] / f"{i}.png")
+    torch.manual_seed(0)
+    save_model(create_model("cnn_small", 10), tmp_path / "v.safetensors", "cnn_small", 10, owner.classes)
+    args = ["protect", tmp_path / "v.safetensors", "--preset", "spec", "--shadow", "folder", "--shadow-root",
+            tmp_path / "shadow", "--owner", "imagefolder::30", "--owner-root", tmp_path / "owner", "--image-size", "24",
+            "--set", "loop.outer_iters=1", "--set", "shadow.arch=cnn_small", "--set", "shadow.epochs=1",
+            "--set", "head.steps=5", "--set", "trigger.passes=1", "--references", "", "--force"]
+    monkeypatch.setenv("HONEYPOTNET_CACHE", str(tmp_path / "cache"))
+    rc, _, err = call(capsys, *args, "--output", tmp_path / "loaded")
+    assert rc == 0 and "streaming" not in err, err
+    monkeypatch.setenv("HONEYPOTNET_STREAM_BYTES", "0")
+    rc, _, err = call(capsys, *args, "--output", tmp_path / "streamed")
+    assert rc == 0, err
+    assert "streaming --shadow train: 60 images of 24 px" in err and "streaming --owner owner/train: 30 images" in err
+    a, b = load_bundle(tmp_path / "loaded"), load_bundle(tmp_path / "streamed")
+    assert torch.equal(a.trigger.pattern, b.trigger.pattern) and a.manifest["history"] == b.manifest["history"]
+    assert (tmp_path / "streamed" / "trigger.png").read_bytes() == (tmp_path / "loaded" / "trigger.png").read_bytes()
+    monkeypatch.setenv("HONEYPOTNET_STREAM_BYTES", "lots")
+    rc, _, err = call(capsys, *args, "--output", tmp_path / "bad")
+    assert rc == 2 and "HONEYPOTNET_STREAM_BYTES" in err

@@ -6,7 +6,8 @@ names and anything else as JSON, so it can be rebuilt from the registry without 
 Bundle (what `protect` writes, `serve`/`verify` read): a directory with
     model.safetensors    the protected model F_H (victim architecture, last layer = HoneypotLayer)
     trigger.safetensors  pattern (3,H,W) and mask (1,H,W)
-    trigger.png          the trigger for people to look at (mid-grey = 0)
+    trigger.png          the trigger for people to look at: amplified to the full range (mid-grey = 0),
+                         after an example image clean and stamped when save_bundle was given one
     manifest.json        format, architecture, head, target, class names, normalisation, trigger,
                          verification null (tau0 and how it was obtained), config, the SHA-256 of
                          every other file ("files"), and `bundle_hash`
@@ -190,8 +191,10 @@ class Bundle:
 
 def save_bundle(path: str | os.PathLike, model: nn.Module, trigger: Trigger, *, arch: str, target: int,
                 classes: list[str], config: dict | None = None, verification: dict | None = None,
-                history: list | None = None, extra: dict | None = None, overwrite: bool = False) -> Path:
+                history: list | None = None, extra: dict | None = None, overwrite: bool = False,
+                example: torch.Tensor | None = None) -> Path:
     """Write a bundle directory atomically. `model` is the protected model (last layer a HoneypotLayer).
+    example: an image (3,H,W) shown clean and stamped beside the amplified trigger in trigger.png.
 
     Returns the bundle's path; its bundle hash (keep it apart from the bundle, to pass as
     `load_bundle(path, expected_hash=...)`) is in `<path>/bundle.sha256` and `read_bundle_hash(path)`."""
@@ -213,7 +216,7 @@ def save_bundle(path: str | os.PathLike, model: nn.Module, trigger: Trigger, *, 
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
         save_file({"pattern": trigger.pattern.cpu().contiguous(), "mask": trigger.mask.cpu().contiguous()}, str(tmp / "trigger.safetensors"))
-        _save_png(trigger.to_image(), tmp / "trigger.png")
+        _save_png(trigger.picture(example), tmp / "trigger.png")
         manifest = {
             "format": FORMAT, "honeypotnet_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "arch": arch, "num_classes": len(classes), "classes": list(classes), "target": int(target),
@@ -347,9 +350,7 @@ def _checked_manifest(path: Path, expected_hash: str | None) -> dict:
     return manifest
 
 
-def _save_png(img_u8: torch.Tensor, path: Path, scale: int = 4) -> None:
+def _save_png(img_u8: torch.Tensor, path: Path) -> None:
     from PIL import Image
 
-    arr = img_u8.permute(1, 2, 0).numpy()
-    im = Image.fromarray(arr, "RGB")
-    im.resize((im.width * scale, im.height * scale), Image.NEAREST).save(path)
+    Image.fromarray(img_u8.permute(1, 2, 0).contiguous().numpy(), "RGB").save(path)

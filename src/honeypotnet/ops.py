@@ -42,6 +42,12 @@ def to_float(x: torch.Tensor, device: torch.device | str | None = None) -> torch
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
 
 
+def take(images, index):
+    """images[index] of a tensor (as ever); of an image source (honeypotnet.data.ImageSource, read batch by
+    batch) a view of those items that decodes nothing yet. index: a slice or an index tensor."""
+    return images[index] if isinstance(images, torch.Tensor) else images.take(index)
+
+
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """float images in [0,1] (clamped) or uint8 -> uint8 on CPU (rounded to the nearest level)."""
     if x.dtype == torch.uint8:
@@ -104,10 +110,13 @@ def device_of(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def batched_forward(model: nn.Module, images: torch.Tensor, *, transform=None, batch_size: int = 500,
-                    device: torch.device | str | None = None, channels_last: bool = True) -> torch.Tensor:
+                    device: torch.device | str | None = None, channels_last: bool = True,
+                    observe=None) -> torch.Tensor:
     """model(transform(x)) for uint8/float images (N,3,H,W), batch by batch, in eval mode -> (N, ...) float on CPU.
 
+    images: a tensor, or an image source (honeypotnet.data.ImageSource) read batch by batch (the same batches).
     transform: applied to each float [0,1] batch first (a trigger's stamp, a purification).
+    observe: called with each batch as read (before conversion), e.g. to hash the pixels on the way.
     channels_last: feed the batches in NHWC (1.4-2x faster convolutions on CPU when the model's weights are
     channels_last too, as `fit` leaves them; the outputs agree to ~1e-5). The model is not modified; its
     train/eval mode is restored afterwards."""
@@ -115,8 +124,12 @@ def batched_forward(model: nn.Module, images: torch.Tensor, *, transform=None, b
     was_training = model.training
     model.eval()
     out = []
-    for i in range(0, len(images), batch_size):
-        x = to_float(images[i : i + batch_size], device)
+    batches = images.batches(batch_size) if hasattr(images, "batches") else \
+        (images[i : i + batch_size] for i in range(0, len(images), batch_size))
+    for raw in batches:
+        if observe is not None:
+            observe(raw)
+        x = to_float(raw, device)
         if transform is not None:
             x = transform(x)
         if channels_last:
@@ -131,7 +144,7 @@ def attack_success_rate(model: nn.Module, trigger, images: torch.Tensor, target:
     """Share of the first `n` images (all when None) that `model` assigns to `target` once stamped by
     `trigger` (anything with a `stamp(x)` method). The caller chooses the images (e.g. those whose
     label is not the target)."""
-    images = images if n is None else images[:n]
+    images = images if n is None else take(images, slice(0, n))
     if len(images) == 0:
         return 0.0
     logits = batched_forward(model, images, transform=trigger.stamp, batch_size=batch_size,

@@ -19,11 +19,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import ProtectConfig
-from .data import as_images
+from .data import as_images, concat, is_lazy
+from .data.source import pixel_hash
 from .head import HoneypotLayer, install_honeypot
 from .models import create_model, split_classifier
 from .negatives import NegativeShadows
-from .ops import attack_success_rate, batched_forward, device_of
+from .ops import attack_success_rate, batched_forward, device_of, take
 from .state import load_state, run_key, save_state
 from .steps import (finetune_honeypot, finetune_set, finetuned_copy, generate_trigger, simulate_extraction,
                     stream)
@@ -72,18 +73,23 @@ def protect(victim: nn.Module, shadow_images: torch.Tensor, owner_images: torch.
             config: ProtectConfig | None = None, *, num_classes: int | None = None,
             checkpoint_dir: str | os.PathLike | None = None, progress: bool = True,
             device: torch.device | str | None = None, head: str | Callable[[nn.Module], nn.Module] | None = None,
-            callback: Callable[[ProtectEvent], None] | None = None) -> ProtectResult:
+            callback: Callable[[ProtectEvent], None] | None = None, batch_size: int = 500) -> ProtectResult:
     """Turn `victim` into a protected model with a honeypot layer.
 
     victim: any classifier taking images in [0, 1] whose last layer is an nn.Linear applied last: found
         by find_head (registry, torchvision, timm models, nn.Sequential) or named by `head` (a dotted path
         such as "classifier.3", or a callable returning the Linear).
     shadow_images: natural unlabeled images standing in for a thief's queries, (N,3,H,W) uint8 or float in
-        [0, 1] (a tensor, an ImageDataset, a torch Dataset or DataLoader: data.as_images).
+        [0, 1] (a tensor, an ImageDataset, a torch Dataset or DataLoader: data.as_images), or an image source
+        read batch by batch for a set larger than memory (data.ImageSource: load_dataset(..., lazy=True),
+        as_images(dataset, lazy=True)); only the batches a step reads are decoded, and the result is the
+        same as with the same images as a tensor.
     owner_images: a sample of the owner's own data, same forms and image size (needed by the robust preset).
     checkpoint_dir: the state is saved there after every outer iteration; a later call with the same
         config, victim and images resumes from it (and may extend loop.outer_iters).
     callback: called with a ProtectEvent after each outer iteration (e.g. step timings).
+    batch_size: images per forward pass of the victim's features and of the ASR figures (the training steps'
+        batches are config fields: shadow.batch, trigger.batch); smaller bounds the memory of large images.
     The caller's global torch random state is left as it was."""
     cfg = config or ProtectConfig()
     shadow_images = as_images(shadow_images, "shadow_images")
@@ -97,10 +103,14 @@ def protect(victim: nn.Module, shadow_images: torch.Tensor, owner_images: torch.
     with torch.random.fork_rng(devices=None if torch.cuda.is_available() else []):
         torch.manual_seed(stream(cfg, "init"))
         return _run(victim, shadow_images, owner_images, cfg, num_classes, checkpoint_dir, progress, device, head,
-                    callback)
+                    callback, batch_size)
 
 
-def _run(victim, shadow_images, owner_images, cfg, num_classes, checkpoint_dir, progress, device, head, callback):
+def _run(victim, shadow_images, owner_images, cfg, num_classes, checkpoint_dir, progress, device, head, callback,
+         batch_size):
+    bs = int(batch_size)
+    if bs < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     device = torch.device(device) if device else device_of(victim)
     victim = copy.deepcopy(victim).to(device).eval().requires_grad_(False)
     features, head = split_classifier(victim, head)
@@ -108,15 +118,18 @@ def _run(victim, shadow_images, owner_images, cfg, num_classes, checkpoint_dir, 
     if not 0 <= cfg.target < k:
         raise ValueError(f"target class {cfg.target} out of range for {k} classes")
     n_shadow = len(shadow_images)
-    images = shadow_images if owner_images is None else torch.cat([shadow_images, owner_images])
+    images = shadow_images if owner_images is None else concat(shadow_images, owner_images)
+    # a set read batch by batch is fingerprinted (for the checkpoint's key) on the one pass that reads it all
+    digest = pixel_hash((n_shadow, *images.shape)) if is_lazy(images) else None
 
     features.to(memory_format=torch.channels_last)  # NHWC convolutions: 1.4-1.6x faster on CPU
-    clean_feats = batched_forward(features, images, device=device)  # f(x), cached once
+    clean_feats = batched_forward(features, images, device=device, batch_size=bs,  # f(x), cached once
+                                  observe=None if digest is None else lambda x: digest.update(x.contiguous().numpy().tobytes()))
     with torch.no_grad():
         clean_logits = head(clean_feats.to(device)).cpu()
     # what the shadows query (and the trigger is optimised on): the shadow set, plus a share of the owner images
     n_query = n_shadow + round(cfg.shadow_owner_share * (len(images) - n_shadow))
-    query_images, query_feats = images[:n_query], clean_feats[:n_query]
+    query_images, query_feats = take(images, slice(0, n_query)), clean_feats[:n_query]
     ft_images, ft_labels = finetune_set(n_shadow, images, clean_logits, cfg) if cfg.simulates_finetuning() \
         else (None, None)
 
@@ -128,7 +141,10 @@ def _run(victim, shadow_images, owner_images, cfg, num_classes, checkpoint_dir, 
     shadow = create_model(cfg.shadow_arch, k).to(device)
     negatives = NegativeShadows(cfg, k, device)
 
-    key = run_key(cfg, victim, shadow_images, owner_images)
+    if digest is None:
+        key = run_key(cfg, victim, shadow_images, owner_images)
+    else:  # the pixels' hash stands for the images (so a checkpoint of the same images as tensors differs)
+        key = run_key(cfg, victim, torch.tensor(list(digest.digest()), dtype=torch.uint8))
     history: list[dict] = []
     state = load_state(checkpoint_dir, key, device)
     if state is not None:
@@ -156,7 +172,7 @@ def _run(victim, shadow_images, owner_images, cfg, num_classes, checkpoint_dir, 
             torch.manual_seed(stream(cfg, "shadow-init", it))
             shadow = create_model(cfg.shadow_arch, k).to(device)
         simulate_extraction(shadow, honeypot, query_images, query_feats, cfg, it, progress=progress)
-        inherited = attack_success_rate(shadow, trigger, shadow_images, cfg.target, n=1000)
+        inherited = attack_success_rate(shadow, trigger, shadow_images, cfg.target, n=1000, batch_size=bs)
         lap("shadow")
         negatives.extract(head, query_images, query_feats, it, progress)
         lap("negatives")
@@ -173,11 +189,11 @@ def _run(victim, shadow_images, owner_images, cfg, num_classes, checkpoint_dir, 
         lap("trigger")
         extra = {}
         for name, m in zip(negatives.names(), neg_ft):
-            extra[name + "_ft_asr"] = attack_success_rate(m, trigger, shadow_images, cfg.target, n=1000)
+            extra[name + "_ft_asr"] = attack_success_rate(m, trigger, shadow_images, cfg.target, n=1000, batch_size=bs)
         for name, m in zip(negatives.names(), negatives.models):
-            extra[name + "_asr"] = attack_success_rate(m, trigger, shadow_images, cfg.target, n=1000)
+            extra[name + "_asr"] = attack_success_rate(m, trigger, shadow_images, cfg.target, n=1000, batch_size=bs)
         # 3. the honeypot layer
-        stamped_feats = batched_forward(features, images, transform=trigger.stamp, device=device)
+        stamped_feats = batched_forward(features, images, transform=trigger.stamp, device=device, batch_size=bs)
         lap("stamped features")
         losses = finetune_honeypot(honeypot, opt, clean_feats, clean_logits, stamped_feats, cfg, it, n_shadow)
         lap("honeypot")
@@ -185,7 +201,7 @@ def _run(victim, shadow_images, owner_images, cfg, num_classes, checkpoint_dir, 
             fidelity = float((honeypot(clean_feats.to(device)).argmax(1).cpu() == clean_logits.argmax(1)).float().mean())
             hp_asr = float((honeypot(stamped_feats.to(device)).argmax(1) == cfg.target).float().mean())
         record = {"iteration": it + 1, "inherited_asr": inherited, **losses,
-                  "shadow_asr": attack_success_rate(shadow, trigger, shadow_images, cfg.target, n=1000),
+                  "shadow_asr": attack_success_rate(shadow, trigger, shadow_images, cfg.target, n=1000, batch_size=bs),
                   "fidelity": fidelity, "honeypot_asr": hp_asr, **extra}
         history.append(record)
         save_state(checkpoint_dir, key, it + 1, history,

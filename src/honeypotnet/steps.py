@@ -1,5 +1,8 @@
 """The three steps of one outer iteration of `protect`, each a plain function on tensors and modules.
 
+Images are uint8 tensors (N, 3, H, W) or image sources (honeypotnet.data.ImageSource) read batch by
+batch: the steps only take len(), .shape and batches images[index] of them.
+
     1. simulate_extraction  train a shadow on the shadow set labelled by F_H's soft answers
     2. generate_trigger     momentum sign steps (MI-FGSM) of a universal trigger on the shadows, kept off
                             innocent (negative) models
@@ -18,7 +21,7 @@ from torch import nn
 
 from .config import ProtectConfig
 from .head import HoneypotLayer
-from .ops import device_of, seed_of, to_float
+from .ops import device_of, seed_of, take, to_float
 from .purify import purify
 from .training import FitConfig, fit
 from .trigger import Trigger
@@ -121,7 +124,8 @@ def with_blur(x: torch.Tensor, max_sigma: float, gen: torch.Generator) -> torch.
 def finetune_set(n_shadow: int, images: torch.Tensor, clean_logits: torch.Tensor,
                  cfg: ProtectConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The simulated thief's clean labelled set: cfg.shadow_finetune_images owner images (the rows of
-    `images` after the first n_shadow), labelled by the victim (the argmax of its clean_logits)."""
+    `images` after the first n_shadow), labelled by the victim (the argmax of its clean_logits). `images` may
+    be an image source (read batch by batch): the set is then a view of it, nothing decoded."""
     n_owner = len(images) - n_shadow
     if n_owner < 1:
         raise ValueError("this configuration simulates a thief who fine-tunes its copy (thief.finetune_epochs or "
@@ -129,7 +133,7 @@ def finetune_set(n_shadow: int, images: torch.Tensor, clean_logits: torch.Tensor
                          "or use ProtectConfig.preset('spec')")
     gen = torch.Generator().manual_seed(stream(cfg, "finetune-set"))
     pick = n_shadow + torch.randperm(n_owner, generator=gen)[: cfg.shadow_finetune_images]
-    return images[pick], clean_logits[pick].argmax(1)
+    return take(images, pick), clean_logits[pick].argmax(1)
 
 
 def finetuned_copy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epochs: int, lr: float,

@@ -68,6 +68,34 @@ class Trigger(nn.Module):
         bound = 1.0 if self.family == "patch" else self.eps
         return ((0.5 + self.pattern / (2 * bound)).clamp(0, 1) * 255).round().to(torch.uint8)
 
+    def amplified(self) -> torch.Tensor:
+        """uint8 (3,H,W) picture of δ amplified to the full range: mid-grey = 0, black / white = the largest
+        |δ| the trigger holds (so a trigger of a few levels is as visible as one at its bound)."""
+        peak = float(self.pattern.abs().max())
+        return ((0.5 + self.pattern / (2 * peak if peak > 0 else 1.0)).clamp(0, 1) * 255).round().to(torch.uint8)
+
+    @torch.no_grad()
+    def picture(self, example: torch.Tensor | None = None, min_side: int = 192, gap: int = 4) -> torch.Tensor:
+        """What people look at (a bundle's trigger.png): uint8 (3, H', W'), the amplified trigger, preceded by
+        `example` (an image (3,H,W), uint8 or float in [0, 1]) clean and stamped when one is given; panels
+        side by side on white, enlarged (nearest neighbour) to at least `min_side` pixels high."""
+        panels = [self.amplified().cpu()]
+        if example is not None:
+            x = example.detach().cpu()
+            x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+            if x.shape != self.pattern.shape:
+                raise ValueError(f"the example is {tuple(x.shape)} but the trigger {tuple(self.pattern.shape)}")
+            stamped = self.stamp(x[None].to(self.pattern.device))[0].cpu()  # what a suspect is shown
+            panels = [(x * 255).round().to(torch.uint8), (stamped * 255).round().to(torch.uint8)] + panels
+        scale = max(1, -(-min_side // self.image_size))
+        panels = [p.repeat_interleave(scale, 1).repeat_interleave(scale, 2) for p in panels]
+        side = panels[0].shape[1]
+        white = torch.full((3, side, gap), 255, dtype=torch.uint8)
+        row = [panels[0]]
+        for p in panels[1:]:
+            row += [white, p]
+        return torch.cat(row, 2)
+
     def describe(self) -> dict:
         return {"family": self.family, "eps": self.eps, "image_size": self.image_size,
                 "mask_pixels": int(self.mask.sum())}

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -72,16 +74,48 @@ def dataset_spec(args, prefix: str) -> tuple[str, str, int | None]:
     return name, split, limit
 
 
-def load_data(args, prefix: str, size: int | None = None, split: str | None = None):
+STREAM_ENV = "HONEYPOTNET_STREAM_BYTES"
+STREAM_DEFAULT = 4 << 30  # 4 GiB
+
+
+def stream_threshold() -> int:
+    """$HONEYPOTNET_STREAM_BYTES: a file dataset whose decoded images would take more than this many bytes is
+    read batch by batch (streamed) by `protect` instead of decoded into memory; 0 streams every file
+    dataset. A number of bytes, or with a K, M or G suffix (powers of 1024). Default 4G."""
+    text = os.environ.get(STREAM_ENV, "").strip().upper()
+    if not text:
+        return STREAM_DEFAULT
+    m = re.fullmatch(r"(\d+(?:\.\d*)?)\s*([KMG]?)I?B?", text)
+    if m is None:
+        raise ValueError(f"${STREAM_ENV} must be a number of bytes (e.g. 2G; 0 to always stream), got {text!r}")
+    return int(float(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2)])
+
+
+def load_data(args, prefix: str, size: int | None = None, split: str | None = None, stream: bool = False):
     """The dataset of --PREFIX (an ImageDataset), resized to `size` when given; `split` overrides the
-    split, and then the limit does not apply (e.g. a whole test split beside a limited train split)."""
-    from ..data import load_dataset
+    split, and then the limit does not apply (e.g. a whole test split beside a limited train split).
+    stream: a file dataset (imagefolder, folder, tinyimagenet) larger than stream_threshold() comes as a
+    FileSource read batch by batch instead (the same images, with the same attributes: images, labels,
+    classes, name)."""
+    from ..data import ImageSource, load_dataset
 
     name, default_split, limit = dataset_spec(args, prefix)
     limit = None if split else limit
-    ds = load_dataset(name, getattr(args, f"{prefix}_root"), split or default_split, size=size)
-    if limit is not None and limit < len(ds):
-        ds = ds.subset(torch.randperm(len(ds), generator=torch.Generator().manual_seed(1234))[:limit])
+
+    def load(lazy: bool):
+        ds = load_dataset(name, getattr(args, f"{prefix}_root"), split or default_split, size=size, lazy=lazy)
+        if limit is not None and limit < len(ds):
+            ds = ds.subset(torch.randperm(len(ds), generator=torch.Generator().manual_seed(1234))[:limit])
+        return ds
+
+    ds = load(stream)  # lazily, only the file list is read
+    if isinstance(ds, ImageSource):
+        threshold = stream_threshold()
+        if ds.nbytes <= threshold:
+            return load(False)
+        log.info(f"streaming --{prefix} {ds.name}: {len(ds)} images of {ds.image_size} px would take "
+                 f"{ds.nbytes / 2**30:.2f} GiB in memory (> ${STREAM_ENV} = {threshold / 2**30:.2f} GiB); "
+                 "decoded batch by batch")
     return ds
 
 

@@ -18,7 +18,9 @@ def add(sub) -> None:
     s.add_argument("--api-key", default=os.environ.get("HONEYPOTNET_API_KEY"),
                    help="bearer token for an http(s) oracle (default $HONEYPOTNET_API_KEY)")
     dataset_args(s, "pool", None, "train", "thief's query pool")
-    s.add_argument("--image-size", type=int, default=None)
+    s.add_argument("--image-size", type=int, default=None,
+                   help="resize every pool image to this side (default: the files' own size; an http(s) oracle's "
+                        "when it says)")
     s.add_argument("--budget", type=int, default=8000, help="number of queries (one image = one query)")
     s.add_argument("--strategy", choices=list(STRATEGIES), default="random",
                    help="which pool images to buy: random (KnockoffNets), or ActiveThief rounds from a random seed: "

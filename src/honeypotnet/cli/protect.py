@@ -30,7 +30,9 @@ def add(sub) -> None:
     normalize_arg(s)
     dataset_args(s, "shadow", None, "train", "shadow-set (natural unlabeled images)", short=True)
     dataset_args(s, "owner", None, "train", "owner's own (labelled, for the null)", short=True)
-    s.add_argument("--image-size", type=int, default=None, help="resize every image to this side")
+    s.add_argument("--image-size", type=int, default=None,
+                   help="resize every image to this side (file datasets larger than $HONEYPOTNET_STREAM_BYTES, "
+                        "default 4G, are streamed: decoded batch by batch)")
     s.add_argument("--target", type=int, default=None, help="target class y_t (default the config's, 0)")
     s.add_argument("--preset", choices=list_presets(), default="robust",
                    help="'robust' (default: keeps the backdoor through a thief's fine-tuning, pruning and "
@@ -126,6 +128,15 @@ def purify_settings(value: str):
     return [(n, table[n]) for n in dict.fromkeys(names)]
 
 
+def example_index(data, target: int) -> int:
+    """Which image trigger.png shows clean and stamped: the first one outside the target class."""
+    if data.labels is not None:
+        others = (data.labels != target).nonzero().flatten()
+        if len(others):
+            return int(others[0])
+    return 0
+
+
 def run(args) -> int:
     from ..bundle import save_bundle
     from ..protect import protect
@@ -140,8 +151,9 @@ def run(args) -> int:
     if out.exists() and not args.overwrite:
         raise ValueError(f"{out} already exists (pass --overwrite to replace it)")
     victim, info = load_victim(args.victim, args.arch, args.normalize)
-    shadow = load_data(args, "shadow", size=args.image_size)
-    owner = load_data(args, "owner", size=args.image_size)
+    # a file dataset larger than $HONEYPOTNET_STREAM_BYTES (default 4G; 0: always) is decoded batch by batch
+    shadow = load_data(args, "shadow", size=args.image_size, stream=True)
+    owner = load_data(args, "owner", size=args.image_size, stream=True)
     k = info["num_classes"]
     classes = info.get("classes") or owner.classes or [str(i) for i in range(k)]
     work = Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".work")
@@ -184,7 +196,7 @@ def run(args) -> int:
                 config=cfg.to_dict() | {"preset": None if args.config else args.preset},
                 verification=verification, history=res.history,
                 extra={"protect_seconds": round(t_protect, 1), "shadow_set": shadow.name, "owner_set": owner.name},
-                overwrite=args.overwrite)
+                overwrite=args.overwrite, example=owner.images[example_index(owner, cfg.target)])
     from ..bundle import read_bundle_hash
 
     log.info(f"saved bundle {out} (protect loop {t_protect:.0f} s)")

@@ -15,6 +15,9 @@ def add(sub) -> None:
     s.add_argument("--api-key", default=os.environ.get("HONEYPOTNET_API_KEY"),
                    help="bearer token for an http(s) suspect (default $HONEYPOTNET_API_KEY)")
     dataset_args(s, "data", None, "test", "owner's held-out (labelled, never used by protect)")
+    s.add_argument("--image-size", type=int, default=None,
+                   help="side the held-out images are resized to; it must be the bundle's own (its trigger's size, "
+                        "the default): a trigger is stamped at the size it was made for, so another is refused")
     s.add_argument("--tau0", type=float, default=None, help="override the bundle's calibrated null bound")
     s.add_argument("--commitment", default=None, metavar="HEX",
                    help="the trigger commitment published at protect time: refuse a bundle whose trigger is not it")
@@ -59,12 +62,17 @@ def run(args) -> int:
 
     device = resolve_device(args.device)
     bundle = load_bundle(args.bundle, expected_hash=args.bundle_hash, commitment=args.commitment)
+    size = bundle.trigger.image_size
+    if args.image_size is not None and args.image_size != size:
+        raise ValueError(f"--image-size {args.image_size}: the bundle's trigger is {size}x{size} and is stamped on "
+                         f"images of that size only; verify resizes the held-out images to {size} (leave "
+                         "--image-size out, or pass it the bundle's size)")
     if is_url(args.suspect):  # a suspect model behind an HTTP endpoint (v2 protocol)
         suspect = HttpOracle(args.suspect, api_key=args.api_key)
     else:
         suspect, _ = load_any_model(args.suspect)
         suspect = suspect.to(device)
-    data = load_data(args, "data", size=bundle.trigger.image_size)
+    data = load_data(args, "data", size=size)
     check_classes(data, bundle)
     tau0 = args.tau0 if args.tau0 is not None else bundle.tau0
     if tau0 is None:

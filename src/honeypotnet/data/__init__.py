@@ -7,6 +7,12 @@
 
 Every loader returns an :class:`ImageDataset` (uint8 images (N, 3, H, W), int64 labels).
 Decoded image files are cached on disk (see :mod:`honeypotnet.data.files`).
+
+Sets larger than memory are read batch by batch instead (:mod:`honeypotnet.data.source`):
+
+>>> src = load_dataset("folder", "data/pool", size=224, lazy=True)     # a FileSource, nothing decoded
+>>> src = as_images(torchvision.datasets.ImageFolder("data/pool"), lazy=True, size=224)
+>>> protect(victim, src, owner_images, cfg)                              # decodes only the batches it reads
 """
 from __future__ import annotations
 
@@ -16,8 +22,16 @@ import torch
 
 from .base import DatasetError, ImageDataset
 from .files import load_cifar, load_folder, load_imagefolder, load_tinyimagenet
+from .source import ConcatSource, DatasetSource, FileSource, ImageSource, IndexedSource, concat, is_lazy
 
 __all__ = [
+    "ConcatSource",
+    "DatasetSource",
+    "FileSource",
+    "ImageSource",
+    "IndexedSource",
+    "concat",
+    "is_lazy",
     "DATASETS",
     "DatasetError",
     "ImageDataset",
@@ -48,8 +62,9 @@ def load_dataset(
     *,
     size: int | None = None,
     cache_dir: str | os.PathLike | None = None,
+    lazy: bool = False,
     **kwargs,
-) -> ImageDataset:
+) -> ImageDataset | ImageSource:
     """Load dataset ``name`` ("shapes", "cifar10", "cifar100", "imagefolder", "folder", "tinyimagenet").
 
     root: data directory (not used by "shapes", required by the others).
@@ -57,6 +72,9 @@ def load_dataset(
         imagefolder any sub-directory of root, or None for root itself).
     size: resize every image to size x size (shapes: generated at that size, default 32).
     cache_dir: where decoded images are cached (default $HONEYPOTNET_CACHE or ~/.cache/honeypotnet).
+    lazy: for the file datasets (imagefolder, folder, tinyimagenet), a FileSource that decodes images
+        batch by batch when asked instead of an ImageDataset in memory (for sets larger than memory);
+        shapes and the CIFAR pickles are in memory anyway and come as an ImageDataset.
     kwargs: passed to the loader (shapes: n, seed; file loaders: cache=False to skip the cache).
     """
     key = str(name).lower().replace("-", "").replace("_", "")
@@ -73,21 +91,38 @@ def load_dataset(
             raise DatasetError(f"dataset {key!r} needs a split: 'train' or 'test'")
         return load_cifar(root, split, 10 if key == "cifar10" else 100, size=size, cache_dir=cache_dir, **kwargs)
     if key == "imagefolder":
-        return load_imagefolder(root, split, size=size, cache_dir=cache_dir, **kwargs)
+        return load_imagefolder(root, split, size=size, cache_dir=cache_dir, lazy=lazy, **kwargs)
     if key == "folder":
-        return load_folder(root, split, size=size, cache_dir=cache_dir, **kwargs)
+        return load_folder(root, split, size=size, cache_dir=cache_dir, lazy=lazy, **kwargs)
     if split is None:
         raise DatasetError("dataset 'tinyimagenet' needs a split: 'train' or 'val'")
-    return load_tinyimagenet(root, split, size=size, cache_dir=cache_dir, **kwargs)
+    return load_tinyimagenet(root, split, size=size, cache_dir=cache_dir, lazy=lazy, **kwargs)
 
 
-def as_images(data, name: str = "images") -> torch.Tensor:
+def as_images(data, name: str = "images", *, lazy: bool = False, size: int | None = None):
     """Images in the forms people have, as one tensor (N, 3, H, W) (uint8, or float in [0, 1]):
     a tensor, an ImageDataset, any torch Dataset (items: an image tensor, or (image, label, ...)), or a
     DataLoader (batches: images, or (images, labels, ...)). Float images outside [0, 1] are refused:
-    every model here takes [0, 1] input and normalises inside (see create_model(normalize=...))."""
+    every model here takes [0, 1] input and normalises inside (see create_model(normalize=...)).
+
+    An ImageSource (load_dataset(..., lazy=True)) is passed through as it is: read batch by batch.
+    lazy=True: a Dataset (or a DataLoader's dataset, in the dataset's own order) becomes a DatasetSource
+    whose items are fetched (and resized to `size` x `size` when given) only when a batch asks for them,
+    instead of being gathered into one tensor; tensors and ImageDatasets are in memory already and come
+    back as they are."""
     from torch.utils.data import DataLoader, Dataset
 
+    if size is not None and not lazy:
+        raise ValueError(f"{name}: size= resizes a lazily read dataset (lazy=True); resize tensors beforehand")
+    if isinstance(data, ImageSource):
+        if len(data) == 0 or len(data.item_shape) != 3 or data.item_shape[0] != 3:
+            raise ValueError(f"{name} must be a non-empty set of images (3, H, W), got {tuple(data.shape)}")
+        return data
+    if lazy and isinstance(data, (DataLoader, Dataset)):
+        ds = data.dataset if isinstance(data, DataLoader) else data
+        if len(ds) == 0:
+            raise ValueError(f"{name} is empty")
+        return DatasetSource(ds, size, name=name)
     if isinstance(data, ImageDataset):
         return data.images
     if isinstance(data, torch.Tensor):

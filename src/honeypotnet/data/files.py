@@ -12,6 +12,10 @@ files are written atomically (temp file + ``os.replace``) and carry a CRC32 of t
 an unreadable or corrupt cache file is rebuilt with a warning.
 
 CIFAR pickles are not cached: unpickling them is as fast as reading a cache would be.
+
+With ``lazy=True`` the file loaders list the files (and labels) only and return a
+:class:`~honeypotnet.data.source.FileSource`, which decodes images batch by batch when asked: for
+sets larger than memory.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from PIL import Image
 
 from ..ops import atomic_path, atomic_write_bytes
 from .base import DatasetError, ImageDataset
+from .source import FileSource, decode_image
 
 __all__ = [
     "IMG_EXTENSIONS",
@@ -51,7 +56,6 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 #: Bump when the cache layout or the decoding changes, so old entries are not reused.
 CACHE_VERSION = 1
 
-_BILINEAR = getattr(Image, "Resampling", Image).BILINEAR
 _DECODE_WORKERS = 2
 _CHUNK = 256
 
@@ -103,24 +107,6 @@ def _progress(total: int, desc: str):
 # ----------------------------------------------------------------------------- decoding
 
 
-def _decode_one(path: str, size: int | None) -> np.ndarray:
-    """One image file as an RGB uint8 array (H, W, 3), resized to size x size when asked."""
-    try:
-        with Image.open(path) as im:
-            if size is not None and im.format == "JPEG":
-                # Let libjpeg scale big images by 1/2, 1/4 or 1/8 while decoding, keeping at
-                # least 2x the target so the bilinear resize below still sets the look.
-                im.draft("RGB", (2 * size, 2 * size))
-            rgb = im.convert("RGB")  # also loads (and so fully decodes) the file
-        if size is not None and rgb.size != (size, size):
-            rgb = rgb.resize((size, size), _BILINEAR)  # PIL filters antialias
-        return np.asarray(rgb)
-    except FileNotFoundError as exc:
-        raise DatasetError(f"image file {path!r} is missing ({exc})") from exc
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
-        raise DatasetError(f"cannot decode image file {path!r}: {exc}") from exc
-
-
 def decode_images(paths: Sequence[PathLike], size: int | None = None, desc: str = "decoding") -> torch.Tensor:
     """Decode image files into a uint8 tensor (N, 3, H, W).
 
@@ -133,14 +119,14 @@ def decode_images(paths: Sequence[PathLike], size: int | None = None, desc: str 
     n = len(paths)
     if n == 0:
         raise DatasetError("no image files to decode")
-    first = _decode_one(paths[0], size)
+    first = decode_image(paths[0], size)
     h, w = first.shape[:2]
     out = np.empty((n, 3, h, w), dtype=np.uint8)
     out[0] = first.transpose(2, 0, 1)
 
     def work(lo: int, hi: int) -> int:
         for i in range(lo, hi):
-            a = _decode_one(paths[i], size)
+            a = decode_image(paths[i], size)
             if a.shape[:2] != (h, w):
                 raise DatasetError(
                     f"images differ in size: {paths[i]!r} is {a.shape[1]}x{a.shape[0]} but "
@@ -447,12 +433,15 @@ def load_imagefolder(
     size: int | None = None,
     cache_dir: PathLike | None = None,
     cache: bool = True,
-) -> ImageDataset:
+    lazy: bool = False,
+) -> ImageDataset | FileSource:
     """An ImageFolder tree: ``root/split/<class>/<images>`` (or ``root/<class>/...`` with split=None).
 
     Classes are the sorted sub-directory names (as torchvision's ImageFolder, hidden ones
     skipped); images inside a class folder are found recursively, with the extensions in
     IMG_EXTENSIONS. All images must share one size unless ``size`` resizes them to size x size.
+    ``lazy=True``: a FileSource (labels and classes known, each image decoded when a batch asks for it;
+    no cache) instead of decoding every file into memory.
     """
     size = _check_size(size)
     root = _existing_dir(root, "ImageFolder")
@@ -489,6 +478,8 @@ def load_imagefolder(
             f"(expected files ending in {', '.join(IMG_EXTENSIONS)})"
         )
     name = f"{root.resolve().name}/{split}" if split is not None else root.resolve().name
+    if lazy:
+        return FileSource(files, size, torch.tensor(labels, dtype=torch.int64), classes, name)
 
     def build() -> ImageDataset:
         images = decode_images(files, size, desc=f"decoding {name}")
@@ -504,9 +495,11 @@ def load_folder(
     size: int | None = None,
     cache_dir: PathLike | None = None,
     cache: bool = True,
-) -> ImageDataset:
+    lazy: bool = False,
+) -> ImageDataset | FileSource:
     """Every image under ``root`` (or ``root/split``), found recursively: an unlabeled set (labels None),
-    e.g. a shadow set or a thief's pool that is just a directory of images."""
+    e.g. a shadow set or a thief's pool that is just a directory of images. ``lazy=True``: a FileSource
+    that decodes each image when a batch asks for it."""
     size = _check_size(size)
     root = _existing_dir(root, "image folder")
     folder = root if split in (None, "", ".") else root / split
@@ -516,6 +509,8 @@ def load_folder(
     if not files:
         raise DatasetError(f"no image files ({', '.join(IMG_EXTENSIONS)}) under {str(folder)!r}")
     name = folder.resolve().name
+    if lazy:
+        return FileSource(files, size, None, [], name)
 
     def build() -> ImageDataset:
         return ImageDataset(decode_images(files, size, desc=f"decoding {name}"), None, [], name)
@@ -542,14 +537,15 @@ def load_tinyimagenet(
     size: int | None = None,
     cache_dir: PathLike | None = None,
     cache: bool = True,
-) -> ImageDataset:
+    lazy: bool = False,
+) -> ImageDataset | FileSource:
     """Tiny ImageNet (200 classes, 64x64): ``root/{wnids.txt, words.txt, train/, val/}``.
 
     ``split`` is "train" (``train/<wnid>/images/*.JPEG``) or "val" (``val/images`` labelled by
     ``val/val_annotations.txt``, in that file's order). Labels index wnids.txt; class names
     are the first synonym in words.txt (the wnid where words.txt lacks it). Greyscale images
     become RGB. ``root`` may also be the directory that contains ``tiny-imagenet-200/``.
-    Use ``size=32`` to feed a CIFAR-sized model.
+    Use ``size=32`` to feed a CIFAR-sized model. ``lazy=True``: a FileSource (decoded batch by batch).
     """
     size = _check_size(size)
     if split not in ("train", "val"):
@@ -617,6 +613,8 @@ def load_tinyimagenet(
     if not files:
         raise DatasetError(f"Tiny ImageNet {split} split under {str(root)!r} has no images")
     name = f"tinyimagenet/{split}"
+    if lazy:
+        return FileSource(files, size, torch.tensor(labels, dtype=torch.int64), classes, name)
 
     def build() -> ImageDataset:
         images = decode_images(files, size, desc=f"decoding {name}")
