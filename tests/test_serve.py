@@ -806,3 +806,40 @@ def test_a_slow_request_head_is_cut_off_too(tiny):
             time.sleep(0.5)
             assert c.post("/v2/models/hp/infer", json=_good()).status_code == 200
         assert httpx.get(srv.url + "/v2/health/ready").status_code == 200
+
+
+# ----------------------------------------------------------------------------- serve flags
+
+
+def test_serve_flags_set_every_limit_and_refuse_meaningless_values(capsys):
+    from dataclasses import fields
+
+    from honeypotnet.cli import build_parser
+    from honeypotnet.cli.serve import LIMIT_FLAGS, limits_from_args
+
+    assert set(LIMIT_FLAGS.values()) == {f.name for f in fields(Limits)}  # every field has its flag
+    parse = lambda *a: build_parser().parse_args(["serve", "m.safetensors", *a])  # noqa: E731
+    assert limits_from_args(parse()) == Limits()  # no flag: the defaults
+    args = parse("--max-batch", "4", "--max-body-mb", "0.5", "--quota", "0", "--rate", "2.5", "--burst", "3", "--rate-unit", "images",
+                 "--read-timeout", "3", "--log-timeout", "0.5", "--auth-fail-rate", "0.2", "--auth-fail-burst", "7",
+                 "--auth-log-interval", "0")
+    assert limits_from_args(args) == Limits(max_batch=4, max_body_mb=0.5, quota=0, rate=2.5, burst=3, rate_unit="images",
+                                            read_timeout_s=3, log_timeout_s=0.5, auth_fail_rate=0.2, auth_fail_burst=7,
+                                            auth_log_interval_s=0)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split()).partition(" options: ")[2]
+    for flag in LIMIT_FLAGS:
+        option = r"(?:[A-Z]+|{[^}]*})"  # an option's line starts with its metavar (N, S, ...) or its choices
+        line = re.search(rf"--{flag.replace('_', '-')} {option} (.*?)(?= --[a-z-]+ {option} |$)", help_text)
+        assert line and "default" in line.group(1), flag  # each says what it does and its default
+    for flag, value, words in [("--max-batch", "0", "a positive integer"), ("--max-batch", "2.5", "a positive integer"),
+                               ("--max-body-mb", "-1", "a number > 0"), ("--quota", "-3", "an integer >= 0"),
+                               ("--rate", "0", "a number > 0"), ("--rate", "nan", "a number > 0"), ("--burst", "0.5", "a number >= 1"),
+                               ("--read-timeout", "0", "a number > 0"), ("--log-timeout", "inf", "a number > 0"),
+                               ("--auth-fail-rate", "-1", "a number > 0"), ("--auth-fail-burst", "0", "a number >= 1"),
+                               ("--auth-log-interval", "-1", "a number >= 0")]:
+        with pytest.raises(SystemExit) as e:
+            main(["serve", "m.safetensors", flag, value])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"argument {flag}: expected {words}, got '{value}'" in err, err

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import secrets
@@ -21,6 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .ops import atomic_write_text
+
+log = logging.getLogger("honeypotnet.serve")
 
 KEYS_FORMAT = "honeypotnet-keys/1"
 TOKEN_PREFIX = "mk_"  # neutral: a key holder (perhaps a thief) learns nothing about the server
@@ -117,45 +120,71 @@ def set_quota(path: str | os.PathLike, name: str, quota: int | None) -> None:
     write_keys(path, [ApiKey(k.name, k.sha256, quota, k.created) if k.name == name else k for k in keys])
 
 
+class KeyFileUnavailable(KeyFileError):
+    """The server's key file is gone or cannot be parsed: every request with a key is refused until it is back."""
+
+
 class KeyStore:
-    """The server's view of a key file, reloaded when the file changes (checked at most once a second),
-    so `keys add`/`keys remove` take effect without a restart."""
+    """The server's view of a key file, re-checked at most every CHECK_INTERVAL_S seconds (a stat of its
+    inode, mtime and size; re-read when they change), so `keys add`/`keys remove` take effect without a
+    restart. It fails closed: while the file is missing or cannot be parsed, `check` and `lookup` raise
+    KeyFileUnavailable, and no key works until a valid file is back."""
+
+    CHECK_INTERVAL_S = 0.5
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
         self._keys = read_keys(self.path)  # fail fast at startup
-        self._mtime = self._stat()
+        self._signature = self._stat()
+        self._error: str | None = None
         self._checked = time.monotonic()
 
-    def _stat(self) -> tuple[int, int] | None:
+    def _stat(self) -> tuple[int, int, int] | None:
         try:
             st = self.path.stat()
-            return (st.st_mtime_ns, st.st_size)
+            return (st.st_ino, st.st_mtime_ns, st.st_size)
         except OSError:
             return None
 
     def _refresh(self) -> None:
         now = time.monotonic()
-        if now - self._checked < 1.0:
+        if now - self._checked < self.CHECK_INTERVAL_S:
             return
         with self._lock:
             self._checked = now
-            m = self._stat()
-            if m is not None and m != self._mtime:
+            signature = self._stat()
+            if signature is None:
+                self._set_error(f"key file {self.path} is missing")
+            elif signature != self._signature or self._error is not None:
+                self._signature = signature
                 try:
                     self._keys = read_keys(self.path)
-                    self._mtime = m
-                except KeyFileError:
-                    pass  # a half-edited file: keep serving with the keys we had
+                    if self._error is not None:
+                        log.warning("key file %s is readable again: keys accepted", self.path)
+                    self._error = None
+                except KeyFileError as e:
+                    self._set_error(str(e))
+
+    def _set_error(self, message: str) -> None:
+        if self._error != message:
+            log.error("%s: every request with a key is refused until the file is fixed", message)
+        self._error = message
+
+    def check(self) -> None:
+        """Raise KeyFileUnavailable while the key file is missing or unreadable."""
+        self._refresh()
+        if self._error is not None:
+            raise KeyFileUnavailable(self._error)
 
     @property
     def keys(self) -> list[ApiKey]:
-        self._refresh()
+        self.check()
         return list(self._keys)
 
     def lookup(self, token: str) -> ApiKey | None:
-        """The key whose hash matches `token`, compared in constant time; None if none does."""
+        """The key whose hash matches `token`, compared in constant time; None if none does.
+        Raises KeyFileUnavailable while the key file is missing or unreadable."""
         digest = hash_token(token)
         found = None
         for k in self.keys:

@@ -4,7 +4,16 @@ Written in WAL mode with one commit per request, before the response is sent, so
 request has its row even if the server is killed (`kill -9`) right after answering: a committed
 WAL transaction survives the death of the process (`synchronous=NORMAL` may only lose the last
 transactions on a power cut or OS crash). Writes from concurrent requests are serialised by a
-lock on one connection.
+lock on one connection; every call waits at most `timeout_s` (for that lock and for SQLite's
+write lock, which another process may hold) and raises `LogUnavailable` after that, so a caller
+can refuse to answer instead of answering unlogged.
+
+Quotas are kept in the log, so that several server processes sharing one log file share them
+exactly: table ``usage`` (key, images) counts the images answered per key (updated in the same
+transaction as each answered row), and table ``reservations`` (id, ts, key, images, pid) holds the
+images of requests being answered. `reserve` checks a key's quota and reserves its images in one
+``BEGIN IMMEDIATE`` transaction; `record` writes the request's row and drops its reservation in
+another. Reservations of a process that is gone (`kill -9`) are dropped by the next `reserve`.
 
 Schema (table ``queries``):
     id, ts (unix seconds), key (key name, "anonymous" on an open server), model, endpoint,
@@ -26,8 +35,10 @@ import os
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS queries (
@@ -51,9 +62,34 @@ CREATE TABLE IF NOT EXISTS auth_failures (
     count INTEGER NOT NULL,
     throttled INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS reservations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    key TEXT NOT NULL,
+    images INTEGER NOT NULL,
+    pid INTEGER NOT NULL
+);
 """
+USAGE_SCHEMA = "CREATE TABLE usage (key TEXT PRIMARY KEY, images INTEGER NOT NULL)"
+DEFAULT_TIMEOUT_S = 2.0  # how long a log call waits for its turn and for SQLite's write lock
+RESERVATION_TTL_S = 3600.0  # a reservation older than this (its request long gone) no longer counts
 
 BUCKETS = {"minute": 60, "hour": 3600, "day": 86400}
+
+
+class LogUnavailable(RuntimeError):
+    """The query log could not be read or written within its timeout (locked by another process, or failing)."""
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (the log's processes share the host: SQLite's WAL needs it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass
@@ -70,10 +106,16 @@ class QueryRecord:
 
 
 class QueryLog:
-    """Append-only SQLite query log. `path=None` keeps it in memory (quotas still work, nothing on disk)."""
+    """Append-only SQLite query log. `path=None` keeps it in memory (quotas still work, nothing on disk).
 
-    def __init__(self, path: str | os.PathLike | None) -> None:
+    timeout_s: the longest any call waits (for the other threads of this process, and for SQLite's
+    write lock, which another process may hold) before it raises LogUnavailable."""
+
+    def __init__(self, path: str | os.PathLike | None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        if not timeout_s > 0:
+            raise ValueError(f"query log timeout must be > 0 seconds, got {timeout_s}")
         self.path = Path(path) if path is not None else None
+        self.timeout_s = float(timeout_s)
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if not self.path.exists():  # create it private before SQLite does (0644 by default)
@@ -90,44 +132,139 @@ class QueryLog:
                     raise sqlite3.OperationalError(f"could not switch to WAL mode (got {mode})")
                 self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.executescript(SCHEMA)
+            self._create_usage()
         except sqlite3.Error as e:
             raise ValueError(f"cannot open query log {self.path}: {e}") from e
         self._lock = threading.Lock()
+        self._unreleased: list[int] = []  # reservations to drop with the next write (their request was not logged)
+        self._unreleased_lock = threading.Lock()
+        self._pid = os.getpid()
 
-    def record(self, r: QueryRecord) -> None:
-        """Append one row and commit it."""
-        with self._lock:
-            self._conn.execute(
+    def _create_usage(self) -> None:
+        """Table usage, filled from the rows of a log written before it existed (once, whoever opens it first)."""
+        with _transaction(self._conn):
+            if self._conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'usage'").fetchone():
+                return
+            self._conn.execute(USAGE_SCHEMA)
+            self._conn.execute("INSERT INTO usage (key, images) SELECT key, SUM(images) FROM queries "
+                               "WHERE status = 200 GROUP BY key")
+
+    @contextmanager
+    def _turn(self) -> Iterator[sqlite3.Connection]:
+        """The connection, for this thread alone, with every wait bounded by timeout_s; raises LogUnavailable."""
+        deadline = time.monotonic() + self.timeout_s
+        if not self._lock.acquire(timeout=self.timeout_s):
+            raise LogUnavailable(f"query log busy: no turn within {self.timeout_s:g} s")
+        try:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LogUnavailable(f"query log busy: no turn within {self.timeout_s:g} s")
+            self._conn.execute(f"PRAGMA busy_timeout = {max(1, int(1000 * left))}")
+            yield self._conn
+        except sqlite3.Error as e:
+            raise LogUnavailable(f"query log unavailable ({type(e).__name__}: {e})") from e
+        finally:
+            self._lock.release()
+
+    def record(self, r: QueryRecord, reservation: int | None = None) -> None:
+        """Append one row and commit it; an answered row (status 200) counts its images against the key's
+        quota, and the request's reservation (if any) is dropped in the same transaction."""
+        with self._turn() as conn, _transaction(conn):
+            conn.execute(
                 "INSERT INTO queries (ts, key, model, endpoint, images, input_sha256, status, latency_ms, error)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (r.ts, r.key, r.model, r.endpoint, r.images, r.input_sha256, r.status, r.latency_ms, r.error),
-            )  # autocommit mode: the INSERT is its own committed transaction
+            )
+            if r.status == 200 and r.images:
+                conn.execute("INSERT INTO usage (key, images) VALUES (?, ?) "
+                             "ON CONFLICT (key) DO UPDATE SET images = images + excluded.images", (r.key, r.images))
+            self._drop(conn, [reservation] if reservation is not None else [])
+
+    def reserve(self, key: str, images: int, quota: int) -> tuple[int | None, int]:
+        """Check `key`'s quota and reserve `images` against it, in one transaction shared with every process
+        using this log. Returns (reservation id, images used before) or (None, images used) when they do not fit."""
+        with self._turn() as conn, _transaction(conn):
+            now = time.time()
+            conn.execute("DELETE FROM reservations WHERE ts < ?", (now - RESERVATION_TTL_S,))
+            for (pid,) in conn.execute("SELECT DISTINCT pid FROM reservations WHERE pid != ?", (self._pid,)).fetchall():
+                if not _alive(pid):
+                    conn.execute("DELETE FROM reservations WHERE pid = ?", (pid,))
+            self._drop(conn, [])
+            used = self._used(conn, key)
+            if used + images > quota:
+                return None, used
+            cur = conn.execute("INSERT INTO reservations (ts, key, images, pid) VALUES (?, ?, ?, ?)",
+                               (now, key, images, self._pid))
+            return int(cur.lastrowid), used
+
+    def release(self, reservation: int | None) -> None:
+        """Drop a reservation whose request was not logged; done with this process's next write."""
+        if reservation is not None:
+            with self._unreleased_lock:
+                self._unreleased.append(reservation)
+
+    def images_used(self, key: str) -> int:
+        """Images answered to `key`, plus those reserved for its requests being answered."""
+        with self._turn() as conn:
+            return self._used(conn, key)
+
+    @staticmethod
+    def _used(conn: sqlite3.Connection, key: str) -> int:
+        answered = conn.execute("SELECT images FROM usage WHERE key = ?", (key,)).fetchone()
+        reserved = conn.execute("SELECT COALESCE(SUM(images), 0) FROM reservations WHERE key = ?", (key,)).fetchone()
+        return int(answered[0] if answered else 0) + int(reserved[0])
+
+    def _drop(self, conn: sqlite3.Connection, ids: list[int]) -> None:
+        """Delete reservations `ids` and the ones left to drop (inside the caller's transaction)."""
+        with self._unreleased_lock:
+            ids, self._unreleased = ids + self._unreleased, []
+        try:
+            conn.executemany("DELETE FROM reservations WHERE id = ?", [(i,) for i in ids])
+        except BaseException:
+            with self._unreleased_lock:
+                self._unreleased += ids
+            raise
 
     def record_auth_failures(self, rows: list[tuple[str, float, float, int, int]]) -> None:
         """Append counted failed authentications: (address, first ts, last ts, count, throttled), one transaction."""
-        with self._lock:
-            self._conn.execute("BEGIN")
-            try:
-                self._conn.executemany("INSERT INTO auth_failures (address, first_ts, last_ts, count, throttled)"
-                                       " VALUES (?, ?, ?, ?, ?)", rows)
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+        with self._turn() as conn, _transaction(conn):
+            conn.executemany("INSERT INTO auth_failures (address, first_ts, last_ts, count, throttled)"
+                             " VALUES (?, ?, ?, ?, ?)", rows)
 
     def images_answered(self) -> dict[str, int]:
         """Images answered (status 200) per key: what counts against quotas, also across restarts."""
-        with self._lock:
-            rows = self._conn.execute("SELECT key, COALESCE(SUM(images), 0) FROM queries WHERE status = 200 GROUP BY key").fetchall()
+        with self._turn() as conn:
+            rows = conn.execute("SELECT key, images FROM usage").fetchall()
         return {k: int(n) for k, n in rows}
 
     def count(self) -> int:
-        with self._lock:
-            return int(self._conn.execute("SELECT COUNT(*) FROM queries").fetchone()[0])
+        with self._turn() as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM queries").fetchone()[0])
 
     def close(self) -> None:
+        """Drop the reservations still to drop (best effort), then close the connection."""
+        try:
+            if self._unreleased:
+                with self._turn() as conn, _transaction(conn):
+                    self._drop(conn, [])
+        except LogUnavailable:
+            pass  # left to the next server's reserve (this process will be gone)
         with self._lock:
             self._conn.close()
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE (SQLite's write lock, waited for up to the connection's busy timeout) ... COMMIT,
+    or ROLLBACK on any error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 # ----------------------------------------------------------------------------- summary

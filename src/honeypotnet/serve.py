@@ -33,6 +33,7 @@ import re
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,10 +52,10 @@ from starlette.requests import ClientDisconnect
 from torch import nn
 
 from . import __version__
-from .apikeys import ApiKey, KeyStore
+from .apikeys import ApiKey, KeyFileUnavailable, KeyStore
 from .ops import to_float
 from .oracles import OutputMode
-from .querylog import QueryLog, QueryRecord
+from .querylog import DEFAULT_TIMEOUT_S, LogUnavailable, QueryLog, QueryRecord
 
 log = logging.getLogger("honeypotnet.serve")
 
@@ -62,6 +63,7 @@ DEFAULT_MAX_BATCH = 256
 DEFAULT_MAX_BODY_MB = 16.0
 MAX_IMAGE_PIXELS = 25_000_000  # an uploaded image larger than this (e.g. a decompression bomb) is refused
 QUOTA_RETRY_AFTER_S = 3600  # a quota does not refill by itself: retry once the operator raises it
+UNAVAILABLE_RETRY_AFTER_S = 2  # the query log or the key file was unavailable: worth trying again soon
 INPUT_NAME = "input"
 OUTPUT_NAMES = {"probs": "probabilities", "topk": "topk_probabilities", "rounded": "rounded_probabilities",
                 "label": "label_onehot"}
@@ -102,6 +104,14 @@ class ApiError(Exception):
 
 class AuthError(ApiError):
     """A failed or throttled authentication: counted per client address, not logged row by row."""
+
+
+class Unavailable(ApiError):
+    """503: the query log cannot be written in time, or the key file is missing or unreadable. The request
+    is not answered and not logged (the log may be what is failing)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(503, message, {"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S)}, retry_after=UNAVAILABLE_RETRY_AFTER_S)
 
 
 # ----------------------------------------------------------------------------- the served model
@@ -344,6 +354,7 @@ class Limits:
     auth_fail_rate: float = 1.0  # failed authentications per second per client address, after ...
     auth_fail_burst: float = 20.0  # ... this many at once; beyond that the address gets 429
     auth_log_interval_s: float = 60.0  # failed authentications are written to the log as counts at most this often
+    log_timeout_s: float = DEFAULT_TIMEOUT_S  # a request whose query log write cannot finish within this gets a 503
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -364,6 +375,8 @@ class Limits:
             raise ValueError(f"failed-auth rate must be > 0 and burst >= 1, got {self.auth_fail_rate}, {self.auth_fail_burst}")
         if not self.auth_log_interval_s >= 0:
             raise ValueError(f"failed-auth log interval must be >= 0 seconds, got {self.auth_log_interval_s}")
+        if not self.log_timeout_s > 0:
+            raise ValueError(f"query log timeout must be > 0 seconds, got {self.log_timeout_s}")
 
     @property
     def max_body_bytes(self) -> int:
@@ -383,7 +396,7 @@ class _Ctx:
     key: str = UNAUTHENTICATED
     images: int = 0
     sha256: str = hashlib.sha256(b"").hexdigest()
-    charged: tuple[str, int] | None = None  # (key, images) reserved against the quota
+    reservation: int | None = None  # the query log's reservation of this request's images against the quota
 
 
 class ServerState:
@@ -392,13 +405,15 @@ class ServerState:
     def __init__(self, served: ServedModel, output: OutputMode, keys: KeyStore | None, limits: Limits, qlog: QueryLog) -> None:
         self.served, self.output, self.keys, self.limits, self.qlog = served, output, keys, limits, qlog
         self.output_name = OUTPUT_NAMES[output.mode]
-        self.used: dict[str, int] = qlog.images_answered()  # quotas survive restarts
         self.buckets: dict[str, TokenBucket] = {}
         self.auth_buckets: dict[str, TokenBucket] = {}  # failed authentications per client address
         self.auth_failures: dict[str, list] = {}  # address -> [first ts, last ts, count, throttled], not yet logged
         self.auth_flushed = time.monotonic()
         self.limiter = anyio.CapacityLimiter(1)  # one forward pass at a time; torch uses the cores itself
         self.parse_limiter = anyio.CapacityLimiter(2)  # a parsed 16 MB JSON body is ~200 MB of Python floats: few at once
+        self.decode_limiter = anyio.CapacityLimiter(1)  # image decoding (up to 25 Mpixels a file) on one core, apart from JSON
+        self.log_limiter = anyio.CapacityLimiter(16)  # query log calls: each waits at most Limits.log_timeout_s
+        self.background = ThreadPoolExecutor(1, thread_name_prefix="honeypotnet-log")  # failed-auth counts
         self.started = time.time()
 
     # --- checks, in the order a request meets them
@@ -414,6 +429,11 @@ class ServerState:
         address has used up its failed authentications (whatever it sends then, a valid key included)."""
         if self.keys is None:
             return None
+        try:
+            self.keys.check()
+        except KeyFileUnavailable:
+            raise Unavailable("API keys unavailable: the server's key file is missing or unreadable; "
+                              "requests with a key are refused until it is restored") from None
         addr = request.client.host if request.client else "unknown"
         bucket = self.auth_buckets.get(addr)
         if bucket is not None:
@@ -449,17 +469,33 @@ class ServerState:
         entry = self.auth_failures.setdefault(addr, [now, now, 0, 0])
         entry[1], entry[2], entry[3] = now, entry[2] + 1, entry[3] + throttled
         if time.monotonic() - self.auth_flushed >= self.limits.auth_log_interval_s or len(self.auth_failures) >= MAX_AUTH_ADDRESSES:
-            self.flush_auth_failures()
+            self.flush_auth_failures(wait=False)
 
-    def flush_auth_failures(self) -> None:
-        """Write the counted failed authentications to the log (one row per address) and reset the counts."""
+    def flush_auth_failures(self, wait: bool = True) -> None:
+        """Write the counted failed authentications to the log (one row per address) and reset the counts;
+        wait=False: in a background thread, so that the event loop never waits for the log."""
         self.auth_flushed = time.monotonic()
         pending, self.auth_failures = self.auth_failures, {}
         if pending:
-            try:
-                self.qlog.record_auth_failures([(a, f, l, n, t) for a, (f, l, n, t) in pending.items()])
-            except Exception:
-                log.exception("query log write failed (failed-authentication counts)")
+            job = self.background.submit(self._write_auth_failures, [(a, f, l, n, t) for a, (f, l, n, t) in pending.items()])
+            if wait:
+                job.result()
+
+    def _write_auth_failures(self, rows: list[tuple]) -> None:
+        try:
+            self.qlog.record_auth_failures(rows)
+        except Exception:
+            log.exception("query log write failed (failed-authentication counts)")
+
+    async def in_log(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a query log call in a worker thread (the event loop never waits on SQLite); a log that cannot
+        answer within Limits.log_timeout_s is a 503 (Unavailable)."""
+        try:
+            return await anyio.to_thread.run_sync(fn, *args, limiter=self.log_limiter)
+        except LogUnavailable as e:
+            log.warning("%s", e)
+            raise Unavailable(f"query log unavailable (busy for over {self.qlog.timeout_s:g} s); "
+                              "the request was not answered, retry later") from None
 
     def check_json(self, request: Request) -> None:
         """The v2 JSON endpoints take application/json only (a browser's cross-origin 'simple' POST, text/plain
@@ -471,10 +507,13 @@ class ServerState:
         if ctype.split(";")[0].strip().lower() not in JSON_TYPES:
             raise ApiError(415, f"send the request as Content-Type application/json, got {ctype[:100] or 'none'!r}")
 
-    def check_quota_left(self, key: ApiKey | None, key_name: str) -> None:
+    async def check_quota_left(self, key: ApiKey | None, key_name: str) -> None:
         """Refuse (429) a key with no image left before its request body is read."""
-        quota, used = self.quota_of(key), self.used.get(key_name, 0)
-        if quota is not None and used >= quota:
+        quota = self.quota_of(key)
+        if quota is None:
+            return
+        used = await self.in_log(self.qlog.images_used, key_name)
+        if used >= quota:
             raise ApiError(429, f"query quota exhausted for key {key_name!r}: {used} of {quota} images used",
                            {"Retry-After": str(QUOTA_RETRY_AFTER_S)}, quota=quota, used=used)
 
@@ -496,23 +535,18 @@ class ServerState:
     def quota_of(self, key: ApiKey | None) -> int | None:
         return key.quota if key is not None and key.quota is not None else self.limits.quota
 
-    def charge(self, key: ApiKey | None, key_name: str, n: int, ctx: _Ctx) -> None:
-        """Check the quota and the image rate, then reserve `n` images (refunded if answering fails)."""
-        quota, used = self.quota_of(key), self.used.get(key_name, 0)
-        if quota is not None and used + n > quota:
-            raise ApiError(429, f"query quota exhausted for key {key_name!r}: {used} of {quota} images used, "
-                                f"this request asks for {n} ({max(0, quota - used)} left)",
-                           {"Retry-After": str(QUOTA_RETRY_AFTER_S)}, quota=quota, used=used)
+    async def charge(self, key: ApiKey | None, key_name: str, n: int, ctx: _Ctx) -> None:
+        """Reserve `n` images against the key's quota in the query log (one transaction, exact across the
+        processes sharing the log; the reservation goes when the request's row is written), then the image rate."""
+        quota = self.quota_of(key)
+        if quota is not None:
+            ctx.reservation, used = await self.in_log(self.qlog.reserve, key_name, n, quota)
+            if ctx.reservation is None:
+                raise ApiError(429, f"query quota exhausted for key {key_name!r}: {used} of {quota} images used, "
+                                    f"this request asks for {n} ({max(0, quota - used)} left)",
+                               {"Retry-After": str(QUOTA_RETRY_AFTER_S)}, quota=quota, used=used)
         if self.limits.rate_unit == "images":
             self.rate_limit(key_name, n)
-        self.used[key_name] = used + n
-        ctx.charged = (key_name, n)
-
-    def refund(self, ctx: _Ctx) -> None:
-        if ctx.charged is not None:
-            name, n = ctx.charged
-            self.used[name] = self.used.get(name, 0) - n
-            ctx.charged = None
 
     async def read_body(self, request: Request) -> bytes:
         """The request body, refused (413) before it is read whole if it is over the limit."""
@@ -562,7 +596,7 @@ class ServerState:
             if not re.fullmatch(r"[0-9]{1,12}", raw_hl.strip()):
                 raise ApiError(400, f"invalid Inference-Header-Content-Length header {raw_hl[:40]!r}")
             header_length = int(raw_hl.strip())
-        self.check_quota_left(key, ctx.key)
+        await self.check_quota_left(key, ctx.key)
         body = await self.read_body(request)
         ctx.sha256 = hashlib.sha256(body).hexdigest()
         req = await anyio.to_thread.run_sync(parse_infer_request, body, self.served.image_size, self.limits.max_batch,
@@ -571,7 +605,7 @@ class ServerState:
         if names is not None and any(n != self.output_name for n in names):
             raise ApiError(422, f"unknown output {[n for n in names if n != self.output_name]}; this model has one output, {self.output_name!r}")
         ctx.images = len(req.x)
-        self.charge(key, ctx.key, len(req.x), ctx)
+        await self.charge(key, ctx.key, len(req.x), ctx)
         probs = await self.answer(req.x)
         tensor = {"name": self.output_name, "datatype": "FP32", "shape": list(probs.shape)}
         out = {"model_name": self.served.name, "model_version": VERSIONS[0], **({"id": req.id} if req.id is not None else {}),
@@ -598,7 +632,7 @@ class ServerState:
         if not re.fullmatch(r"[0-9]{1,9}", raw_k) or int(raw_k) < 1:
             raise ApiError(422, f"top_k must be a positive integer, got {raw_k[:20]!r}{'...' if len(raw_k) > 20 else ''}")
         top_k = min(int(raw_k), self.served.num_classes)
-        self.check_quota_left(key, ctx.key)
+        await self.check_quota_left(key, ctx.key)
         body = await self.read_body(request)
         ctx.sha256 = hashlib.sha256(body).hexdigest()
         replay = Request(request.scope, receive=_replay(body))
@@ -617,11 +651,11 @@ class ServerState:
             if len(uploads) > self.limits.max_batch:
                 raise ApiError(413, f"too many files: {len(uploads)} > {self.limits.max_batch} images per request")
             ctx.images = len(uploads)
-            self.charge(key, ctx.key, len(uploads), ctx)  # quota and image rate before any file is decoded
+            await self.charge(key, ctx.key, len(uploads), ctx)  # quota and image rate before any file is decoded
             files = [(name, await v.read()) for name, v in uploads]
         finally:
             await form.close()
-        x = await anyio.to_thread.run_sync(decode_images, files, self.served.image_size, limiter=self.parse_limiter)
+        x = await anyio.to_thread.run_sync(decode_images, files, self.served.image_size, limiter=self.decode_limiter)
         probs = await self.answer(x)
         scores, idx = probs.topk(top_k, dim=1)
         preds = []
@@ -634,29 +668,28 @@ class ServerState:
     async def handle(self, request: Request, endpoint: str, model_name: str,
                      fn: Callable[..., Awaitable[Response]], version: str | None = None) -> Response:
         """Run an inference endpoint; log the request (committed) before the answer leaves. A failed
-        authentication is counted (flush_auth_failures), not logged as a row."""
+        authentication is counted (flush_auth_failures), not logged as a row; a request the log cannot
+        take in time (Limits.log_timeout_s) is a 503, not answered and not logged."""
         t0 = time.perf_counter()
         ctx = _Ctx()
         error = None
         try:
             response = await (fn(request, model_name, ctx, version) if version is not None else fn(request, model_name, ctx))
-        except AuthError as e:
+        except (AuthError, Unavailable) as e:
+            self.qlog.release(ctx.reservation)
             return e.response()
         except ApiError as e:
             response, error = e.response(), e.message
         except Exception:
             log.exception("internal error in %s", endpoint)
             response, error = JSONResponse({"error": "internal server error"}, status_code=500), "internal server error"
-        if response.status_code != 200:
-            self.refund(ctx)
         record = QueryRecord(time.time(), ctx.key, self.served.name, endpoint, ctx.images, ctx.sha256,
                              response.status_code, round(1000 * (time.perf_counter() - t0), 3), error)
         try:
-            self.qlog.record(record)
-        except Exception:
-            log.exception("query log write failed")
-            self.refund(ctx)  # an answer we cannot log is not given
-            return JSONResponse({"error": "query log unavailable; request not answered"}, status_code=503)
+            await self.in_log(self.qlog.record, record, ctx.reservation)
+        except Unavailable as e:
+            self.qlog.release(ctx.reservation)  # an answer we cannot log is not given
+            return e.response()
         return response
 
     # --- metadata
@@ -702,13 +735,15 @@ def create_app(model_or_bundle_path: str | os.PathLike | ServedModel, *, name: s
     log_path: SQLite query log (None: kept in memory); limits: batch/body sizes, quota, rate."""
     served = model_or_bundle_path if isinstance(model_or_bundle_path, ServedModel) else \
         load_served_model(model_or_bundle_path, name, image_size)
+    limits = limits or Limits()
     state = ServerState(served, output or OutputMode(), KeyStore(keys) if keys is not None else None,
-                        limits or Limits(), QueryLog(log_path))
+                        limits, QueryLog(log_path, timeout_s=limits.log_timeout_s))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         state.flush_auth_failures()
+        state.background.shutdown(wait=True)
         state.qlog.close()
 
     app = FastAPI(title=SERVER_NAME, version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -824,6 +859,12 @@ def header_deadline_protocol(seconds: float) -> type:
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                try:  # the head and the body of an answer are two writes: without this, Nagle's algorithm and the
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # client's delayed ACK add ~40 ms
+                except OSError:
+                    pass
             self._arm()
 
         def handle_events(self) -> None:

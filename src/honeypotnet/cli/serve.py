@@ -4,19 +4,56 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
+from typing import Callable
 
 from ..oracles import OUTPUT_MODES
 from .common import write_json
 
 
+# `serve` flag -> Limits field; a flag left out keeps the field's default
+LIMIT_FLAGS = {"max_batch": "max_batch", "max_body_mb": "max_body_mb", "quota": "quota", "rate": "rate", "burst": "burst",
+               "rate_unit": "rate_unit", "read_timeout": "read_timeout_s", "log_timeout": "log_timeout_s",
+               "auth_fail_rate": "auth_fail_rate", "auth_fail_burst": "auth_fail_burst",
+               "auth_log_interval": "auth_log_interval_s"}
+
+
+def limits_from_args(args):
+    """The server's Limits from the parsed `serve` flags."""
+    from ..serve import Limits
+
+    return Limits(**{field: getattr(args, flag) for flag, field in LIMIT_FLAGS.items() if getattr(args, flag) is not None})
+
+
+def _number(kind: type, minimum: float, inclusive: bool, what: str) -> "Callable[[str], float]":
+    """An argparse type: a finite `kind` (int or float) >= minimum (> minimum unless inclusive)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(value) or not (value >= minimum if inclusive else value > minimum):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number(int, 0, False, "a positive integer")
+count = _number(int, 0, True, "an integer >= 0")
+positive = _number(float, 0, False, "a number > 0")
+non_negative = _number(float, 0, True, "a number >= 0")
+at_least_one = _number(float, 1, True, "a number >= 1")
+
+
 def cmd_serve(args) -> int:
     from ..oracles import OutputMode
-    from ..serve import Limits, create_app, run_server
+    from ..serve import create_app, run_server
 
-    limits = Limits(max_batch=args.max_batch, max_body_mb=args.max_body_mb, quota=args.quota, rate=args.rate,
-                    burst=args.burst, rate_unit=args.rate_unit)
+    limits = limits_from_args(args)
     app = create_app(args.model, name=args.name, output=OutputMode(args.output_mode, args.top_k, args.decimals),
                      keys=args.keys, log_path=args.log, limits=limits, image_size=args.image_size)
     state = app.state.honeypotnet
@@ -117,13 +154,23 @@ def add(sub: argparse._SubParsersAction, epilog: str = "") -> None:
     s.add_argument("--decimals", type=int, default=2, help="decimals for --output-mode rounded")
     s.add_argument("--image-size", type=int, default=None, help="input side for a model file (default 32; a bundle fixes it)")
     s.add_argument("--keys", default=None, metavar="KEYFILE", help="API key file (from `honeypotnet keys add`); without it the server is open")
-    s.add_argument("--quota", type=int, default=None, metavar="N", help="images each key may query in total (a key's own quota wins)")
-    s.add_argument("--rate", type=float, default=None, metavar="R", help="rate limit per key: R requests (or images) per second")
-    s.add_argument("--burst", type=float, default=None, help="token bucket size (default R for requests, max(R, --max-batch) for images)")
-    s.add_argument("--rate-unit", choices=["requests", "images"], default="requests", help="what --rate counts")
-    s.add_argument("--log", default=None, metavar="DB", help="SQLite query log (WAL; one row per request)")
-    s.add_argument("--max-batch", type=int, default=256, help="images per request at most (default 256)")
-    s.add_argument("--max-body-mb", type=float, default=16.0, help="request body size limit in MB (default 16)")
+    s.add_argument("--quota", type=count, default=None, metavar="N", help="images each key may query in total (a key's own quota wins; default: no quota)")
+    s.add_argument("--rate", type=positive, default=None, metavar="R", help="rate limit per key: R requests (or images) per second (default: none)")
+    s.add_argument("--burst", type=at_least_one, default=None, metavar="B", help="token bucket size, >= 1 (default R for requests, max(R, --max-batch) for images)")
+    s.add_argument("--rate-unit", choices=["requests", "images"], default=None, help="what --rate counts (default requests)")
+    s.add_argument("--log", default=None, metavar="DB", help="SQLite query log (WAL; one row per request; servers sharing it share quotas)")
+    s.add_argument("--log-timeout", type=positive, default=None, metavar="S",
+                   help="a request whose query log write cannot finish within S seconds gets a 503, unanswered (default 2)")
+    s.add_argument("--max-batch", type=positive_int, default=None, metavar="N", help="images per request at most (default 256)")
+    s.add_argument("--max-body-mb", type=positive, default=None, metavar="MB", help="request body size limit in MB (default 16)")
+    s.add_argument("--read-timeout", type=positive, default=None, metavar="S",
+                   help="a request head or body not received within S seconds is cut off (408; default 10)")
+    s.add_argument("--auth-fail-rate", type=positive, default=None, metavar="R",
+                   help="failed authentications per second per client address, after --auth-fail-burst (default 1)")
+    s.add_argument("--auth-fail-burst", type=at_least_one, default=None, metavar="B",
+                   help="failed authentications at once per address before it gets 429 (default 20)")
+    s.add_argument("--auth-log-interval", type=non_negative, default=None, metavar="S",
+                   help="write failed-authentication counts to the query log at most every S seconds (default 60)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=cmd_serve)
 
