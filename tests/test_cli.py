@@ -3,6 +3,7 @@ path as the console script); one real process per verb checks the entry point it
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -28,18 +29,28 @@ def call(capsys, *args) -> tuple[int, str, str]:
     return rc, out.out, out.err
 
 
+def test_the_installed_console_script_and_the_module_run_as_processes():
+    """The two entry points a user types, each as a real process: the `honeypotnet` console script that
+    `pip install` puts beside the interpreter, and `python -m honeypotnet.cli`; both list every verb."""
+    script = Path(sys.executable).with_name("honeypotnet")
+    for cmd in ([str(script), "--help"], [sys.executable, "-m", "honeypotnet.cli", "--help"]):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0 and r.stdout.startswith("usage: honeypotnet"), (cmd, r.stderr)
+        assert all(verb in r.stdout for verb in VERBS), r.stdout
+
+
 @pytest.mark.parametrize("verb", VERBS)
-def test_every_verb_runs_as_a_process_with_help(verb):
-    r = run(verb, "--help")
-    assert r.returncode == 0 and "usage: honeypotnet " + verb in r.stdout, r.stderr
+def test_every_verb_has_help(verb, capsys):
+    rc, out, err = call(capsys, verb, "--help")
+    assert rc == 0 and "usage: honeypotnet " + verb in out, err
 
 
-def test_protect_help_shows_at_most_20_options():
-    r = run("protect", "--help")
-    options = [line for line in r.stdout.splitlines() if line.startswith("  -")]
+def test_protect_help_shows_at_most_20_options(capsys):
+    _, out, _ = call(capsys, "protect", "--help")
+    options = [line for line in out.splitlines() if line.startswith("  -")]
     assert len(options) <= 20, options
     for needed in ("--preset", "--config", "--set", "--references", "--device", "--output", "--work-dir"):
-        assert needed in r.stdout
+        assert needed in out
 
 
 def test_cli_chain_train_protect_extract_verify(tmp_path, capsys):

@@ -1,6 +1,6 @@
 """The default configuration (the robust preset) end to end at toy size: the properties the method promises.
 
-Victim: trained here as the quick demo trains its own (a small CNN on the embedded shapes). Protect with ProtectConfig() — every robust part on: ε 24/255,
+Victim: the quick demo's own (conftest `quick_demo`: a small CNN trained on the embedded shapes). Protect with ProtectConfig() — every robust part on: ε 24/255,
 trigger blur, the simulated thief's fine-tuned shadow, CNN and ResNet-20 negative shadows with fine-tuned
 copies and weight noise — changing only the loop's sizes. Then a thief steals the protected model, the
 same thief the unprotected one (an innocent copy), and the owner verifies both against a calibrated null.
@@ -13,10 +13,10 @@ import torch
 from honeypotnet.attacks import random_extraction
 from honeypotnet.config import ProtectConfig
 from honeypotnet.data import load_dataset
-from honeypotnet.models import create_model
+from honeypotnet.bundle import load_model
 from honeypotnet.oracles import ModelOracle
 from honeypotnet.protect import protect
-from honeypotnet.training import FitConfig, fit, predict_logits
+from honeypotnet.training import FitConfig, predict_logits
 from honeypotnet.verify import calibrate_null, verify
 
 # the loop's sizes only (one trigger pass over 1,000 shadow images: the trigger step, 6 models x 2 blur passes,
@@ -27,11 +27,9 @@ SIZES = dict(outer_iters=3, shadow_arch="cnn_small", shadow_epochs=2, honeypot_s
 
 
 @pytest.fixture(scope="module")
-def default_run():
-    owner = load_dataset("shapes", split="train", n=4000, seed=0)
-    torch.manual_seed(0)
-    victim = create_model("cnn_small", owner.num_classes)  # the quick demo's victim recipe
-    fit(victim, owner.images, owner.labels, FitConfig(epochs=8, seed=0))
+def default_run(quick_demo):
+    owner = load_dataset("shapes", split="train", n=4000, seed=0)  # the quick demo's victim's training set
+    victim, _ = load_model(quick_demo[0] / "victim.safetensors")
     victim.eval()
     shadow = load_dataset("shapes", split="shadow", n=1000, seed=0)
     cfg = ProtectConfig().override(SIZES)  # the default, at toy sizes: nothing else changed
