@@ -1,0 +1,510 @@
+"""Ownership verification in practice: how many queries a verdict takes, and can the suspect see them coming?
+
+    python -m bench.ownership --quick --reproduce-out runs/reproduce-quick      # after python -m bench.reproduce --quick
+
+Reads a finished bench.reproduce output directory (nothing is written there): every protection's bundle
+(its trigger, target and calibrated tau0) and every thief's substitute, stolen copies and clean twins alike.
+The verification images are the protocol's held-out half of cifar10-jpeg/test (the images bench.reproduce
+verifies on), target class excluded.
+
+1. Queries to verdict. For every copy, the sequential test of docs/verification.md (verify(...,
+   sequential=True): mixture likelihood-ratio martingales, stamped images `--batch-size` at a time, alpha
+   `--alpha`, default 1e-6) over `--orders` random orders of the verification images: verdict (flagged /
+   cleared / undecided) and stamped queries used, median and max over the orders. Each copy's answers to
+   the stamped images are computed once and the test is replayed on each order; the first order also runs
+   through honeypotnet.verify itself and must agree with the replay.
+2. Stealth. A suspect who knows the method but not the trigger scores every query with a detector; each
+   detector's ROC AUC (Mann-Whitney U) separates the owner's stamped verification images from the same
+   images clean: (a) high-frequency energy of the input (mean |Laplacian|), (b) the copy's uncertainty
+   (1 - max softmax), (c) feature squeezing (L1 between the copy's softmax on the image and on a median-
+   filtered 2x2 / 4-bit copy, the larger), (d) a learned detector: the suspect crafts its own UAPs on its
+   copy (random targets, the bundle's eps, steps.generate_trigger) and trains a small CNN to tell its own
+   stamped images from clean ones. The suspect's own images are the calibration half of the test split
+   (never a verification image; generous to the suspect: images of the owner's task).
+3. Evasion. The suspect answers every query its best detector flags (threshold: 10% false alarms on its
+   own clean images) with its best non-target class. Per query; and stateful (after a window of recent
+   queries holds too many flagged ones, every later answer is evasive), against stamped-only verification
+   and verification interleaving each stamped query with clean ones. What the sequential verdict becomes.
+
+Output: OUT/ownership.json and OUT/ownership.md; `--record NAME` also docs/results/ownership/NAME.{md,json}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.stats import binom
+
+from honeypotnet.bundle import load_bundle, load_model
+from honeypotnet.data import load_dataset
+from honeypotnet.models import create_model
+from honeypotnet.ops import to_float
+from honeypotnet.steps import generate_trigger
+from honeypotnet.training import FitConfig, fit, predict_logits
+from honeypotnet.trigger import Trigger
+from honeypotnet.verify import log_evidence_innocent, log_evidence_stolen, verify
+
+from .benchlib.args import add_common_args, add_data_args, finish_common_args
+from .benchlib.common import command_line, log, machine_info, save_report, set_threads
+from .benchlib.data import POOLS, resolve_roots, split_per_class
+from .benchlib.protocol import FULL, QUICK, base_config
+
+NAME = "ownership"
+DETECTORS = {"laplacian": "(a) input high-frequency energy", "uncertainty": "(b) 1 - max softmax of the copy",
+             "squeeze": "(c) feature squeezing (median 2x2 / 4-bit)", "learned": "(d) CNN trained on the suspect's own UAPs"}
+PEERS = [("Dataset Inference (Maini et al., ICLR 2021)", ">99% confidence from 50 private samples"),
+         ("UAP fingerprinting (Peng et al., CVPR 2022)", ">99.99% confidence with 20 fingerprints"),
+         ("Neural Honeytrace (2025)", "1,857 queries to verify ownership")]
+
+
+# ============================================================================ pure parts
+
+
+def auc(pos, neg) -> float:
+    """ROC AUC of scores `pos` (should be high) against `neg`: P(pos > neg) + P(pos = neg) / 2, the
+    Mann-Whitney U statistic over n_pos * n_neg (ties count a half)."""
+    pos, neg = np.asarray(pos, dtype=float).ravel(), np.sort(np.asarray(neg, dtype=float).ravel())
+    if len(pos) == 0 or len(neg) == 0:
+        raise ValueError("auc needs at least one score on each side")
+    below = np.searchsorted(neg, pos, side="left")
+    upto = np.searchsorted(neg, pos, side="right")
+    return float((below + 0.5 * (upto - below)).sum() / (len(pos) * len(neg)))
+
+
+def stolen_asr_default(tau0: float) -> float:
+    """The stolen_asr verify's sequential test uses when none is given."""
+    return 0.5 if tau0 < 0.5 else (1 + tau0) / 2
+
+
+def sequential_replay(hits, tau0: float, alpha: float, batch_size: int = 10, max_queries: int | None = None,
+                      stolen_asr: float | None = None) -> tuple[str, int]:
+    """verify(..., sequential=True)'s decision on a suspect whose answers to the stamped queries, in the order
+    they are sent, are `hits` (1 = the target class): ("flagged" | "cleared" | "undecided", stamped queries).
+    The same checks after each batch, in the same order (flagged first), as honeypotnet.verify.sequential_verify."""
+    hits = np.asarray(hits, dtype=float).ravel()
+    stolen_asr = stolen_asr_default(tau0) if stolen_asr is None else stolen_asr
+    limit = min(len(hits), max_queries or len(hits))
+    if limit == 0:
+        return "undecided", 0
+    ends = np.unique(np.minimum(np.arange(batch_size, limit + batch_size, batch_size), limit))
+    cum = np.cumsum(hits[:limit])[ends - 1]
+    threshold = math.log(1 / alpha)
+    s = np.atleast_1d(log_evidence_stolen(cum, ends, tau0)) >= threshold
+    c = np.atleast_1d(log_evidence_innocent(cum, ends, stolen_asr)) >= threshold
+    first = np.flatnonzero(s | c)
+    if len(first) == 0:
+        return "undecided", int(limit)
+    i = int(first[0])
+    return ("flagged" if s[i] else "cleared"), int(ends[i])
+
+
+def orders(n: int, count: int, seed: int) -> list[np.ndarray]:
+    """`count` fixed random permutations of range(n) (order 0 included)."""
+    rng = np.random.default_rng(seed)
+    return [rng.permutation(n) for _ in range(count)]
+
+
+def summarize(runs: list[tuple[str, int]]) -> dict:
+    """Queries to verdict over orders: runs [(verdict, stamped queries)] -> median / max / min queries, the
+    verdict (the one every order reached, else 'mixed'), and how many orders reached each."""
+    if not runs:
+        raise ValueError("no runs to summarize")
+    q = [n for _, n in runs]
+    counts = {v: sum(1 for d, _ in runs if d == v) for v in ("flagged", "cleared", "undecided")}
+    verdicts = {d for d, _ in runs}
+    return {"verdict": verdicts.pop() if len(verdicts) == 1 else "mixed", "counts": counts, "orders": len(runs),
+            "median": float(statistics.median(q)), "max": int(max(q)), "min": int(min(q))}
+
+
+def queries_to_verdict(model, trigger: Trigger, images: torch.Tensor, labels: torch.Tensor, target: int, tau0: float,
+                       alpha: float = 1e-6, *, n_orders: int = 20, seed: int = 0, batch_size: int = 10,
+                       max_queries: int | None = None, check_with_verify: bool = True) -> dict:
+    """The sequential test on a suspect model over `n_orders` random orders of the (non-target) images: the
+    model's answers to every stamped image once, then sequential_replay per order. With check_with_verify the
+    first order also runs through honeypotnet.verify(..., sequential=True) and must reach the same verdict
+    after the same number of queries."""
+    keep = labels != target
+    images, labels = images[keep], labels[keep]
+    pred = stamped_predictions(model, trigger, images)
+    hits = (pred == target).numpy().astype(float)
+    perms = orders(len(hits), n_orders, seed)
+    runs = [sequential_replay(hits[p], tau0, alpha, batch_size, max_queries) for p in perms]
+    out = {"asr": float(hits.mean()), "n": len(hits), "runs": runs, **summarize(runs)}
+    if check_with_verify:
+        p = torch.as_tensor(perms[0])
+        v = verify(model, trigger, images[p], labels[p], target, tau0, alpha, sequential=True,
+                   batch_size=batch_size, max_queries=max_queries)
+        lib = {"stolen": "flagged"}.get(v.sequential["decided"], v.sequential["decided"])
+        if (lib, v.sequential["stamped_queries"]) != tuple(runs[0]):
+            raise RuntimeError(f"replay {runs[0]} disagrees with verify(sequential=True): {lib} after "
+                               f"{v.sequential['stamped_queries']}")
+        out["verify_check"] = {"decided": lib, "stamped_queries": v.sequential["stamped_queries"]}
+    return out
+
+
+def stamped_predictions(model, trigger: Trigger, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """The model's top-1 answers to the images stamped as verify stamps them (float, not re-quantised)."""
+    trigger = trigger.cpu()
+    return torch.cat([predict_logits(model, trigger.stamp(to_float(images[i:i + batch_size]))).argmax(1)
+                      for i in range(0, len(images), batch_size)])
+
+
+# ============================================================================ detectors
+
+
+def laplacian_energy(x: torch.Tensor) -> torch.Tensor:
+    """(a) mean |4-neighbour Laplacian| per image (float (N,3,H,W) in [0,1])."""
+    k = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).expand(3, 1, 3, 3)
+    return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k, groups=3).abs().mean((1, 2, 3))
+
+
+def median_2x2(x: torch.Tensor) -> torch.Tensor:
+    """Feature squeezing's median filter over 2x2 windows (the mean of the two middle values)."""
+    p = F.pad(x, (0, 1, 0, 1), mode="replicate")
+    w = torch.stack([p[..., :-1, :-1], p[..., :-1, 1:], p[..., 1:, :-1], p[..., 1:, 1:]]).sort(0).values
+    return (w[1] + w[2]) / 2
+
+
+def bit_depth(x: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    levels = 2 ** bits - 1
+    return torch.round(x * levels) / levels
+
+
+def softmax(model, x: torch.Tensor) -> torch.Tensor:
+    return predict_logits(model, x).softmax(1)
+
+
+def detector_scores(model, x: torch.Tensor, learned=None) -> dict[str, np.ndarray]:
+    """Every detector's score (higher = more suspicious) of float images x on the suspect's copy `model`
+    (`learned`: the suspect's trained detector, a 2-class model, or None)."""
+    p = softmax(model, x)
+    squeeze = torch.maximum((p - softmax(model, median_2x2(x))).abs().sum(1), (p - softmax(model, bit_depth(x))).abs().sum(1))
+    out = {"laplacian": laplacian_energy(x), "uncertainty": 1 - p.max(1).values, "squeeze": squeeze}
+    if learned is not None:
+        out["learned"] = softmax(learned, x)[:, 1]
+    return {k: v.numpy().astype(float) for k, v in out.items()}
+
+
+def learned_detector(model, own_images: torch.Tensor, eps: float, p, *, n_uaps: int = 4, passes: int = 10,
+                     epochs: int = 8, seed: int = 0, avoid: int | None = None) -> tuple[torch.nn.Module, list[dict]]:
+    """(d) The suspect's own detector: `n_uaps` targeted UAPs crafted on its copy (distinct random targets, never
+    `avoid` (the owner's target, which the suspect does not know: a UAP towards it would find the backdoor
+    itself), L-inf eps, the protocol's trigger step, `passes` passes over its images) and a cnn_small trained
+    to tell its images stamped with them (label 1) from the same images clean (label 0, repeated to balance)."""
+    g = torch.Generator().manual_seed(seed)
+    targets = [t for t in torch.randperm(10, generator=g).tolist() if t != avoid][:n_uaps]
+    stamped, info = [], []
+    x = to_float(own_images)
+    for u, t in enumerate(targets):
+        cfg = base_config(p, seed).override({"target": t, "trigger_passes": passes, "seed": 1000 * (seed + 1) + u})
+        trig = generate_trigger([model], Trigger.uap(int(own_images.shape[-1]), eps), own_images, cfg, 0)
+        s = trig.stamp(x)
+        info.append({"target": t, "asr_on_copy": float((predict_logits(model, s).argmax(1) == t).float().mean())})
+        stamped.append(s)
+    images = torch.cat([x.repeat(n_uaps, 1, 1, 1), *stamped])
+    labels = torch.cat([torch.zeros(n_uaps * len(x), dtype=torch.long), torch.ones(n_uaps * len(x), dtype=torch.long)])
+    torch.manual_seed(seed)
+    det = create_model("cnn_small", 2)
+    fit(det, images, labels, FitConfig(epochs=epochs, augment=False, seed=seed), progress=False, desc="detector")
+    return det.cpu().eval(), info
+
+
+def evasive_hits(stamped_pred: np.ndarray, flagged: np.ndarray, target: int) -> np.ndarray:
+    """A suspect answering flagged queries with its best non-target class: a hit only where it answered the
+    target and the query was not flagged."""
+    return ((stamped_pred == target) & ~flagged).astype(float)
+
+
+def window_limit(window: int, fpr: float, tolerance: float = 0.01) -> int:
+    """The least k with P(Binomial(window, fpr) >= k) <= tolerance: a window of clean traffic trips the
+    stateful suspect at most `tolerance` of the time."""
+    k = 1
+    while binom.sf(k - 1, window, fpr) > tolerance:
+        k += 1
+    return k
+
+
+def stateful_run(hit: np.ndarray, flag_stamped: np.ndarray, flag_clean: np.ndarray, tau0: float, alpha: float,
+                 *, clean_per_stamped: int = 0, window: int = 20, limit: int = 3, batch_size: int = 10) -> dict:
+    """A stateful suspect: it keeps the last `window` queries' detector flags and, once `limit` of them are
+    flagged, answers every later query evasively (never the target). The owner sends each stamped query
+    followed by `clean_per_stamped` clean ones (flags `flag_clean`, cycled) and runs the sequential test on the
+    stamped answers. Returns the verdict, stamped and total queries, and after how many queries it tripped."""
+    recent: list[bool] = []
+    tripped_at = None
+    answers = []
+    total = 0
+    ci = 0
+    threshold = math.log(1 / alpha)
+    stolen_asr = stolen_asr_default(tau0)
+    for i in range(len(hit)):
+        events = [bool(flag_stamped[i])] + [bool(flag_clean[(ci + j) % len(flag_clean)]) for j in range(clean_per_stamped)]
+        ci += clean_per_stamped
+        answers.append(0.0 if tripped_at is not None else float(hit[i]))
+        for f in events:  # the suspect sees the stamped query, then the clean ones
+            total += 1
+            recent = (recent + [f])[-window:]
+            if tripped_at is None and sum(recent) >= limit:
+                tripped_at = total
+        n = len(answers)
+        if n % batch_size == 0 or n == len(hit):
+            h = sum(answers)
+            if log_evidence_stolen(h, n, tau0) >= threshold:
+                return {"verdict": "flagged", "stamped": n, "total": total, "tripped_at": tripped_at}
+            if log_evidence_innocent(h, n, stolen_asr) >= threshold:
+                return {"verdict": "cleared", "stamped": n, "total": total, "tripped_at": tripped_at}
+    return {"verdict": "undecided", "stamped": len(hit), "total": total, "tripped_at": tripped_at}
+
+
+# ============================================================================ the run
+
+
+def copies(reproduce_out: Path) -> list[dict]:
+    """Every copy bench.reproduce verified (results.json and ablation-*.json): its row, with `rel` (the thief's
+    unit) and `bundle` (its protection's) filled in; only finished thief units."""
+    rows, seen = [], set()
+    files = [reproduce_out / "results.json", *sorted(reproduce_out.glob("ablation-*.json"))]
+    for path in files:
+        if not path.is_file():
+            continue
+        r = json.loads(path.read_text())
+        thief_epochs = r["protocol"].get("thief_epochs")
+        for s in r.get("substitutes", []):
+            suffix = "" if s.get("epochs") in (None, thief_epochs) else f"-e{s['epochs']}"
+            pool = s.get("pool", "tin")
+            suffix += "" if pool == "tin" else f"-{pool}"
+            who = s["protection"] if s["oracle"] == "protected" else "clean"
+            rel = s.get("rel") or f"seed{s['seed']}/thief-{who}-{s['arch']}-{s['budget']}-{s['output']}{suffix}"
+            key = (rel, s["protection"], s["seed"])
+            if key in seen or not (reproduce_out / rel / "unit.json").is_file():
+                continue
+            seen.add(key)
+            rows.append({**s, "pool": pool, "rel": rel, "bundle": f"seed{s['seed']}/protect-{s['protection']}/bundle"})
+    if not rows:
+        raise SystemExit(f"{reproduce_out}: no finished thieves in results.json (run python -m bench.reproduce first)")
+    return rows
+
+
+def verification_set(args, p) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(verification images, labels, calibration images, labels): the protocol's halves of cifar10-jpeg/test."""
+    cifar_root, _ = resolve_roots(args) if not args.cifar_root else (Path(args.cifar_root), None)
+    test = load_dataset("imagefolder", cifar_root, "test")
+    calib, verif = split_per_class(test.labels, len(test.classes), p.calib_per_class, p.verify_per_class)
+    return test.images[verif], test.labels[verif], test.images[calib], test.labels[calib]
+
+
+def label_of(c: dict) -> str:
+    pool = "" if c["pool"] == "tin" else f", {POOLS[c['pool']]}"
+    return f"{c['arch']}{pool}"
+
+
+def stealth(c: dict, model, bundle, vx, vy, own, p, args) -> dict:
+    """AUC of each detector on the owner's stamped vs clean verification images (target class excluded), and
+    what the evading suspect does to the sequential verdict."""
+    keep = vy != bundle.target
+    x = to_float(vx[keep])
+    xs = bundle.trigger.cpu().stamp(x)
+    perm = np.random.default_rng(args.seed + 1).permutation(len(own))
+    n_hold = max(1, len(own) // 4)
+    own_hold, own_train = own[torch.as_tensor(perm[:n_hold])], own[torch.as_tensor(perm[n_hold:])]
+    learned, uaps = None, []
+    if args.learned:
+        learned, uaps = learned_detector(model, own_train, bundle.trigger.eps, p, seed=args.seed, avoid=bundle.target)
+    s_clean, s_stamp = detector_scores(model, x, learned), detector_scores(model, xs, learned)
+    s_hold = detector_scores(model, to_float(own_hold), learned)
+    aucs = {k: auc(s_stamp[k], s_clean[k]) for k in s_clean}
+    # a detector below 0.5 separates the other way round: the evading suspect gets the better direction
+    # (chosen here with the owner's images: the worst case for the owner)
+    best = max(aucs, key=lambda k: max(aucs[k], 1 - aucs[k]))
+    sign = 1.0 if aucs[best] >= 0.5 else -1.0
+    hold, stamp, clean_s = sign * s_hold[best], sign * s_stamp[best], sign * s_clean[best]
+    thr = float(np.quantile(hold, 1 - args.fpr))  # the suspect's threshold: its own clean images
+    flag_s, flag_c = stamp > thr, clean_s > thr
+    pred = predict_logits(model, xs).argmax(1).numpy()
+    target, tau0 = bundle.target, bundle.tau0
+    hits = (pred == target).astype(float)
+    ev = evasive_hits(pred, flag_s, target)
+    perms = orders(len(hits), args.orders, args.seed)
+    per_query = summarize([sequential_replay(ev[q], tau0, args.alpha, args.batch_size) for q in perms])
+    fpr_seen = float(np.mean(hold > thr))
+    limit = window_limit(args.window, max(args.fpr, fpr_seen))
+    state = {}
+    for r in (0, 1, 3):
+        runs = [stateful_run(hits[q], flag_s[q], flag_c[q], tau0, args.alpha, clean_per_stamped=r, window=args.window,
+                             limit=limit, batch_size=args.batch_size) for q in perms]
+        state[str(r)] = {**summarize([(u["verdict"], u["stamped"]) for u in runs]),
+                         "total_median": float(statistics.median(u["total"] for u in runs)),
+                         "tripped": sum(u["tripped_at"] is not None for u in runs),
+                         "tripped_at_median": (float(statistics.median(u["tripped_at"] for u in runs if u["tripped_at"]))
+                                               if any(u["tripped_at"] for u in runs) else None)}
+    return {"copy": c["rel"], "protection": c["protection"], "aucs": aucs, "best": best, "direction": sign, "uaps": uaps,
+            "threshold": thr, "fpr_own": fpr_seen, "fpr_verification": float(flag_c.mean()),
+            "tpr_stamped": float(flag_s.mean()), "asr": float(hits.mean()), "asr_evaded": float(ev.mean()),
+            "per_query": per_query, "window": args.window, "window_limit": limit, "stateful": state}
+
+
+def _q(s: dict) -> str:
+    med = f"{s['median']:.0f}" if float(s["median"]).is_integer() else f"{s['median']:.1f}"
+    return f"{med} / {s['max']}"
+
+
+def _v(s: dict) -> str:
+    if s["verdict"] != "mixed":
+        return s["verdict"]
+    return "mixed (" + ", ".join(f"{k} {v}" for k, v in s["counts"].items() if v) + ")"
+
+
+def report(rows: list[dict], st: list[dict], summary: dict, args) -> str:
+    out = [f"# Ownership verification: queries to verdict and stealth ({'quick' if args.quick else 'full'} protocol)", "",
+           f"Sequential test (docs/verification.md) at alpha {args.alpha:g}, stamped queries {args.batch_size} at a time, "
+           f"over {args.orders} random orders of the {rows[0]['qtv']['n']} non-target verification images; queries = "
+           "stamped queries sent until the verdict (median / max over the orders).", "",
+           "| protection | copy | thief (pool) | budget | output | ASR | tau0 | verdict | queries median / max |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        out.append(f"| {r['protection']} | {'stolen' if r['oracle'] == 'protected' else 'clean twin'} | {label_of(r)} | "
+                   f"{r['budget']} | {'label-only' if r['output'] == 'label' else 'soft'} | {100 * r['qtv']['asr']:.1f}% | "
+                   f"{100 * r['tau0_bundle']:.1f}% | {_v(r['qtv'])} | {_q(r['qtv'])} |")
+    s = summary
+    out += ["", f"- stolen copies flagged within {args.goal_queries} queries (every order): "
+                f"{s['stolen_within']}/{s['stolen']} (goal: all)",
+            f"- median queries to verdict over stolen copies (median of their medians): {s['stolen_median']:g} (goal: <= 30); "
+            f"largest max: {s['stolen_max']}",
+            f"- clean twins flagged (false positives, any order): {s['false_positives']}/{s['clean']} (goal: 0); "
+            f"cleared: {s['clean_cleared']}, undecided after every image: {s['clean_undecided']}",
+            "", "Published figures of other ownership tests, for context only (their own claims on their own "
+                "protocols, **not measured here**):", ""]
+    out += [f"- {n}: {c}" for n, c in PEERS]
+    out += ["", "## Stealth: can the suspect detect the verification queries?", "",
+            "ROC AUC of each detector separating the owner's stamped verification images from the same images clean "
+            "(0.5 = blind; goal <= 0.6). " + "; ".join(f"{k}: {v}" for k, v in DETECTORS.items()) + ".", "",
+            "An AUC below 0.5 means the reversed score separates (1 - AUC); the last column is the best detector "
+            "in either direction.", "",
+            "| protection | copy | thief (pool) | output | " + " | ".join(f"AUC {k}" for k in DETECTORS)
+            + " | best, either direction |",
+            "| --- | --- | --- | --- | " + " | ".join("---" for _ in DETECTORS) + " | --- |"]
+    by_rel = {(r["rel"], r["protection"]): r for r in rows}
+    for t in st:
+        r = by_rel[(t["copy"], t["protection"])]
+        cells = [f"{t['aucs'][k]:.3f}" if k in t["aucs"] else "—" for k in DETECTORS]
+        sep = max(t["aucs"][t["best"]], 1 - t["aucs"][t["best"]])
+        out.append(f"| {r['protection']} | stolen | {label_of(r)} | {r['output']} | " + " | ".join(cells)
+                   + f" | {t['best']}{'' if t['direction'] > 0 else ' (reversed)'}: {sep:.3f} |")
+    if any(t["uaps"] for t in st):
+        out += ["", "(d): the suspect's UAPs reach " + "; ".join(
+            f"{label_of(by_rel[(t['copy'], t['protection'])])} {by_rel[(t['copy'], t['protection'])]['output']}: "
+            + ", ".join(f"{100 * u['asr_on_copy']:.0f}%" for u in t["uaps"]) for t in st if t["uaps"])
+            + " ASR on its own copy (their random targets)."]
+    out += ["", "## Evasion: the suspect answers what its best detector flags with a non-target class", "",
+            f"Threshold: {100 * args.fpr:.0f}% false alarms on the suspect's own clean images. Per query: every flagged "
+            f"query answered evasively. Stateful: once {st[0]['window_limit'] if st else '?'} of the last {args.window} "
+            "queries are flagged (a window of clean traffic trips it at most 1% of the time), every later answer is "
+            "evasive; the owner sends stamped queries alone (1:0) or each followed by 1 or 3 clean ones (1:1, 1:3). "
+            "Verdict and stamped queries median / max over the orders; total = stamped + clean queries (median).", "",
+            "| protection | copy | best detector (AUC) | stamped flagged / clean flagged | ASR → evaded | per query | "
+            "stateful 1:0 (total) | stateful 1:1 (total) | stateful 1:3 (total) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for t in st:
+        r = by_rel[(t["copy"], t["protection"])]
+        cells = [f"{_v(t['stateful'][k])}, {_q(t['stateful'][k])} ({t['stateful'][k]['total_median']:.0f})"
+                 for k in ("0", "1", "3")]
+        sep = max(t["aucs"][t["best"]], 1 - t["aucs"][t["best"]])
+        out.append(f"| {r['protection']} | {label_of(r)} {r['output']} | {t['best']}{'' if t['direction'] > 0 else ' (reversed)'} ({sep:.2f}) | "
+                   f"{100 * t['tpr_stamped']:.0f}% / {100 * t['fpr_verification']:.0f}% | {100 * t['asr']:.0f}% → "
+                   f"{100 * t['asr_evaded']:.0f}% | {_v(t['per_query'])}, {_q(t['per_query'])} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench.ownership", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(ap, quick="the quick protocol's verification half (100 images per class), as bench.reproduce --quick",
+                    resume=None, device=False, progress=False)
+    add_data_args(ap, victim=False)
+    ap.add_argument("--reproduce-out", required=True, help="a finished bench.reproduce output directory (read only)")
+    ap.add_argument("--alpha", type=float, default=1e-6, help="the sequential test's level (default 1e-6)")
+    ap.add_argument("--orders", type=int, default=20, help="random orders of the verification images per copy")
+    ap.add_argument("--batch-size", type=int, default=10, help="stamped queries per step of the test (verify's default 10)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the orders and of the suspect's detector")
+    ap.add_argument("--goal-queries", type=int, default=100, help="the goal: every stolen copy flagged within this many")
+    ap.add_argument("--fpr", type=float, default=0.10, help="the evading suspect's false-alarm rate on clean queries")
+    ap.add_argument("--window", type=int, default=20, help="the stateful suspect's window of recent queries")
+    ap.add_argument("--learned", action=argparse.BooleanOptionalAction, default=True,
+                    help="train detector (d) for each stolen copy (default on)")
+    return finish_common_args(ap.parse_args(argv), NAME)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    set_threads()
+    t0 = time.time()
+    p = QUICK if args.quick else FULL
+    src = Path(args.reproduce_out)
+    vx, vy, cx, _ = verification_set(args, p)
+    log(f"verification half: {len(vx)} images; the suspect's own images (calibration half): {len(cx)}")
+    rows, bundles = [], {}
+    for c in copies(src):
+        b = bundles.get(c["bundle"]) or load_bundle(src / c["bundle"])
+        bundles[c["bundle"]] = b
+        if b.tau0 is None:
+            log(f"skip {c['rel']}: {c['bundle']} has no calibrated tau0")
+            continue
+        model, _ = load_model(src / c["rel"] / "substitute.safetensors")
+        model.eval()
+        q = queries_to_verdict(model, b.trigger, vx, vy, b.target, b.tau0, args.alpha, n_orders=args.orders,
+                               seed=args.seed, batch_size=args.batch_size)
+        row = {k: c[k] for k in ("seed", "protection", "oracle", "arch", "budget", "output", "pool", "rel", "asr", "stolen")}
+        row |= {"asr_fixed_n": c["asr"], "stolen_fixed_n": c["stolen"], "tau0_bundle": b.tau0, "target": b.target,
+                "qtv": {k: v for k, v in q.items()}}
+        rows.append(row)
+        log(f"{c['protection']:>8} {c['oracle']:>9} {c['rel']}: ASR {100 * q['asr']:.1f}%  {q['verdict']}  "
+            f"queries median {q['median']:g} max {q['max']}")
+    stolen = [r for r in rows if r["oracle"] == "protected"]
+    clean = [r for r in rows if r["oracle"] == "clean"]
+    summary = {"stolen": len(stolen), "clean": len(clean),
+               "stolen_within": sum(r["qtv"]["counts"]["flagged"] == r["qtv"]["orders"] and r["qtv"]["max"] <= args.goal_queries
+                                    for r in stolen),
+               "stolen_median": float(statistics.median(r["qtv"]["median"] for r in stolen)) if stolen else float("nan"),
+               "stolen_max": max((r["qtv"]["max"] for r in stolen), default=0),
+               "false_positives": sum(r["qtv"]["counts"]["flagged"] > 0 for r in clean),
+               "clean_cleared": sum(r["qtv"]["verdict"] == "cleared" for r in clean),
+               "clean_undecided": sum(r["qtv"]["counts"]["undecided"] > 0 for r in clean)}
+    st = []
+    for r in stolen:
+        b = bundles[f"seed{r['seed']}/protect-{r['protection']}/bundle"]
+        model, _ = load_model(src / r["rel"] / "substitute.safetensors")
+        t = time.time()
+        s = stealth(r, model.eval(), b, vx, vy, cx, p, args)
+        st.append(s)
+        log(f"stealth {r['rel']}: " + "  ".join(f"{k} {v:.3f}" for k, v in s["aucs"].items())
+            + f"  | evaded ASR {100 * s['asr_evaded']:.0f}%: {s['per_query']['verdict']}  [{time.time() - t:.0f} s]")
+    for r in rows:
+        r["qtv"]["runs"] = [list(x) for x in r["qtv"]["runs"]]
+    results = {"benchmark": "bench.ownership", "mode": "quick" if args.quick else "full",
+               "what": "Queries to a sequential ownership verdict for every stolen copy and clean twin of a "
+                       "bench.reproduce run, and the stealth of the verification queries (detector AUC, evasion)",
+               "command": command_line("bench.ownership", argv),
+               "protocol": {"reproduce_out": str(src), "alpha": args.alpha, "orders": args.orders,
+                            "batch_size": args.batch_size, "seed": args.seed, "goal_queries": args.goal_queries,
+                            "fpr": args.fpr, "window": args.window, "learned": args.learned,
+                            "verification_images": len(vx), "own_images": len(cx), "detectors": DETECTORS,
+                            "peers_published_not_measured": [{"method": n, "claim": c} for n, c in PEERS]},
+               "machine": machine_info(torch.device("cpu")), "summary": summary, "copies": rows, "stealth": st,
+               "seconds": round(time.time() - t0, 1)}
+    md = report(rows, st, summary, args)
+    written = save_report(Path(args.out), NAME, results, md, record=args.record, folder=NAME)
+    log("")
+    log(md)
+    log(f"\nwrote {', '.join(map(str, written))}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""bench.ownership's pure parts, without real data: the AUC, the replay of the sequential test, the
+per-copy aggregation over orders, and one queries-to-verdict run on a toy model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bench.ownership import auc, evasive_hits, queries_to_verdict, sequential_replay, stateful_run, summarize, window_limit
+from honeypotnet.models import create_model
+from honeypotnet.trigger import Trigger
+from honeypotnet.oracles import ModelOracle
+from honeypotnet.verify import sequential_verify
+
+
+def test_auc_known_cases():
+    assert auc([3, 4, 5], [0, 1, 2]) == 1.0  # perfect separation
+    assert auc([0, 1, 2], [3, 4, 5]) == 0.0  # reversed
+    assert auc([1, 1, 1], [1, 1]) == 0.5  # identical: every pair a tie
+    assert auc([0, 1, 2, 3], [0, 1, 2, 3]) == 0.5
+    # ties count a half: pos 1 vs neg {0, 1, 2}: 1 win, 1 tie, 1 loss -> 1.5 / 3
+    assert auc([1], [0, 1, 2]) == pytest.approx(0.5)
+    assert auc([2, 2], [1, 2]) == pytest.approx(0.75)
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(1, 1, 300), rng.normal(0, 1, 200)
+    brute = np.mean([(x > y) + 0.5 * (x == y) for x in a for y in b])
+    assert auc(a, b) == pytest.approx(brute)
+    with pytest.raises(ValueError):
+        auc([], [1])
+
+
+def test_replay_matches_sequential_verify_on_a_set_answer_sequence():
+    """sequential_replay on a 0/1 answer sequence reaches what the library's test reaches on a model whose
+    answers are exactly that sequence (a lookup model over images that carry their own index)."""
+    rng = np.random.default_rng(1)
+    for asr, tau0 in ((0.9, 0.08), (0.6, 0.08), (0.02, 0.08), (0.15, 0.08), (0.7, 0.3)):
+        hits = (rng.random(200) < asr).astype(float)
+        got = sequential_replay(hits, tau0, 1e-6)
+        ans = torch.as_tensor(hits)
+
+        class Lookup(torch.nn.Module):  # image i's first pixel holds i/255 before stamping (a zero trigger)
+            def forward(self, x):
+                i = (x[:, 0, 0, 0] * 255).round().long()
+                out = torch.zeros(len(x), 2)
+                out[torch.arange(len(x)), 1 - ans[i].long()] = 1.0  # class 0 = the target
+                return out
+
+        images = torch.zeros(200, 3, 4, 4, dtype=torch.uint8)
+        images[:, 0, 0, 0] = torch.arange(200, dtype=torch.uint8)
+        trig = Trigger(torch.zeros(3, 4, 4), torch.ones(1, 4, 4), "uap", 1 / 255)
+        v = sequential_verify(ModelOracle(Lookup()), trig, images, None, 0, tau0, 1e-6)
+        lib = {"stolen": "flagged"}.get(v.sequential["decided"], v.sequential["decided"])
+        assert (lib, v.sequential["stamped_queries"]) == got
+
+
+def test_summarize_over_orders():
+    s = summarize([("flagged", 10), ("flagged", 30), ("flagged", 20)])
+    assert s["verdict"] == "flagged" and s["median"] == 20 and s["max"] == 30 and s["min"] == 10
+    assert s["counts"] == {"flagged": 3, "cleared": 0, "undecided": 0} and s["orders"] == 3
+    m = summarize([("flagged", 10), ("cleared", 40), ("flagged", 20), ("undecided", 900)])
+    assert m["verdict"] == "mixed" and m["median"] == 30 and m["max"] == 900
+    assert m["counts"] == {"flagged": 2, "cleared": 1, "undecided": 1}
+    with pytest.raises(ValueError):
+        summarize([])
+
+
+def test_evasion_and_stateful_suspect():
+    pred = np.array([0, 0, 1, 0])
+    assert evasive_hits(pred, np.array([True, False, False, False]), 0).tolist() == [0, 1, 0, 1]
+    k = window_limit(20, 0.1)
+    assert k == 7  # P(Bin(20, 0.1) >= 6) = 1.1%: above 1%; >= 7: 0.2%
+    hit = np.ones(100)
+    never = stateful_run(hit, np.zeros(100, bool), np.zeros(100, bool), 0.08, 1e-6, limit=3)
+    assert never["verdict"] == "flagged" and never["stamped"] == 10 and never["tripped_at"] is None
+    # every stamped query flagged: the suspect trips after 3 and answers nothing more; 1:3 interleaving with
+    # unflagged clean queries trips it later (at the 3rd stamped query, 9 queries in)
+    alone = stateful_run(hit, np.ones(100, bool), np.zeros(100, bool), 0.08, 1e-6, limit=3)
+    assert alone["tripped_at"] == 3 and alone["verdict"] == "cleared"
+    mixed = stateful_run(hit, np.ones(100, bool), np.zeros(100, bool), 0.08, 1e-6, limit=3, clean_per_stamped=3)
+    assert mixed["tripped_at"] == 9 and mixed["total"] == 4 * mixed["stamped"]
+
+
+def test_queries_to_verdict_on_a_toy_model():
+    """A tiny model whose head is biased to the target answers every image (stamped or not) with it: flagged,
+    in the fewest queries, every order; a model that never answers it is cleared. The first order also runs
+    through verify(sequential=True) and must agree."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (120, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.arange(120) % 10
+    trig = Trigger.uap(32, 8 / 255)
+    trig.pattern.copy_(torch.empty(3, 32, 32).uniform_(-1, 1, generator=g))
+    trig.project_()
+    for bias, expect in ((10.0, "flagged"), (-10.0, "cleared")):
+        model = create_model("cnn_small", 10).eval()
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, torch.nn.Linear):
+                    last = m
+            last.bias[3] = bias
+        q = queries_to_verdict(model, trig, images, labels, 3, 0.08, 1e-6, n_orders=5, seed=0)
+        assert q["n"] == 108 and q["verdict"] == expect and q["counts"][expect] == 5
+        assert 0 < q["median"] <= q["max"] <= 108 and q["max"] % 10 == 0
+        assert q["verify_check"]["decided"] == expect
+        assert q["asr"] == (1.0 if expect == "flagged" else 0.0)
