@@ -80,7 +80,12 @@ ABLATIONS: dict[str, list[tuple[str, dict]]] = {
     # at what an in-distribution thief learns
     "in-distribution": [("robust", ROBUST), ("robust-lnorm-ce", {**ROBUST, "l_norm": "ce"}),
                         ("robust-owner0.5", {**ROBUST, "shadow_owner_share": 0.5}),
-                        ("robust-lnorm-ce-owner0.5", {**ROBUST, "l_norm": "ce", "shadow_owner_share": 0.5})],
+                        ("robust-lnorm-ce-owner0.5", {**ROBUST, "l_norm": "ce", "shadow_owner_share": 0.5}),
+                        # the owner images' soft answers lean toward the target along the trigger's feature shift
+                        # (head.owner_lean; top-1 kept), alone and with the shadows querying owner images
+                        ("robust-lean0.5", {**ROBUST, "owner_lean": 0.5}),
+                        ("robust-lean1", {**ROBUST, "owner_lean": 1.0}),
+                        ("robust-lean1-owner0.5", {**ROBUST, "owner_lean": 1.0, "shadow_owner_share": 0.5})],
 }
 # the thieves each protection also meets, besides the Tiny ImageNet grid: (pool, output) at the largest budget
 EXTRA_POOL_THIEVES = [("cifar", "probs"), ("cifar", "label"), ("mixed", "probs")]
@@ -126,17 +131,26 @@ def run_ablation(rep: Reproduction, name: str, seeds, budgets, archs, pools=("ti
 # ============================================================================ tables
 
 
+def _benign(ps: list[dict], key: str, digits: int, scale: float = 1.0) -> str:
+    """Mean of one benign-user cost over seeds ('—' for rows recorded before it was measured)."""
+    xs = [p["benign"][key] * scale for p in ps if "benign" in p]
+    return f"{statistics.mean(xs):.{digits}f}" if xs else "—"
+
+
 def format_tables(protections: list[dict], substitutes: list[dict], timings: dict[str, list[float]]) -> str:
     out = []
-    out.append("| protection | victim CTA → protected (Δ) | fidelity | protected model ASR | tau0 | protect s | seeds |")
-    out.append("| --- | --- | --- | --- | --- | --- | --- |")
+    out.append("| protection | victim CTA → protected (Δ) | fidelity | KL(victim ‖ protected), nats | ECE: victim → "
+               "protected | protected model ASR | tau0 | protect s | seeds |")
+    out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     names = list(dict.fromkeys(p["protection"] for p in protections))
     for n in names:
         ps = [p for p in protections if p["protection"] == n]
         d = [p["cta_delta"] for p in ps]
         out.append(f"| {n} | {pct([p['victim_cta'] for p in ps])} → {pct([p['protected_cta'] for p in ps])} "
                    f"({'+' if statistics.mean(d) >= 0 else '−'}{abs(100 * statistics.mean(d)):.2f}) | "
-                   f"{pct([p['fidelity'] for p in ps])} | {pct([p['protected_model_asr'] for p in ps])} | "
+                   f"{pct([p['fidelity'] for p in ps])} | {_benign(ps, 'kl', 3)} | "
+                   f"{_benign(ps, 'ece_victim', 1, 100)} → {_benign(ps, 'ece_protected', 1, 100)} | "
+                   f"{pct([p['protected_model_asr'] for p in ps])} | "
                    f"{pct([p['tau0'] for p in ps])} | {statistics.mean(p['seconds'] for p in ps):.0f} | {len(ps)} |")
     out.append("")
     out.append("| protection | thief | budget | output | thief CTA (clean) | ASR (clean) | unstamped (clean) "

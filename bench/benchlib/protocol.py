@@ -25,6 +25,7 @@ import torch
 from honeypotnet.attacks import query_oracle, random_extraction
 from honeypotnet.bundle import load_bundle, load_model, save_bundle, save_model
 from honeypotnet.config import ProtectConfig
+from honeypotnet.metrics import benign_costs
 from honeypotnet.models import create_model
 from honeypotnet.oracles import ModelOracle, OutputMode
 from honeypotnet.protect import ProtectEvent, protect
@@ -95,7 +96,8 @@ SUBSTITUTE_COLUMNS = ["seed", "protection", "oracle", "arch", "budget", "output"
                       "unstamped_rate", "tau0", "p_value", "alpha", "stolen", "verdict", "clean_accuracy",
                       "stamped_accuracy", "seconds"]
 PROTECTION_COLUMNS = ["seed", "protection", "overrides", "config", "victim_cta", "protected_cta", "cta_delta",
-                      "fidelity", "protected_model_asr", "tau0", "calibration", "history", "seconds", "step_seconds"]
+                      "fidelity", "benign", "protected_model_asr", "tau0", "calibration", "history", "seconds",
+                      "step_seconds"]
 
 
 class Reproduction:
@@ -257,7 +259,11 @@ class Reproduction:
         cal = self.units.run(f"{rel}/calibration", {"protection": rec["key"], "references": self._refs_key[seed]},
                              calibrate, "calibration")
         bundle = load_bundle(self.out / rel / "bundle")
+        # what honest users pay, on the evaluation images: KL(victim || protected) and both models' ECE
+        benign = benign_costs(predict_logits(self.victim(), self.eval_images),
+                              predict_logits(bundle.model.to(self.device), self.eval_images), self.eval_labels)
         row = {"seed": seed, "protection": name, "overrides": {k: jsonable(v) for k, v in overrides.items()},
+               "benign": benign,
                "config": cfg.to_dict(), **{k: rec[k] for k in ("victim_cta", "protected_cta", "cta_delta", "fidelity",
                                                                "protected_model_asr", "history", "step_seconds")},
                "tau0": cal["tau0"], "calibration": cal["calibration"], "seconds": rec["seconds"],

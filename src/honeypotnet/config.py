@@ -61,6 +61,10 @@ class ProtectConfig:
                                               "or 'kl+ce'")
     shadow_norm_weight: float = _f(0.2, "head", "shadow_norm_weight", "weight of the clean term on shadow-set "
                                                                        "images (owner images: 1)")
+    owner_lean: float = _f(0.0, "head", "owner_lean", "on owner images, the clean term's reference leans toward "
+                                                      "the target by up to this share of the remaining mass, "
+                                                      "in proportion to how far each image's features lie "
+                                                      "along the trigger's feature shift; top-1 kept; 0 = off")
     # [shadow] --------------------------------------------------------------------------------------------
     shadow_arch: str = _f("cnn", "shadow", "arch", "registry architecture of the shadow model")
     shadow_epochs: int = _f(3, "shadow", "epochs", "epochs of the shadow's extraction per outer iteration")
@@ -120,6 +124,7 @@ class ProtectConfig:
         need(self.lam >= 0 and 0 <= self.momentum < 1, "head.lam must be >= 0 and trigger.momentum in [0, 1)")
         need(self.shadow_norm_weight >= 0, "head.shadow_norm_weight must be >= 0")
         need(0 <= self.shadow_owner_share <= 1, "shadow.owner_share must be in [0, 1]")
+        need(0 <= self.owner_lean <= 1, "head.owner_lean must be in [0, 1]")
         need(self.honeypot_lr > 0 and self.shadow_lr > 0 and self.shadow_finetune_lr > 0
              and self.negative_finetune_lr > 0, "learning rates must be > 0")
         need(0 <= self.trigger_blur <= 4, "trigger.blur (the largest blur σ, pixels) must be in [0, 4]; 0 = off")

@@ -26,8 +26,8 @@ from .models import create_model, split_classifier
 from .negatives import NegativeShadows
 from .ops import attack_success_rate, batched_forward, device_of, take
 from .state import load_state, run_key, save_state
-from .steps import (finetune_honeypot, finetune_set, finetuned_copy, generate_trigger, simulate_extraction,
-                    stream)
+from .steps import (finetune_honeypot, finetune_set, finetuned_copy, generate_trigger, lean_toward_target,
+                    simulate_extraction, stream)
 from .trigger import Trigger
 
 
@@ -195,7 +195,9 @@ def _run(victim, shadow_images, owner_images, cfg, num_classes, checkpoint_dir, 
         # 3. the honeypot layer
         stamped_feats = batched_forward(features, images, transform=trigger.stamp, device=device, batch_size=bs)
         lap("stamped features")
-        losses = finetune_honeypot(honeypot, opt, clean_feats, clean_logits, stamped_feats, cfg, it, n_shadow)
+        ref_logits = lean_toward_target(clean_logits, clean_feats, stamped_feats, n_shadow, cfg.target,
+                                        cfg.owner_lean) if cfg.owner_lean > 0 else clean_logits
+        losses = finetune_honeypot(honeypot, opt, clean_feats, ref_logits, stamped_feats, cfg, it, n_shadow)
         lap("honeypot")
         with torch.no_grad():
             fidelity = float((honeypot(clean_feats.to(device)).argmax(1).cpu() == clean_logits.argmax(1)).float().mean())

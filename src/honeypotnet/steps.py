@@ -145,6 +145,34 @@ def finetuned_copy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return ft.eval()
 
 
+@torch.no_grad()
+def lean_toward_target(clean_logits: torch.Tensor, clean_feats: torch.Tensor, stamped_feats: torch.Tensor,
+                       n_shadow: int, target: int, strength: float) -> torch.Tensor:
+    """The clean term's reference with head.owner_lean: on the owner rows (after the first n_shadow) the
+    victim's distribution moves up to `strength` of its non-target mass to the target, in proportion to how
+    far the image's features lie along the trigger's feature shift u = mean(f(x ⊕ δ) − f(x)) (z-score over
+    the owner rows, clipped to [0, 3], / 3: images at or below the mean do not lean). The top-1 class is
+    kept with a margin (the target's share stays at most half the rescaled top class's) and rows whose
+    top-1 is the target are unchanged. A thief whose queries look like the owner's images then learns "more u, more target" from
+    soft answers whose labels are the victim's. Returns logits (log-probabilities) of the same shape."""
+    out = clean_logits.clone()
+    if strength <= 0 or len(clean_logits) <= n_shadow:
+        return out
+    u = (stamped_feats - clean_feats).flatten(1).mean(0)
+    feats = clean_feats[n_shadow:].flatten(1)
+    a = (feats - feats.mean(0)) @ (u / u.norm().clamp_min(1e-12))
+    share = ((a - a.mean()) / a.std().clamp_min(1e-12)).clamp(0, 3) / 3
+    p = torch.softmax(clean_logits[n_shadow:].float(), 1)
+    pt, top = p[:, target], p.max(1).values
+    share = torch.where(p.argmax(1) == target, torch.zeros_like(share), share)
+    cap = top / (top + 2 * (1 - pt))  # at the cap the target's share is half the rescaled top-1's
+    c = torch.maximum(pt, torch.minimum(pt + strength * share * (1 - pt), cap))
+    q = p * ((1 - c) / (1 - pt).clamp_min(1e-12)).unsqueeze(1)
+    q[:, target] = c
+    out[n_shadow:] = q.clamp_min(1e-12).log()
+    return out
+
+
 def finetune_honeypot(honeypot: HoneypotLayer, opt: torch.optim.Optimizer, clean_feats: torch.Tensor,
                       clean_logits: torch.Tensor, stamped_feats: torch.Tensor, cfg: ProtectConfig,
                       iteration: int, n_shadow: int = 0) -> dict:

@@ -1,0 +1,90 @@
+"""head.owner_lean (the owner images' soft answers lean toward the target along the trigger's feature
+shift, top-1 kept) and the benign-user cost figures (honeypotnet.metrics) that say what it costs."""
+import math
+from functools import partial
+
+import pytest
+import torch
+
+from honeypotnet.config import ProtectConfig
+from honeypotnet.data import load_dataset
+from honeypotnet.metrics import benign_costs, calibration_error, mean_kl
+from honeypotnet.models import create_model
+from honeypotnet.protect import protect
+from honeypotnet.steps import lean_toward_target
+from honeypotnet.training import FitConfig, fit
+
+SPEC = partial(ProtectConfig.preset, "spec")
+
+
+def _features(n_shadow=50, n_owner=200, d=16, k=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randn(n_shadow + n_owner, d, generator=g)
+    shift = torch.zeros(d)
+    shift[0] = 2.0  # the trigger moves every image along feature 0
+    logits = 3 * torch.randn(n_shadow + n_owner, k, generator=g)
+    return clean, clean + shift, logits
+
+
+def test_lean_keeps_top1_and_raises_the_target_with_alignment():
+    clean, stamped, logits = _features()
+    n_shadow, target = 50, 2
+    lean = lean_toward_target(logits, clean, stamped, n_shadow, target, 1.0)
+    p, q = torch.softmax(logits, 1), torch.softmax(lean, 1)
+    assert torch.allclose(q.sum(1), torch.ones(len(q)), atol=1e-5)
+    assert torch.equal(lean[:n_shadow], logits[:n_shadow])  # shadow rows untouched
+    assert torch.equal(q.argmax(1), p.argmax(1))  # top-1 kept on every row
+    own = slice(n_shadow, None)
+    moved = q[own, target] - p[own, target]
+    assert (moved >= -1e-6).all() and moved.max() > 0.1
+    was_target = p[own].argmax(1) == target
+    assert torch.allclose(q[own][was_target], p[own][was_target], atol=1e-6)  # rows already answering the target
+    # images further along the shift lean more; those at or below the mean not at all
+    along = clean[own, 0]
+    low = along <= along.mean()
+    assert moved[low & ~was_target].abs().max() < 1e-6
+    top_tenth = along >= along.quantile(0.9)
+    assert moved[top_tenth & ~was_target].mean() > moved[~low & ~top_tenth & ~was_target].mean()
+
+
+def test_lean_strength_zero_or_no_owner_rows_is_the_identity_and_the_option_is_checked():
+    clean, stamped, logits = _features()
+    assert torch.equal(lean_toward_target(logits, clean, stamped, 50, 2, 0.0), logits)
+    assert torch.equal(lean_toward_target(logits[:50], clean[:50], stamped[:50], 50, 2, 1.0), logits[:50])
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="owner_lean"):
+            SPEC(owner_lean=bad)
+    assert ProtectConfig().owner_lean == 0 and ProtectConfig.preset("spec").owner_lean == 0  # presets unchanged
+
+
+def test_owner_lean_changes_the_honeypot_and_keeps_it_deterministic():
+    shadow = load_dataset("shapes", split="shadow", n=300).images
+    owner = load_dataset("shapes", split="train", n=300)
+    torch.manual_seed(0)
+    victim = create_model("cnn_small", 10)
+    fit(victim, owner.images, owner.labels, FitConfig(epochs=1, seed=0), progress=False)
+    runs = {}
+    for lean in (0.0, 1.0, 1.0):
+        cfg = SPEC(outer_iters=1, shadow_arch="cnn_small", shadow_epochs=1, honeypot_steps=20, owner_lean=lean)
+        res = protect(victim, shadow, owner.images, cfg, progress=False)
+        runs.setdefault(lean, []).append(torch.cat([p.flatten() for p in res.model.parameters()]))
+    assert torch.equal(runs[1.0][0], runs[1.0][1])
+    assert not torch.equal(runs[0.0][0], runs[1.0][0])
+
+
+def test_benign_costs():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(500, 4, generator=g)
+    labels = logits.argmax(1)
+    assert mean_kl(logits, logits) == pytest.approx(0.0, abs=1e-6)
+    other = logits + torch.randn(500, 4, generator=g)
+    assert mean_kl(logits, other) > 0.05
+    # always right: the error is 1 - mean confidence; scaled up to certainty it vanishes
+    conf = torch.softmax(logits, 1).max(1).values.mean()
+    assert calibration_error(logits, labels) == pytest.approx(float(1 - conf), abs=1e-5)
+    assert calibration_error(1000 * logits, labels) < 1e-2 * calibration_error(logits, labels)
+    c = benign_costs(logits, other, labels)
+    assert set(c) == {"agreement", "kl", "ece_victim", "ece_protected"} and 0 < c["agreement"] < 1
+    assert all(math.isfinite(v) for v in c.values())
+    with pytest.raises(ValueError):
+        benign_costs(logits, other[:10], labels)
