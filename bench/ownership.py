@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import time
 from pathlib import Path
@@ -49,7 +48,7 @@ from honeypotnet.ops import to_float
 from honeypotnet.steps import generate_trigger
 from honeypotnet.training import FitConfig, fit, predict_logits
 from honeypotnet.trigger import Trigger
-from honeypotnet.verify import log_evidence_innocent, log_evidence_stolen, verify
+from honeypotnet.verify import default_stolen_asr, sequential_decision, verify
 
 from .benchlib.args import add_common_args, add_data_args, finish_common_args
 from .benchlib.common import command_line, log, machine_info, save_report, set_threads
@@ -78,31 +77,23 @@ def auc(pos, neg) -> float:
     return float((below + 0.5 * (upto - below)).sum() / (len(pos) * len(neg)))
 
 
-def stolen_asr_default(tau0: float) -> float:
-    """The stolen_asr verify's sequential test uses when none is given."""
-    return 0.5 if tau0 < 0.5 else (1 + tau0) / 2
-
-
 def sequential_replay(hits, tau0: float, alpha: float, batch_size: int = 10, max_queries: int | None = None,
                       stolen_asr: float | None = None) -> tuple[str, int]:
     """verify(..., sequential=True)'s decision on a suspect whose answers to the stamped queries, in the order
     they are sent, are `hits` (1 = the target class): ("flagged" | "cleared" | "undecided", stamped queries).
-    The same checks after each batch, in the same order (flagged first), as honeypotnet.verify.sequential_verify."""
+    The library's own check (honeypotnet.verify.sequential_decision) after each batch."""
     hits = np.asarray(hits, dtype=float).ravel()
-    stolen_asr = stolen_asr_default(tau0) if stolen_asr is None else stolen_asr
+    stolen_asr = default_stolen_asr(tau0) if stolen_asr is None else stolen_asr
     limit = min(len(hits), max_queries or len(hits))
     if limit == 0:
         return "undecided", 0
-    ends = np.unique(np.minimum(np.arange(batch_size, limit + batch_size, batch_size), limit))
-    cum = np.cumsum(hits[:limit])[ends - 1]
-    threshold = math.log(1 / alpha)
-    s = np.atleast_1d(log_evidence_stolen(cum, ends, tau0)) >= threshold
-    c = np.atleast_1d(log_evidence_innocent(cum, ends, stolen_asr)) >= threshold
-    first = np.flatnonzero(s | c)
-    if len(first) == 0:
-        return "undecided", int(limit)
-    i = int(first[0])
-    return ("flagged" if s[i] else "cleared"), int(ends[i])
+    cum = np.cumsum(hits[:limit])
+    for n in range(batch_size, limit + batch_size, batch_size):
+        n = min(n, limit)
+        decided = sequential_decision(int(cum[n - 1]), n, tau0, stolen_asr, alpha)
+        if decided is not None:
+            return ("flagged" if decided == "stolen" else "cleared"), n
+    return "undecided", int(limit)
 
 
 def orders(n: int, count: int, seed: int) -> list[np.ndarray]:
@@ -242,8 +233,7 @@ def stateful_run(hit: np.ndarray, flag_stamped: np.ndarray, flag_clean: np.ndarr
     answers = []
     total = 0
     ci = 0
-    threshold = math.log(1 / alpha)
-    stolen_asr = stolen_asr_default(tau0)
+    stolen_asr = default_stolen_asr(tau0)
     for i in range(len(hit)):
         events = [bool(flag_stamped[i])] + [bool(flag_clean[(ci + j) % len(flag_clean)]) for j in range(clean_per_stamped)]
         ci += clean_per_stamped
@@ -255,11 +245,10 @@ def stateful_run(hit: np.ndarray, flag_stamped: np.ndarray, flag_clean: np.ndarr
                 tripped_at = total
         n = len(answers)
         if n % batch_size == 0 or n == len(hit):
-            h = sum(answers)
-            if log_evidence_stolen(h, n, tau0) >= threshold:
-                return {"verdict": "flagged", "stamped": n, "total": total, "tripped_at": tripped_at}
-            if log_evidence_innocent(h, n, stolen_asr) >= threshold:
-                return {"verdict": "cleared", "stamped": n, "total": total, "tripped_at": tripped_at}
+            decided = sequential_decision(sum(answers), n, tau0, stolen_asr, alpha)
+            if decided is not None:
+                return {"verdict": "flagged" if decided == "stolen" else "cleared", "stamped": n, "total": total,
+                        "tripped_at": tripped_at}
     return {"verdict": "undecided", "stamped": len(hit), "total": total, "tripped_at": tripped_at}
 
 

@@ -122,3 +122,21 @@ def reproduce_quick(shared_dir, cifar10_jpeg_root, tinyimagenet_root, tmp_path_f
                           timeout=1500, cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, argv, proc.stdout
+
+
+@pytest.fixture(scope="session")
+def toy_victim():
+    """A small CNN trained one epoch on 300 embedded shapes, with 300 shadow images beside it: the victim of the
+    tests that compare protect runs of one option on and off -> (victim, shadow images, owner ImageDataset)."""
+    import torch
+
+    from honeypotnet.data import load_dataset
+    from honeypotnet.models import create_model
+    from honeypotnet.training import FitConfig, fit
+
+    shadow = load_dataset("shapes", split="shadow", n=300).images
+    owner = load_dataset("shapes", split="train", n=300)
+    torch.manual_seed(0)
+    victim = create_model("cnn_small", 10)
+    fit(victim, owner.images, owner.labels, FitConfig(epochs=1, seed=0), progress=False)
+    return victim, shadow, owner

@@ -99,14 +99,10 @@ def test_protect_validates_inputs():
             SPEC(shadow_owner_share=bad)
 
 
-def test_shadows_query_owner_images_with_owner_share():
+def test_shadows_query_owner_images_with_owner_share(toy_victim):
     """shadow.owner_share > 0: the shadow also queries (and the trigger step runs over) that share of the
     owner images, so the same seeds give another shadow and another trigger; 0 leaves the run as it was."""
-    shadow = load_dataset("shapes", split="shadow", n=300).images
-    owner = load_dataset("shapes", split="train", n=300)
-    torch.manual_seed(0)
-    victim = create_model("cnn_small", 10)
-    fit(victim, owner.images, owner.labels, FitConfig(epochs=1, seed=0), progress=False)
+    victim, shadow, owner = toy_victim
     runs = {}
     for share in (0.0, 0.0, 1.0):
         cfg = SPEC(outer_iters=1, shadow_arch="cnn_small", shadow_epochs=1, honeypot_steps=5, shadow_owner_share=share)

@@ -7,12 +7,9 @@ import pytest
 import torch
 
 from honeypotnet.config import ProtectConfig
-from honeypotnet.data import load_dataset
 from honeypotnet.metrics import benign_costs, calibration_error, mean_kl
-from honeypotnet.models import create_model
 from honeypotnet.protect import protect
 from honeypotnet.steps import lean_toward_target
-from honeypotnet.training import FitConfig, fit
 
 SPEC = partial(ProtectConfig.preset, "spec")
 
@@ -57,12 +54,8 @@ def test_lean_strength_zero_or_no_owner_rows_is_the_identity_and_the_option_is_c
     assert ProtectConfig().owner_lean == 0 and ProtectConfig.preset("spec").owner_lean == 0  # presets unchanged
 
 
-def test_owner_lean_changes_the_honeypot_and_keeps_it_deterministic():
-    shadow = load_dataset("shapes", split="shadow", n=300).images
-    owner = load_dataset("shapes", split="train", n=300)
-    torch.manual_seed(0)
-    victim = create_model("cnn_small", 10)
-    fit(victim, owner.images, owner.labels, FitConfig(epochs=1, seed=0), progress=False)
+def test_owner_lean_changes_the_honeypot_and_keeps_it_deterministic(toy_victim):
+    victim, shadow, owner = toy_victim
     runs = {}
     for lean in (0.0, 1.0, 1.0):
         cfg = SPEC(outer_iters=1, shadow_arch="cnn_small", shadow_epochs=1, honeypot_steps=20, owner_lean=lean)

@@ -123,12 +123,19 @@ class Reproduction:
         self.step_seconds: dict[str, tuple[float, float]] = {}  # protect's steps: (this run, incl. resumed)
         self.victim_rec: dict | None = None
         self._victim = None
+        self._victim_eval_logits: torch.Tensor | None = None
         self._refs: dict[int, list] = {}
         self._refs_key: dict[int, str] = {}
         self._answers: dict[str, torch.Tensor] = {}
         self._prot_rows: dict[str, dict] = {}
 
     # ------------------------------------------------------------------ victim
+    def victim_eval_logits(self) -> torch.Tensor:
+        """The victim's logits on the evaluation images (computed once: every protection compares with them)."""
+        if self._victim_eval_logits is None:
+            self._victim_eval_logits = predict_logits(self.victim(), self.eval_images)
+        return self._victim_eval_logits
+
     def victim(self):
         if self._victim is not None:
             return self._victim
@@ -231,7 +238,7 @@ class Reproduction:
             save_bundle(d / "bundle", res.model, res.trigger, arch="resnet20", target=cfg.target, classes=data.classes,
                         config=cfg.to_dict(), verification=None, history=res.history, overwrite=True,
                         extra={"benchmark": "bench.reproduce", "protection": name})
-            vp = predict_logits(self.victim(), self.eval_images).argmax(1)
+            vp = self.victim_eval_logits().argmax(1)
             pp = predict_logits(res.model.to(self.device), self.eval_images).argmax(1)
             v_cta = float((vp == self.eval_labels).float().mean())
             p_cta = float((pp == self.eval_labels).float().mean())
@@ -263,7 +270,7 @@ class Reproduction:
                              calibrate, "calibration")
         bundle = load_bundle(self.out / rel / "bundle")
         # what honest users pay, on the evaluation images: KL(victim || protected) and both models' ECE
-        benign = benign_costs(predict_logits(self.victim(), self.eval_images),
+        benign = benign_costs(self.victim_eval_logits(),
                               predict_logits(bundle.model.to(self.device), self.eval_images), self.eval_labels)
         row = {"seed": seed, "protection": name, "overrides": {k: jsonable(v) for k, v in overrides.items()},
                "benign": benign,

@@ -349,6 +349,23 @@ def log_evidence_innocent(hits: int, n: int, stolen_asr: float) -> float:
     return log_evidence_stolen(n - hits, n, 1 - stolen_asr)
 
 
+def default_stolen_asr(tau0: float) -> float:
+    """The ASR stolen copies show at least, which the sequential test clears against: 0.5, or halfway
+    between a tau0 above it and 1."""
+    return 0.5 if tau0 < 0.5 else (1 + tau0) / 2
+
+
+def sequential_decision(hits: int, n: int, tau0: float, stolen_asr: float, alpha: float) -> str | None:
+    """The sequential test's verdict after `hits` target answers out of `n` stamped queries: "stolen" once
+    H0 "ASR <= tau0" is rejected at alpha, else "cleared" once H0' "ASR >= stolen_asr" is, else None (go on)."""
+    threshold = math.log(1 / alpha)
+    if log_evidence_stolen(hits, n, tau0) >= threshold:
+        return "stolen"
+    if log_evidence_innocent(hits, n, stolen_asr) >= threshold:
+        return "cleared"
+    return None
+
+
 def sequential_verify(oracle: Oracle, trigger: Trigger, images: torch.Tensor, labels: torch.Tensor | None,
                       target: int, tau0: float, alpha: float = 1e-6, *, max_queries: int | None = None,
                       batch_size: int = 10, stolen_asr: float | None = None, unstamped: bool = False) -> VerificationResult:
@@ -359,8 +376,8 @@ def sequential_verify(oracle: Oracle, trigger: Trigger, images: torch.Tensor, la
     obeys the trigger less than stolen copies do); neither
     by max_queries (or the images' end): not flagged, undecided. The error guarantee holds at every stopping
     time, so peeking after each batch costs nothing. p_value reports 1/M (an always-valid p-value)."""
-    if stolen_asr is None:  # the ASR stolen copies show at least: 0.5, or halfway above a high tau0
-        stolen_asr = 0.5 if tau0 < 0.5 else (1 + tau0) / 2
+    if stolen_asr is None:
+        stolen_asr = default_stolen_asr(tau0)
     if not 0 < stolen_asr < 1 or stolen_asr <= tau0:
         raise ValueError(f"stolen_asr must be in (tau0, 1), got {stolen_asr}")
     if batch_size < 1 or (max_queries is not None and max_queries < 1):
@@ -372,7 +389,6 @@ def sequential_verify(oracle: Oracle, trigger: Trigger, images: torch.Tensor, la
         raise ValueError("no verification images outside the target class")
     limit = min(len(images), max_queries or len(images))
     trigger = trigger.cpu()
-    threshold = math.log(1 / alpha)
     before = oracle.queries
     hits = n = 0
     clean_pred, stamped_pred = [], []
@@ -385,10 +401,7 @@ def sequential_verify(oracle: Oracle, trigger: Trigger, images: torch.Tensor, la
             clean_pred.append(oracle(x).argmax(1))
         hits += int((pred == target).sum())
         n += len(x)
-        if log_evidence_stolen(hits, n, tau0) >= threshold:
-            decided = "stolen"
-        elif log_evidence_innocent(hits, n, stolen_asr) >= threshold:
-            decided = "cleared"
+        decided = sequential_decision(hits, n, tau0, stolen_asr, alpha)
     log_m = log_evidence_stolen(hits, n, tau0)
     extra = {"unstamped_rate": float("nan")}
     if unstamped:

@@ -141,13 +141,6 @@ class ImageSource:
             self.largest_batch = max(self.largest_batch, len(x))
             yield x
 
-    def fingerprint(self, batch_size: int = 500) -> str:
-        """SHA-256 (hex) of every pixel, streamed batch by batch (one decoding pass)."""
-        h = pixel_hash(self.shape)
-        for x in self.batches(batch_size):
-            h.update(x.contiguous().numpy().tobytes())
-        return h.hexdigest()
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name or ''!s}, {len(self)} x {tuple(self.item_shape)}, lazy)"
 
@@ -183,10 +176,7 @@ def decode_image(path: str, size: int | None = None) -> np.ndarray:
                 # Let libjpeg scale big images by 1/2, 1/4 or 1/8 while decoding, keeping at
                 # least 2x the target so the bilinear resize below still sets the look.
                 im.draft("RGB", (2 * size, 2 * size))
-            rgb = im.convert("RGB")  # also loads (and so fully decodes) the file
-        if size is not None and rgb.size != (size, size):
-            rgb = rgb.resize((size, size), _BILINEAR)  # PIL filters antialias
-        return np.asarray(rgb)
+            return resize_image(im, size)  # converting to RGB loads (and so fully decodes) the file
     except FileNotFoundError as exc:
         raise DatasetError(f"image file {path!r} is missing ({exc})") from exc
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
@@ -197,7 +187,7 @@ def resize_image(im: Image.Image, size: int | None) -> np.ndarray:
     """A PIL image as RGB uint8 (H, W, 3), resized to size x size (bilinear, antialiased) when asked."""
     rgb = im.convert("RGB")
     if size is not None and rgb.size != (size, size):
-        rgb = rgb.resize((size, size), _BILINEAR)
+        rgb = rgb.resize((size, size), _BILINEAR)  # PIL filters antialias
     return np.asarray(rgb)
 
 
