@@ -25,6 +25,14 @@ verifies on), target class excluded.
    own clean images) with its best non-target class. Per query; and stateful (after a window of recent
    queries holds too many flagged ones, every later answer is evasive), against stamped-only verification
    and verification interleaving each stamped query with clean ones. What the sequential verdict becomes.
+4. Quiet verification (`--scales`, default 1 0.75 0.5 0.35 0.25; `--scales` with none or `--no-quiet`: skip;
+   `--quiet-protections`, default base robust). The owner verifies with the trigger scaled down, x + s·δ
+   (scaled). Per protection and scale: tau0(s) by the protocol's own calibration (calibrate_tau0 over the
+   seed's reference models on the calibration half; at s = 1 the bundle's tau0), every copy's ASR and
+   queries to verdict at tau0(s), and for the stolen copies the AUCs of (a)-(d) on the images stamped at s,
+   (d) trained at the bundle's eps as in 2, plus an adaptive (d) trained on the suspect's UAPs at s·eps (a
+   suspect who knows the owner verifies at s), and the per-query evading suspect's verdict. The goal: some s
+   with every detector at AUC <= 0.6, every stolen copy flagged and no clean twin flagged.
 
 Output: OUT/ownership.json and OUT/ownership.md; `--record NAME` also docs/results/ownership/NAME.{md,json}.
 """
@@ -34,6 +42,7 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +57,7 @@ from honeypotnet.ops import to_float
 from honeypotnet.steps import generate_trigger
 from honeypotnet.training import FitConfig, fit, predict_logits
 from honeypotnet.trigger import Trigger
-from honeypotnet.verify import default_stolen_asr, sequential_decision, verify
+from honeypotnet.verify import calibrate_tau0, default_stolen_asr, sequential_decision, verify
 
 from .benchlib.args import add_common_args, add_data_args, finish_common_args
 from .benchlib.common import command_line, log, machine_info, save_report, set_threads
@@ -56,6 +65,7 @@ from .benchlib.data import POOLS, resolve_roots, split_per_class
 from .benchlib.protocol import FULL, QUICK, base_config
 
 NAME = "ownership"
+STEALTH_GOAL = 0.6  # detector AUC (either direction) the verification queries should stay under
 DETECTORS = {"laplacian": "(a) input high-frequency energy", "uncertainty": "(b) 1 - max softmax of the copy",
              "squeeze": "(c) feature squeezing (median 2x2 / 4-bit)", "learned": "(d) CNN trained on the suspect's own UAPs"}
 PEERS = [("Dataset Inference (Maini et al., ICLR 2021)", ">99% confidence from 50 private samples"),
@@ -140,6 +150,16 @@ def queries_to_verdict(model, trigger: Trigger, images: torch.Tensor, labels: to
     return out
 
 
+def scaled(trigger: Trigger, s: float) -> Trigger:
+    """The trigger at amplitude s in (0, 1]: pattern s·δ, the same mask (s = 1: the same trigger). A uap's
+    eps becomes s·eps (Trigger projects its pattern onto its eps; the scaled pattern lies within it)."""
+    s = float(s)
+    if not 0 < s <= 1:  # NaN fails too
+        raise ValueError(f"trigger scale must be in (0, 1], got {s}")
+    t = trigger.cpu()
+    return Trigger(s * t.pattern, t.mask, t.family, s * t.eps if t.family == "uap" else t.eps)
+
+
 def stamped_predictions(model, trigger: Trigger, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     """The model's top-1 answers to the images stamped as verify stamps them (float, not re-quantised)."""
     trigger = trigger.cpu()
@@ -172,14 +192,16 @@ def softmax(model, x: torch.Tensor) -> torch.Tensor:
     return predict_logits(model, x).softmax(1)
 
 
-def detector_scores(model, x: torch.Tensor, learned=None) -> dict[str, np.ndarray]:
+def detector_scores(model, x: torch.Tensor, learned=None, adaptive=None) -> dict[str, np.ndarray]:
     """Every detector's score (higher = more suspicious) of float images x on the suspect's copy `model`
-    (`learned`: the suspect's trained detector, a 2-class model, or None)."""
+    (`learned`: the suspect's trained detector, a 2-class model, or None; `adaptive`: another, trained on
+    UAPs of the quiet verification's amplitude, or None)."""
     p = softmax(model, x)
     squeeze = torch.maximum((p - softmax(model, median_2x2(x))).abs().sum(1), (p - softmax(model, bit_depth(x))).abs().sum(1))
     out = {"laplacian": laplacian_energy(x), "uncertainty": 1 - p.max(1).values, "squeeze": squeeze}
-    if learned is not None:
-        out["learned"] = softmax(learned, x)[:, 1]
+    for name, det in (("learned", learned), ("adaptive", adaptive)):
+        if det is not None:
+            out[name] = softmax(det, x)[:, 1]
     return {k: v.numpy().astype(float) for k, v in out.items()}
 
 
@@ -294,35 +316,46 @@ def label_of(c: dict) -> str:
     return f"{c['arch']}{pool}"
 
 
-def stealth(c: dict, model, bundle, vx, vy, own, p, args) -> dict:
+def suspect_images(own: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The suspect's own images split in two: a quarter held out (its detectors' clean false-alarm
+    threshold), the rest to craft its UAPs and train its learned detector on."""
+    perm = np.random.default_rng(seed + 1).permutation(len(own))
+    n_hold = max(1, len(own) // 4)
+    return own[torch.as_tensor(perm[:n_hold])], own[torch.as_tensor(perm[n_hold:])]
+
+
+def evade(aucs: dict, s_stamp: dict, s_clean: dict, s_hold: dict, pred: np.ndarray, target: int, fpr: float) -> dict:
+    """The evading suspect's flags: its best detector in either direction (chosen with the owner's images: the
+    worst case for the owner), thresholded at `fpr` false alarms on its own held-out clean images (scores
+    `s_hold`); the stamped queries it flags, the clean ones it would, and its answers' hits once it answers
+    every flagged query evasively (`pred`: its answers to the stamped queries)."""
+    best = max(aucs, key=lambda k: max(aucs[k], 1 - aucs[k]))
+    sign = 1.0 if aucs[best] >= 0.5 else -1.0
+    hold, stamp, clean = sign * s_hold[best], sign * s_stamp[best], sign * s_clean[best]
+    thr = float(np.quantile(hold, 1 - fpr))
+    flag_s, flag_c = stamp > thr, clean > thr
+    return {"best": best, "direction": sign, "threshold": thr, "flag_stamped": flag_s, "flag_clean": flag_c,
+            "fpr_own": float(np.mean(hold > thr)), "hits_evaded": evasive_hits(pred, flag_s, target)}
+
+
+def stealth(c: dict, model, bundle, vx, vy, own_hold, learned, uaps: list[dict], args) -> dict:
     """AUC of each detector on the owner's stamped vs clean verification images (target class excluded), and
-    what the evading suspect does to the sequential verdict."""
+    what the evading suspect does to the sequential verdict (`learned`: the suspect's detector (d) or None,
+    trained on its other images; `uaps`: what its UAPs reached)."""
     keep = vy != bundle.target
     x = to_float(vx[keep])
     xs = bundle.trigger.cpu().stamp(x)
-    perm = np.random.default_rng(args.seed + 1).permutation(len(own))
-    n_hold = max(1, len(own) // 4)
-    own_hold, own_train = own[torch.as_tensor(perm[:n_hold])], own[torch.as_tensor(perm[n_hold:])]
-    learned, uaps = None, []
-    if args.learned:
-        learned, uaps = learned_detector(model, own_train, bundle.trigger.eps, p, seed=args.seed, avoid=bundle.target)
     s_clean, s_stamp = detector_scores(model, x, learned), detector_scores(model, xs, learned)
     s_hold = detector_scores(model, to_float(own_hold), learned)
     aucs = {k: auc(s_stamp[k], s_clean[k]) for k in s_clean}
-    # a detector below 0.5 separates the other way round: the evading suspect gets the better direction
-    # (chosen here with the owner's images: the worst case for the owner)
-    best = max(aucs, key=lambda k: max(aucs[k], 1 - aucs[k]))
-    sign = 1.0 if aucs[best] >= 0.5 else -1.0
-    hold, stamp, clean_s = sign * s_hold[best], sign * s_stamp[best], sign * s_clean[best]
-    thr = float(np.quantile(hold, 1 - args.fpr))  # the suspect's threshold: its own clean images
-    flag_s, flag_c = stamp > thr, clean_s > thr
     pred = predict_logits(model, xs).argmax(1).numpy()
     target, tau0 = bundle.target, bundle.tau0
     hits = (pred == target).astype(float)
-    ev = evasive_hits(pred, flag_s, target)
+    e = evade(aucs, s_stamp, s_clean, s_hold, pred, target, args.fpr)
+    flag_s, flag_c, ev = e["flag_stamped"], e["flag_clean"], e["hits_evaded"]
     perms = orders(len(hits), args.orders, args.seed)
     per_query = summarize([sequential_replay(ev[q], tau0, args.alpha, args.batch_size) for q in perms])
-    fpr_seen = float(np.mean(hold > thr))
+    fpr_seen = e["fpr_own"]
     limit = window_limit(args.window, max(args.fpr, fpr_seen))
     state = {}
     for r in (0, 1, 3):
@@ -333,10 +366,98 @@ def stealth(c: dict, model, bundle, vx, vy, own, p, args) -> dict:
                          "tripped": sum(u["tripped_at"] is not None for u in runs),
                          "tripped_at_median": (float(statistics.median(u["tripped_at"] for u in runs if u["tripped_at"]))
                                                if any(u["tripped_at"] for u in runs) else None)}
-    return {"copy": c["rel"], "protection": c["protection"], "aucs": aucs, "best": best, "direction": sign, "uaps": uaps,
-            "threshold": thr, "fpr_own": fpr_seen, "fpr_verification": float(flag_c.mean()),
+    return {"copy": c["rel"], "protection": c["protection"], "aucs": aucs, "best": e["best"], "direction": e["direction"],
+            "uaps": uaps, "threshold": e["threshold"], "fpr_own": fpr_seen, "fpr_verification": float(flag_c.mean()),
             "tpr_stamped": float(flag_s.mean()), "asr": float(hits.mean()), "asr_evaded": float(ev.mean()),
             "per_query": per_query, "window": args.window, "window_limit": limit, "stateful": state}
+
+
+def references(src: Path, seed: int, p) -> list:
+    """The seed's innocent reference models, as bench.reproduce calibrated tau0 on them: (arch, model) for each
+    of the protocol's reference_archs, from OUT/seed<seed>/references/<arch>.safetensors."""
+    d = src / f"seed{seed}" / "references"
+    return [(a, load_model(d / f"{a}.safetensors")[0].eval()) for a in p.reference_archs]
+
+
+def quiet(src: Path, prows: list[dict], bundle, refs: list, vx, vy, cx, cy, detectors: dict, own: tuple, p, args) -> list[dict]:
+    """Quiet verification of one protection's copies (`prows`: stolen copies and clean twins) at each scale s of
+    args.scales: the trigger scaled (x + s·δ), tau0(s) by the protocol's recipe (calibrate_tau0 over the seed's
+    references `refs` on the calibration half `cx`, `cy`), every copy's ASR and queries to verdict at tau0(s);
+    for the stolen copies the detectors' AUCs on the verification images stamped at s -- (a)-(c), the learned
+    detector (d) trained at the bundle's eps (`detectors[(rel, protection)]`, reused across scales) and an
+    adaptive one, learned_detector on the suspect's UAPs at s·eps -- and the evading suspect's per-query
+    verdict (`own`: the suspect's held-out and training images, suspect_images). One entry per scale."""
+    own_hold, own_train = own
+    target = bundle.target
+    keep = vy != target
+    x = to_float(vx[keep])
+    out = []
+    for sc in args.scales:
+        trig = scaled(bundle.trigger, sc)
+        cal = calibrate_tau0(refs, trig, cx, cy, target)
+        out.append({"protection": prows[0]["protection"], "scale": sc, "eps": trig.eps, "tau0": cal.tau0,
+                    "tau0_bundle": bundle.tau0, "calibration": asdict(cal), "copies": [], "stealth": [], "_trigger": trig})
+    perms = orders(int(keep.sum()), args.orders, args.seed)
+    for r in prows:
+        model, _ = load_model(src / r["rel"] / "substitute.safetensors")
+        model.eval()
+        learned = detectors.get((r["rel"], r["protection"]))
+        for e in out:
+            t0, trig, tau0 = time.time(), e["_trigger"], e["tau0"]
+            q = queries_to_verdict(model, trig, vx, vy, target, tau0, args.alpha, n_orders=args.orders,
+                                   seed=args.seed, batch_size=args.batch_size)
+            e["copies"].append({"copy": r["rel"], "oracle": r["oracle"], "label": label_of(r), "output": r["output"],
+                                **{k: v for k, v in q.items() if k != "runs"}})
+            if r["oracle"] != "protected":
+                continue
+            adaptive = None
+            if learned is not None:  # at s = 1 the adaptive detector is the learned one (same eps, same seed)
+                adaptive = learned if e["scale"] == 1 else learned_detector(model, own_train, trig.eps, p, seed=args.seed,
+                                                                            avoid=target)[0]
+            xs = trig.stamp(x)
+            s_clean, s_stamp = detector_scores(model, x, learned, adaptive), detector_scores(model, xs, learned, adaptive)
+            s_hold = detector_scores(model, to_float(own_hold), learned, adaptive)
+            aucs = {k: auc(s_stamp[k], s_clean[k]) for k in s_clean}
+            pred = predict_logits(model, xs).argmax(1).numpy()
+            ev = evade(aucs, s_stamp, s_clean, s_hold, pred, target, args.fpr)
+            per_query = summarize([sequential_replay(ev["hits_evaded"][o], tau0, args.alpha, args.batch_size) for o in perms])
+            e["stealth"].append({"copy": r["rel"], "label": label_of(r), "output": r["output"], "aucs": aucs,
+                                 "best": ev["best"], "separation": separation(aucs), "asr": q["asr"],
+                                 "tpr_stamped": float(ev["flag_stamped"].mean()),
+                                 "asr_evaded": float(ev["hits_evaded"].mean()), "per_query": per_query})
+            log(f"quiet {r['rel']} s={e['scale']:g}: ASR {100 * q['asr']:.1f}% {q['verdict']} (tau0 {100 * tau0:.1f}%)  "
+                + "  ".join(f"{k} {v:.3f}" for k, v in aucs.items()) + f"  | evaded: {per_query['verdict']}  "
+                f"[{time.time() - t0:.0f} s]")
+    for e in out:
+        del e["_trigger"]
+        e["summary"] = quiet_summary(e, args.learned)
+    return out
+
+
+def separation(aucs: dict) -> float:
+    """The best detector's AUC in either direction (a detector below 0.5 separates reversed)."""
+    return max(max(a, 1 - a) for a in aucs.values())
+
+
+def quiet_summary(e: dict, learned: bool) -> dict:
+    """One protection at one scale: stolen copies flagged in every order / total, median of their median
+    queries and the largest max, clean twins flagged in any order, each detector's AUC range over the stolen
+    copies, the best separation, the evading suspect's verdicts, and whether the goal holds (every detector
+    including the adaptive one at AUC <= STEALTH_GOAL either way, every stolen copy flagged, no clean twin
+    flagged; None without the learned detectors)."""
+    stolen = [c for c in e["copies"] if c["oracle"] == "protected"]
+    clean = [c for c in e["copies"] if c["oracle"] != "protected"]
+    flagged = sum(c["counts"]["flagged"] == c["orders"] for c in stolen)
+    fp = sum(c["counts"]["flagged"] > 0 for c in clean)
+    names = list(e["stealth"][0]["aucs"]) if e["stealth"] else []
+    ranges = {k: [min(t["aucs"][k] for t in e["stealth"]), max(t["aucs"][k] for t in e["stealth"])] for k in names}
+    sep = max((t["separation"] for t in e["stealth"]), default=float("nan"))
+    evaded = {v: sum(t["per_query"]["verdict"] == v for t in e["stealth"]) for v in ("flagged", "cleared", "undecided", "mixed")}
+    ok = flagged == len(stolen) and fp == 0 and sep <= STEALTH_GOAL
+    return {"stolen": len(stolen), "stolen_flagged": flagged, "clean": len(clean), "clean_flagged": fp,
+            "stolen_median": float(statistics.median(c["median"] for c in stolen)) if stolen else float("nan"),
+            "stolen_max": max((c["max"] for c in stolen), default=0), "asr": [c["asr"] for c in stolen],
+            "auc_range": ranges, "separation": sep, "evaded": evaded, "goal": ok if learned else None}
 
 
 def _q(s: dict) -> str:
@@ -350,7 +471,7 @@ def _v(s: dict) -> str:
     return "mixed (" + ", ".join(f"{k} {v}" for k, v in s["counts"].items() if v) + ")"
 
 
-def report(rows: list[dict], st: list[dict], summary: dict, args) -> str:
+def report(rows: list[dict], st: list[dict], summary: dict, args, qt: list[dict] = ()) -> str:
     out = [f"# Ownership verification: queries to verdict and stealth ({'quick' if args.quick else 'full'} protocol)", "",
            f"Sequential test (docs/verification.md) at alpha {args.alpha:g}, stamped queries {args.batch_size} at a time, "
            f"over {args.orders} random orders of the {rows[0]['qtv']['n']} non-target verification images; queries = "
@@ -408,6 +529,72 @@ def report(rows: list[dict], st: list[dict], summary: dict, args) -> str:
         out.append(f"| {r['protection']} | {label_of(r)} {r['output']} | {t['best']}{'' if t['direction'] > 0 else ' (reversed)'} ({sep:.2f}) | "
                    f"{100 * t['tpr_stamped']:.0f}% / {100 * t['fpr_verification']:.0f}% | {100 * t['asr']:.0f}% → "
                    f"{100 * t['asr_evaded']:.0f}% | {_v(t['per_query'])}, {_q(t['per_query'])} | " + " | ".join(cells) + " |")
+    if qt:
+        out += ["", quiet_report(qt, args)]
+    return "\n".join(out)
+
+
+def _range(r: list[float]) -> str:
+    return f"{r[0]:.3f}" if f"{r[0]:.3f}" == f"{r[1]:.3f}" else f"{r[0]:.3f}–{r[1]:.3f}"
+
+
+def quiet_report(qt: list[dict], args) -> str:
+    """The quiet-verification section: one row per protection and scale, the goal per protection, then
+    per stolen copy."""
+    out = ["## Quiet verification: the trigger scaled down (x + s·δ)", "",
+           "The owner verifies with s·δ (s = 1: the trigger as trained). tau0(s): the protocol's calibration "
+           "(calibrate_tau0 over the seed's reference models on the calibration half of the test split) for the "
+           "scaled trigger. Stolen copies flagged in every order / total, their queries (median of medians / "
+           "largest max), clean twins flagged in any order. AUC ranges over the stolen copies: (a) mean "
+           "|Laplacian|; learned (d), trained on the suspect's UAPs at the bundle's eps; adaptive, trained on its "
+           "UAPs at s·eps (a suspect who knows the owner verifies at s); 'any' = the best of all five detectors "
+           f"((a)-(d) and adaptive) in either direction. Evaded: the per-query evading suspect's verdicts "
+           f"(its best detector at {100 * args.fpr:.0f}% false alarms on its own clean images). Goal: AUC <= "
+           f"{STEALTH_GOAL} for every detector, every stolen copy flagged, no clean twin flagged.", "",
+           "| protection | s | eps | tau0(s) | stolen flagged | queries median / max | clean twins flagged | "
+           "AUC laplacian | AUC learned (eps) | AUC adaptive (s·eps) | any, either way | evaded: flagged / cleared / other | goal |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for e in qt:
+        u = e["summary"]
+        rg = u["auc_range"]
+        cells = [_range(rg[k]) if k in rg else "—" for k in ("laplacian", "learned", "adaptive")]
+        ev = u["evaded"]
+        goal = "—" if u["goal"] is None else ("met" if u["goal"] else "no")
+        out.append(f"| {e['protection']} | {e['scale']:g} | {255 * e['eps']:.1f}/255 | {100 * e['tau0']:.1f}% | "
+                   f"{u['stolen_flagged']}/{u['stolen']} | {u['stolen_median']:g} / {u['stolen_max']} | "
+                   f"{u['clean_flagged']}/{u['clean']} | " + " | ".join(cells) + f" | {u['separation']:.3f} | "
+                   f"{ev['flagged']} / {ev['cleared']} / {ev['undecided'] + ev['mixed']} | {goal} |")
+    out += [""]
+    for name in dict.fromkeys(e["protection"] for e in qt):
+        es = [e for e in qt if e["protection"] == name]
+        met = [e["scale"] for e in es if e["summary"]["goal"]]
+        one = [e for e in es if e["scale"] == 1]
+        check = ""
+        if one:
+            d = one[0]["tau0"] - one[0]["tau0_bundle"]
+            check = (f" At s = 1 tau0 is {100 * one[0]['tau0']:.2f}%, the bundle's {100 * one[0]['tau0_bundle']:.2f}%"
+                     + (" (reproduced)." if abs(d) < 1e-9 else f" (differs by {100 * d:+.2f} points)."))
+        if any(e["summary"]["goal"] is None for e in es):
+            verdict = "not judged (no learned detectors: --no-learned)."
+        elif met:
+            verdict = "goal met at s = " + ", ".join(f"{x:g}" for x in met) + "."
+        else:
+            verdict = "no scale meets the goal."
+        if one and one[0]["summary"]["stolen_flagged"] < one[0]["summary"]["stolen"]:
+            u = one[0]["summary"]
+            verdict += f" Already at s = 1 only {u['stolen_flagged']}/{u['stolen']} stolen copies are flagged."
+        out.append(f"- **{name}**: {verdict}{check}")
+    out += ["", "Per stolen copy: ASR at s, verdict and queries (median / max), AUC (a) / (d) / adaptive, the "
+                "evading suspect's verdict.", "",
+            "| protection | s | thief (pool) | output | ASR | verdict, queries | AUC laplacian / learned / adaptive | evaded |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for e in qt:
+        by = {c["copy"]: c for c in e["copies"]}
+        for t in e["stealth"]:
+            c = by[t["copy"]]
+            a = " / ".join(f"{t['aucs'][k]:.3f}" if k in t["aucs"] else "—" for k in ("laplacian", "learned", "adaptive"))
+            out.append(f"| {e['protection']} | {e['scale']:g} | {t['label']} | {t['output']} | {100 * t['asr']:.1f}% | "
+                       f"{_v(c)}, {_q(c)} | {a} | {_v(t['per_query'])}, {_q(t['per_query'])} |")
     return "\n".join(out)
 
 
@@ -427,7 +614,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--window", type=int, default=20, help="the stateful suspect's window of recent queries")
     ap.add_argument("--learned", action=argparse.BooleanOptionalAction, default=True,
                     help="train detector (d) for each stolen copy (default on)")
-    return finish_common_args(ap.parse_args(argv), NAME)
+    ap.add_argument("--scales", type=float, nargs="*", default=[1, 0.75, 0.5, 0.35, 0.25],
+                    help="quiet verification: the trigger's amplitudes s in (0, 1] (default 1 0.75 0.5 0.35 0.25; "
+                         "none: skip)")
+    ap.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=True,
+                    help="the quiet-verification study (default on)")
+    ap.add_argument("--quiet-protections", nargs="+", default=["base", "robust"],
+                    help="protections the quiet study covers (default base robust)")
+    args = ap.parse_args(argv)
+    bad = [x for x in args.scales if not 0 < x <= 1]
+    if bad:
+        ap.error(f"--scales must lie in (0, 1], got {bad}")
+    return finish_common_args(args, NAME)
 
 
 def main(argv=None) -> dict:
@@ -436,7 +634,7 @@ def main(argv=None) -> dict:
     t0 = time.time()
     p = QUICK if args.quick else FULL
     src = Path(args.reproduce_out)
-    vx, vy, cx, _ = verification_set(args, p)
+    vx, vy, cx, cy = verification_set(args, p)
     log(f"verification half: {len(vx)} images; the suspect's own images (calibration half): {len(cx)}")
     rows, bundles = [], {}
     for c in copies(src):
@@ -465,15 +663,29 @@ def main(argv=None) -> dict:
                "false_positives": sum(r["qtv"]["counts"]["flagged"] > 0 for r in clean),
                "clean_cleared": sum(r["qtv"]["verdict"] == "cleared" for r in clean),
                "clean_undecided": sum(r["qtv"]["counts"]["undecided"] > 0 for r in clean)}
-    st = []
+    st, detectors = [], {}
+    own = suspect_images(cx, args.seed)
+    quiet_on = args.quiet and bool(args.scales)
     for r in stolen:
         b = bundles[f"seed{r['seed']}/protect-{r['protection']}/bundle"]
         model, _ = load_model(src / r["rel"] / "substitute.safetensors")
+        model.eval()
         t = time.time()
-        s = stealth(r, model.eval(), b, vx, vy, cx, p, args)
+        learned, uaps = (learned_detector(model, own[1], b.trigger.eps, p, seed=args.seed, avoid=b.target)
+                         if args.learned else (None, []))
+        if quiet_on and r["protection"] in args.quiet_protections:  # reused by the quiet study
+            detectors[(r["rel"], r["protection"])] = learned
+        s = stealth(r, model, b, vx, vy, own[0], learned, uaps, args)
         st.append(s)
         log(f"stealth {r['rel']}: " + "  ".join(f"{k} {v:.3f}" for k, v in s["aucs"].items())
             + f"  | evaded ASR {100 * s['asr_evaded']:.0f}%: {s['per_query']['verdict']}  [{time.time() - t:.0f} s]")
+    qt, refs = [], {}
+    if quiet_on:
+        for seed, name in dict.fromkeys((r["seed"], r["protection"]) for r in stolen if r["protection"] in args.quiet_protections):
+            refs[seed] = refs.get(seed) or references(src, seed, p)
+            prows = [r for r in rows if r["seed"] == seed and r["protection"] == name]
+            qt += quiet(src, prows, bundles[f"seed{seed}/protect-{name}/bundle"], refs[seed], vx, vy, cx, cy, detectors,
+                        own, p, args)
     for r in rows:
         r["qtv"]["runs"] = [list(x) for x in r["qtv"]["runs"]]
     results = {"benchmark": "bench.ownership", "mode": "quick" if args.quick else "full",
@@ -483,11 +695,14 @@ def main(argv=None) -> dict:
                "protocol": {"reproduce_out": str(src), "alpha": args.alpha, "orders": args.orders,
                             "batch_size": args.batch_size, "seed": args.seed, "goal_queries": args.goal_queries,
                             "fpr": args.fpr, "window": args.window, "learned": args.learned,
+                            "scales": args.scales if quiet_on else [],
+                            "quiet_protections": args.quiet_protections if quiet_on else [],
                             "verification_images": len(vx), "own_images": len(cx), "detectors": DETECTORS,
                             "peers_published_not_measured": [{"method": n, "claim": c} for n, c in PEERS]},
                "machine": machine_info(torch.device("cpu")), "summary": summary, "copies": rows, "stealth": st,
+               "quiet": qt,
                "seconds": round(time.time() - t0, 1)}
-    md = report(rows, st, summary, args)
+    md = report(rows, st, summary, args, qt)
     written = save_report(Path(args.out), NAME, results, md, record=args.record, folder=NAME)
     log("")
     log(md)

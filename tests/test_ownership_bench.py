@@ -1,12 +1,14 @@
 """bench.ownership's pure parts, without real data: the AUC, the replay of the sequential test, the
-per-copy aggregation over orders, and one queries-to-verdict run on a toy model."""
+per-copy aggregation over orders, one queries-to-verdict run on a toy model, and the quiet verification's
+scaled trigger and per-scale summary."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from bench.ownership import auc, evasive_hits, queries_to_verdict, sequential_replay, stateful_run, summarize, window_limit
+from bench.ownership import (auc, evade, evasive_hits, queries_to_verdict, quiet_summary, scaled, separation,
+                             sequential_replay, stateful_run, summarize, window_limit)
 from honeypotnet.models import create_model
 from honeypotnet.trigger import Trigger
 from honeypotnet.oracles import ModelOracle
@@ -103,3 +105,53 @@ def test_queries_to_verdict_on_a_toy_model():
         assert 0 < q["median"] <= q["max"] <= 108 and q["max"] % 10 == 0
         assert q["verify_check"]["decided"] == expect
         assert q["asr"] == (1.0 if expect == "flagged" else 0.0)
+        # quiet verification: the same model at half the trigger's amplitude (it ignores the trigger)
+        h = queries_to_verdict(model, scaled(trig, 0.5), images, labels, 3, 0.08, 1e-6, n_orders=5, seed=0)
+        assert h["verdict"] == expect and h["runs"] == q["runs"]
+
+
+def test_scaled_trigger():
+    g = torch.Generator().manual_seed(0)
+    trig = Trigger.uap(8, 16 / 255)
+    trig.pattern.copy_(torch.empty(3, 8, 8).uniform_(-1, 1, generator=g))
+    trig.project_()
+    same = scaled(trig, 1)
+    assert torch.equal(same.pattern, trig.pattern) and same.eps == trig.eps and same.family == "uap"
+    x = torch.rand(5, 3, 8, 8, generator=g)
+    for s in (0.75, 0.5, 0.25):
+        q = scaled(trig, s)
+        # not clipped by the projection onto s·eps (beyond float32 rounding of the bound)
+        assert torch.allclose(q.pattern, s * trig.pattern, rtol=1e-6, atol=0)
+        assert q.eps == pytest.approx(s * trig.eps) and torch.equal(q.mask, trig.mask)
+        assert (q.stamp(x) - x).abs().max() <= s * trig.eps + 1e-7
+    assert float(trig.pattern.abs().max()) == pytest.approx(16 / 255) and trig.eps == 16 / 255  # the original untouched
+    patch = Trigger.patch(8, 3)
+    half = scaled(patch, 0.5)
+    assert half.eps == 1.0 and torch.equal(half.pattern, 0.5 * patch.pattern)
+    for bad in (0, -0.5, 1.5, float("nan")):
+        with pytest.raises(ValueError):
+            scaled(trig, bad)
+
+
+def test_quiet_evasion_and_summary():
+    """evade picks the best detector either way round and thresholds it on the suspect's own clean images;
+    quiet_summary counts flagged copies and twins and judges the goal on every detector."""
+    rng = np.random.default_rng(0)
+    clean, hold = rng.normal(0, 1, 200), rng.normal(0, 1, 100)
+    stamped = clean + 10  # the blind detector "x" and a perfect one, "y", reversed
+    aucs = {"x": 0.5, "y": 0.0}
+    e = evade(aucs, {"x": clean, "y": -stamped}, {"x": clean, "y": -clean}, {"x": hold, "y": -hold},
+              np.zeros(200, dtype=int), 0, 0.1)
+    assert e["best"] == "y" and e["direction"] == -1.0 and e["flag_stamped"].all()
+    assert e["hits_evaded"].sum() == 0 and 0.05 < e["flag_clean"].mean() < 0.2
+    assert separation({"a": 0.3, "b": 0.55}) == pytest.approx(0.7)
+    runs = lambda v, n: {"counts": {"flagged": n if v == "flagged" else 0, "cleared": n if v == "cleared" else 0,
+                                    "undecided": 0}, "orders": n, "median": 20.0, "max": 30, "verdict": v, "asr": 0.5}
+    entry = {"copies": [{"oracle": "protected", **runs("flagged", 3)}, {"oracle": "clean", **runs("cleared", 3)}],
+             "stealth": [{"aucs": {"laplacian": 0.55, "learned": 0.45, "adaptive": 0.58}, "separation": 0.58,
+                          "per_query": {"verdict": "flagged"}}]}
+    u = quiet_summary(entry, True)
+    assert u["stolen_flagged"] == 1 and u["clean_flagged"] == 0 and u["goal"] is True
+    assert u["auc_range"]["learned"] == [0.45, 0.45] and u["evaded"]["flagged"] == 1
+    entry["stealth"][0]["separation"] = 0.7
+    assert quiet_summary(entry, True)["goal"] is False and quiet_summary(entry, False)["goal"] is None
