@@ -103,11 +103,13 @@ def run_arch(arch: str, caltech: Path, tin: Path, out: Path, sz: dict, quick: bo
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| victim | victim acc. | fidelity (loop) | tau0 | stolen: acc. / ASR / verdict | clean twin: acc. / ASR / "
-             "verdict | protect s |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| victim | victim acc. | fidelity (loop) | non-target test acc. victim → protected | tau0 | stolen: acc. / "
+             "ASR / verdict | clean twin: acc. / ASR / verdict | protect s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         s, c = r["stolen"], r["clean"]
-        lines.append(f"| {r['arch']} | {100 * r['victim_acc']:.1f} | {100 * r['fidelity']:.1f} | {100 * r['tau0']:.1f} | "
+        users = (f"{100 * r['victim_acc_nontarget']:.1f} → {100 * r['protected_acc_nontarget']:.1f}"
+                 if r.get("protected_acc_nontarget") is not None else "-")
+        lines.append(f"| {r['arch']} | {100 * r['victim_acc']:.1f} | {100 * r['fidelity']:.1f} | {users} | {100 * r['tau0']:.1f} | "
                      f"{100 * (s['accuracy'] or 0):.1f} / {100 * s['asr']:.1f} / {'STOLEN' if s['stolen'] else 'cleared'} | "
                      f"{100 * (c['accuracy'] or 0):.1f} / {100 * c['asr']:.1f} / {'STOLEN' if c['stolen'] else 'cleared'} | "
                      f"{r['protect_seconds']} |")
