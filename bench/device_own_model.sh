@@ -2,7 +2,8 @@
 # python -m bench.own_model on a GPU lent for minutes (the workplace's `device` tool), one process per victim.
 # Once, here: .devdata/own.tgz holds caltech101 resized to 64 px and a Tiny ImageNet subset (val 5,000, train 50
 # per class), about 36 MB (a call carries at most 64 MiB); see bench/own_model.py. Then one device call:
-# command `bash bench/device_own_model.sh`, carry [".devdata"], timeout_s 590.
+# command `bash bench/device_own_model.sh`, carry [".devdata"], timeout_s 590. ARCHS picks the victims; OWN_SETS
+# passes protect settings, e.g. OWN_SETS="--set head.steps=2000 --set head.hidden=1024".
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 HONEYPOTNET_CACHE=/tmp/hpcache
 set -o pipefail
 T0=$(date +%s)
@@ -16,7 +17,7 @@ if [ -z "$SKIP_QUICK" ]; then  # the whole chain at the smoke size first: a bug 
 fi
 i=0
 for arch in ${ARCHS:-torchvision:mobilenet_v3_small torchvision:resnet18}; do
-  OMP_NUM_THREADS=8 python3 -m bench.own_model --device cuda $ROOTS --archs $arch --out /tmp/own$i > /tmp/own$i.log 2>&1 &
+  OMP_NUM_THREADS=8 python3 -m bench.own_model --device cuda $ROOTS --archs $arch $OWN_SETS --out /tmp/own$i > /tmp/own$i.log 2>&1 &
   pids="$pids $!"; i=$((i+1))
 done
 wait $pids
