@@ -62,7 +62,7 @@ from honeypotnet.verify import calibrate_tau0, default_stolen_asr, sequential_de
 from .benchlib.args import add_common_args, add_data_args, finish_common_args
 from .benchlib.common import command_line, log, machine_info, save_report, set_threads
 from .benchlib.data import POOLS, resolve_roots, split_per_class
-from .benchlib.protocol import FULL, QUICK, base_config
+from .benchlib.protocol import FULL, QUICK, base_config, load_references
 
 NAME = "ownership"
 STEALTH_GOAL = 0.6  # detector AUC (either direction) the verification queries should stay under
@@ -372,13 +372,6 @@ def stealth(c: dict, model, bundle, vx, vy, own_hold, learned, uaps: list[dict],
             "per_query": per_query, "window": args.window, "window_limit": limit, "stateful": state}
 
 
-def references(src: Path, seed: int, p) -> list:
-    """The seed's innocent reference models, as bench.reproduce calibrated tau0 on them: (arch, model) for each
-    of the protocol's reference_archs, from OUT/seed<seed>/references/<arch>.safetensors."""
-    d = src / f"seed{seed}" / "references"
-    return [(a, load_model(d / f"{a}.safetensors")[0].eval()) for a in p.reference_archs]
-
-
 def quiet(src: Path, prows: list[dict], bundle, refs: list, vx, vy, cx, cy, detectors: dict, own: tuple, p, args) -> list[dict]:
     """Quiet verification of one protection's copies (`prows`: stolen copies and clean twins) at each scale s of
     args.scales: the trigger scaled (x + s·δ), tau0(s) by the protocol's recipe (calibrate_tau0 over the seed's
@@ -682,7 +675,7 @@ def main(argv=None) -> dict:
     qt, refs = [], {}
     if quiet_on:
         for seed, name in dict.fromkeys((r["seed"], r["protection"]) for r in stolen if r["protection"] in args.quiet_protections):
-            refs[seed] = refs.get(seed) or references(src, seed, p)
+            refs[seed] = refs.get(seed) or load_references(src, seed, p.reference_archs)
             prows = [r for r in rows if r["seed"] == seed and r["protection"] == name]
             qt += quiet(src, prows, bundles[f"seed{seed}/protect-{name}/bundle"], refs[seed], vx, vy, cx, cy, detectors,
                         own, p, args)

@@ -39,6 +39,13 @@ from .oracle import PoolOracle
 from .units import Units
 
 
+def load_references(out: Path, seed: int, archs) -> list:
+    """The seed's saved reference models of a reproduction in `out`: (arch, model in eval mode) per arch, from
+    OUT/seed<seed>/references/<arch>.safetensors (where Reproduction.references writes them)."""
+    d = Path(out) / f"seed{seed}" / "references"
+    return [(a, load_model(d / f"{a}.safetensors")[0].eval()) for a in archs]
+
+
 @dataclass
 class Protocol:
     """Sizes and schedules. FULL = the paper's protocol; QUICK = the same pipeline on 1/10 of the data."""
@@ -199,8 +206,7 @@ class Reproduction:
             return {"archs": archs, "cta": {a: accuracy(m, self.eval_images, self.eval_labels) for a, m in refs}}
 
         rec = self.units.run(f"seed{seed}/references", params, run, "references")
-        d = self.out / f"seed{seed}/references"
-        self._refs[seed] = [(a, load_model(d / f"{a}.safetensors")[0].to(self.device)) for a in archs]
+        self._refs[seed] = [(a, m.to(self.device)) for a, m in load_references(self.out, seed, archs)]
         self._refs_key[seed] = rec["key"]
         return self._refs[seed]
 
