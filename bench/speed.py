@@ -18,8 +18,10 @@ What is compared (before -> after):
 
 Each figure is the median of --repeats runs. Then short protect runs, one per --configs entry (default:
 the spec preset, the robust default, and the robust default with negatives.per_batch 1, a speed option
-that draws one negative model per trigger batch), each at --protect-iters outer iterations on --n shadow
-and --n owner images on --device, side by side: the wall time of each step as protect's callback gives
+that draws one negative model per trigger batch; and the robust default again with glibc's own allocator
+thresholds, "@glibc", where the others run with the CPU allocator tuned as the CLI tunes it:
+honeypotnet.allocator), each in a fresh process of its own, one after the other, at --protect-iters outer
+iterations on --n shadow and --n owner images on --device, side by side: the wall time of each step as protect's callback gives
 it (ProtectEvent.seconds) and each run's total as a multiple of the first's. Output: markdown tables on
 stdout and OUT/speed.md, OUT/speed.json (default runs/speed[-quick]).
 
@@ -29,6 +31,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import multiprocessing as mp
+import os
 import statistics
 import tempfile
 import time
@@ -36,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from honeypotnet import allocator
 from honeypotnet.attacks import query_oracle
 from honeypotnet.config import ProtectConfig
 from honeypotnet.data import load_dataset
@@ -52,6 +57,9 @@ from .benchlib.data import find_victim, resolve_roots
 from .benchlib.oracle import PoolOracle
 
 NAME = "speed"
+
+
+GLIBC_SUFFIX = "@glibc"
 
 
 def median_time(fn, repeats: int) -> float:
@@ -92,6 +100,48 @@ def protect_steps(victim, shadow: torch.Tensor, owner: torch.Tensor, cfg: Protec
             "per_iteration": [{k: round(v, 3) for k, v in e.seconds.items()} for e in events]}
 
 
+def protect_images(cifar_root: str, tin_root: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The protect runs' shadow (Tiny ImageNet val at 32 px) and owner (CIFAR-10 train) images."""
+    shadow = load_dataset("tinyimagenet", tin_root, "val", size=32).images[:n].contiguous()
+    return shadow, load_dataset("imagefolder", cifar_root, "train").images[:n].contiguous()
+
+
+def _protect_child(queue, spec: str, iters: int, n: int, cifar_root: str, tin_root: str, victim_path: str,
+                   device: str) -> None:
+    try:
+        set_threads()  # tunes the allocator unless the parent set HONEYPOTNET_MALLOC=0 (an @glibc run)
+        torch.manual_seed(0)
+        shadow, owner = protect_images(cifar_root, tin_root, n)
+        victim = create_model("resnet20", 10, pretrained=victim_path).eval()
+        queue.put({"config": spec, "device": device, "shadow": len(shadow), "owner": len(owner),
+                   "allocator": allocator.tune_allocator(),
+                   **protect_steps(victim, shadow, owner, config_of(spec, iters), torch.device(device))})
+    except BaseException as e:  # the parent reports it
+        queue.put({"config": spec, "error": f"{type(e).__name__}: {e}"})
+
+
+def fresh_protect(spec: str, iters: int, n: int, cifar_root: str, tin_root: str, victim_path: str, device: str) -> dict:
+    """One protect run in a fresh process (spawned, run alone), so that no run inherits another's warm caches
+    or heap, and an "@glibc" run gets glibc's own allocator (HONEYPOTNET_MALLOC=0 in its environment)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    saved = os.environ.get("HONEYPOTNET_MALLOC")
+    if spec.endswith(GLIBC_SUFFIX):
+        os.environ["HONEYPOTNET_MALLOC"] = "0"
+    try:
+        p = ctx.Process(target=_protect_child, args=(queue, spec, iters, n, cifar_root, tin_root, victim_path, device))
+        p.start()
+    finally:
+        os.environ.pop("HONEYPOTNET_MALLOC", None)
+        if saved is not None:
+            os.environ["HONEYPOTNET_MALLOC"] = saved
+    r = queue.get()
+    p.join()
+    if "error" in r:
+        raise RuntimeError(f"protect {spec}: {r['error']}")
+    return r
+
+
 def protect_table(runs: list[dict], iters: int, n_shadow: int, n_owner: int, device) -> list[str]:
     """Markdown: one column per protect run, one row per step (seconds summed over its iterations), the
     total, and each total as a multiple of the first run's."""
@@ -117,10 +167,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--thieves", type=int, default=4, help="thieves sharing one pool in the answers comparison")
     ap.add_argument("--repeats", type=int, help="runs per timing, the median is kept (default 3; quick 1)")
     ap.add_argument("--skip-decode", action="store_true", help="skip the JPEG decode comparison (about a minute)")
-    ap.add_argument("--configs", nargs="+", default=["spec", "robust", "robust:negatives.per_batch=1"],
-                    metavar="PRESET[:KEY=VALUE,...]",
-                    help="protect runs timed side by side: a preset, optionally with --set style changes "
-                         "(default: spec robust robust:negatives.per_batch=1; the first is the ratios' base)")
+    ap.add_argument("--configs", nargs="+", default=["spec", "robust", "robust@glibc", "robust:negatives.per_batch=1"],
+                    metavar="PRESET[:KEY=VALUE,...][@glibc]",
+                    help="protect runs timed side by side: a preset, optionally with --set style changes, and "
+                         "@glibc for glibc's own allocator thresholds instead of the tuned ones (default: spec "
+                         "robust robust@glibc robust:negatives.per_batch=1; the first is the ratios' base)")
     ap.add_argument("--protect-iters", type=int, help="outer iterations of the protect run (default 2; quick 1; 0 skips it)")
     args = finish_common_args(ap.parse_args(argv), NAME)
     args.n = args.n or (500 if args.quick else 4000)
@@ -136,8 +187,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def config_of(spec: str, outer_iters: int) -> ProtectConfig:
-    """"robust" or "robust:negatives.per_batch=1,trigger.passes=1" -> the preset with those changes."""
-    preset, _, sets = spec.partition(":")
+    """"robust" or "robust:negatives.per_batch=1,trigger.passes=1" -> the preset with those changes (a
+    trailing "@glibc" is the allocator's, not the config's: see main)."""
+    preset, _, sets = spec.removesuffix(GLIBC_SUFFIX).partition(":")
     cfg = ProtectConfig.preset(preset, outer_iters=outer_iters)
     return cfg.override([a for a in sets.split(",") if a]) if sets else cfg
 
@@ -215,15 +267,13 @@ def main(argv=None) -> dict:
     runs: list[dict] = []
     if args.protect_iters:
         device = torch.device(args.device)
-        shadow = load_dataset("tinyimagenet", tin_root, "val", size=32).images[: args.n].contiguous()
-        owner = load_dataset("imagefolder", cifar_root, "train").images[: args.n].contiguous()
-        for name, cfg in args.protect_configs:
-            r = {"config": name, "device": str(device), "shadow": len(shadow), "owner": len(owner),
-                 **protect_steps(victim, shadow, owner, cfg, device)}
+        victim_path = str(find_victim(args))
+        for name, _ in args.protect_configs:
+            r = fresh_protect(name, args.protect_iters, args.n, str(cifar_root), str(tin_root), victim_path, str(device))
             runs.append(r)
-            log(f"protect {name} (T={r['iterations']}, {len(shadow)} + {len(owner)} images, {device}): {r['total_s']:.1f} s: "
+            log(f"protect {name} (T={r['iterations']}, {r['shadow']} + {r['owner']} images, {device}): {r['total_s']:.1f} s: "
                 + ", ".join(f"{k} {v:.1f} s" for k, v in r["steps_s"].items()))
-        md += protect_table(runs, args.protect_iters, len(shadow), len(owner), device)
+        md += protect_table(runs, args.protect_iters, runs[0]["shadow"], runs[0]["owner"], device)
     table = "\n".join(md)
     out = {"benchmark": "bench.speed", "mode": "quick" if args.quick else "full", "command": command_line("bench.speed", argv),
            "rows": rows, "protect": runs, "machine": machine_info(torch.device(args.device)), "n": args.n,

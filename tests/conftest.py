@@ -14,8 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from honeypotnet.allocator import tune_allocator
 from honeypotnet.data import DatasetError
 from honeypotnet.data.files import unpack_archive_once
+
+tune_allocator()  # as the CLI's compute verbs and the benchmarks do: the suite trains torch models in-process
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REQUIRE_SHARED_ENV = "HONEYPOTNET_REQUIRE_SHARED"

@@ -77,6 +77,26 @@ def test_generate_trigger_moves_a_model_towards_the_target(near_copy):
     assert after > before + 0.3, (before, after)
 
 
+def test_trigger_step_split_into_chunks_is_the_same_step():
+    """generate_trigger differentiates one model (and with `chunk`, one slice of the batch) at a time; the
+    step is the sum of the same gradients, so a batch split into chunks gives the same trigger (blur, weight
+    noise and two kinds of negatives on), and a chunk as large as the batch changes nothing."""
+    torch.manual_seed(0)
+    images = (torch.rand(300, 3, 32, 32) * 255).to(torch.uint8)
+    models = [create_model(a, 10).eval() for a in ("cnn", "cnn", "resnet20", "cnn")]
+    cfg = ProtectConfig().override({"trigger.passes": 1, "trigger.batch": 300})
+    assert cfg.trigger_blur > 0 and cfg.negative_noise > 0
+
+    def step(chunk):
+        return generate_trigger(models[:2], Trigger.uap(32, cfg.eps), images, cfg, 0, models[2:], chunk=chunk).pattern
+
+    whole = step(None)
+    assert whole.abs().max() > 0
+    assert torch.equal(step(300), whole)
+    for chunk in (64, 7):  # sign steps: at most a rounding-level gradient entry may flip
+        assert (step(chunk) != whole).float().mean() < 0.01
+
+
 def test_protect_validates_inputs():
     model = create_model("cnn_small", 10)
     imgs = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)

@@ -10,6 +10,9 @@ def test_configs_are_presets_with_set_style_changes():
     assert speed.config_of("spec", 2).negative_weight == 0
     args = speed.parse_args(["--configs", "spec", "robust", "--protect-iters", "1"])
     assert [n for n, _ in args.protect_configs] == ["spec", "robust"]
+    # "@glibc" picks the allocator of the run's process, not a config field
+    assert speed.config_of("robust:negatives.per_batch=1@glibc", 2) == speed.config_of("robust:negatives.per_batch=1", 2)
+    assert [n for n, _ in speed.parse_args([]).protect_configs][:3] == ["spec", "robust", "robust@glibc"]
     for bad in (["--configs", "fast"], ["--configs", "robust:negatives.nope=1"], ["--configs", "robust:negatives.per_batch=-1"]):
         with pytest.raises(SystemExit):
             speed.parse_args(bad)

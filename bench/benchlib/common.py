@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 import honeypotnet
+from honeypotnet.allocator import tune_allocator
 from honeypotnet.ops import atomic_write_json, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,7 +32,9 @@ def write_text(path: Path, text: str) -> None:
 
 
 def set_threads() -> int:
-    """torch's CPU threads: $OMP_NUM_THREADS when set, else every core. Returns the count."""
+    """torch's CPU threads: $OMP_NUM_THREADS when set, else every core (and the CPU allocator tuned for
+    torch, honeypotnet.allocator). Returns the count."""
+    tune_allocator()
     env = os.environ.get("OMP_NUM_THREADS", "")
     n = int(env) if env.isdigit() and int(env) > 0 else (os.cpu_count() or 1)
     torch.set_num_threads(n)
@@ -71,7 +74,7 @@ def machine_info(device: torch.device) -> dict:
             "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "git_commit": commit}
+            "allocator": tune_allocator(), "git_commit": commit}
 
 
 def stage_timings(unit_timings: list[dict], first: dict[str, float] | None = None) -> dict[str, list[float]]:

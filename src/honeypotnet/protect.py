@@ -88,8 +88,9 @@ def protect(victim: nn.Module, shadow_images: torch.Tensor, owner_images: torch.
     checkpoint_dir: the state is saved there after every outer iteration; a later call with the same
         config, victim and images resumes from it (and may extend loop.outer_iters).
     callback: called with a ProtectEvent after each outer iteration (e.g. step timings).
-    batch_size: images per forward pass of the victim's features and of the ASR figures (the training steps'
-        batches are config fields: shadow.batch, trigger.batch); smaller bounds the memory of large images.
+    batch_size: images per forward pass of the victim's features and of the ASR figures, and at most per pass of
+        the trigger step (a larger trigger.batch is split, the same step up to float rounding); smaller bounds
+        the memory of large images (the training steps' batches are config fields: shadow.batch, head.batch).
     The caller's global torch random state is left as it was."""
     cfg = config or ProtectConfig()
     shadow_images = as_images(shadow_images, "shadow_images")
@@ -185,7 +186,7 @@ def _run(victim, shadow_images, owner_images, cfg, num_classes, checkpoint_dir, 
         neg_ft = negatives.finetuned(ft_images, ft_labels, it, progress)
         lap("fine-tuned copies")
         # 2. the trigger
-        generate_trigger(shadows, trigger, query_images, cfg, it, negatives.models + neg_ft)
+        generate_trigger(shadows, trigger, query_images, cfg, it, negatives.models + neg_ft, chunk=bs)
         lap("trigger")
         extra = {}
         for name, m in zip(negatives.names(), neg_ft):

@@ -49,7 +49,7 @@ def simulate_extraction(shadow: nn.Module, head: nn.Module, shadow_images: torch
 
 
 def generate_trigger(shadows: list[nn.Module], trigger: Trigger, images: torch.Tensor, cfg: ProtectConfig,
-                     iteration: int, negatives: list[nn.Module] = ()) -> Trigger:
+                     iteration: int, negatives: list[nn.Module] = (), chunk: int | None = None) -> Trigger:
     """Step 2: targeted universal perturbation on the shadows with momentum sign steps, projected (in place).
 
         g <- μ·g + ∇/‖∇‖₁ ;  δ <- δ − α·sign(g) ;  δ <- Π(δ)
@@ -59,7 +59,10 @@ def generate_trigger(shadows: list[nn.Module], trigger: Trigger, images: torch.T
     cfg.negative_noise s > 0: each negative runs with its weights times (1 + s·N(0, 1)), fresh per batch.
     cfg.negative_per_batch k > 0: each batch goes through a random k of the negatives only, their term
     scaled by (number of negatives) / k, so its expectation is the full term at a fraction of the cost.
-    The models' parameters are left as they were (frozen for the step, restored after)."""
+    Each model's term is differentiated on its own and the gradients summed, so the step's memory is that of
+    one model's graph; `chunk` c splits each batch further, c images (and their blurred copies) per pass, for
+    large images: the same step up to float rounding, in the memory of c images. The models' parameters are
+    left as they were (frozen for the step, restored after)."""
     negatives = list(negatives) if cfg.negative_weight > 0 else []
     models = list(shadows) + negatives
     params = [p for m in models for p in m.parameters()]
@@ -76,22 +79,40 @@ def generate_trigger(shadows: list[nn.Module], trigger: Trigger, images: torch.T
     pick_gen = torch.Generator().manual_seed(stream(cfg, "negative-pick", iteration))
     k = min(cfg.negative_per_batch or len(negatives), len(negatives))
     scale = 1.0 if k == len(negatives) else len(negatives) / k
-    target = torch.full((cfg.trigger_batch,), cfg.target, dtype=torch.long, device=dev)
+    target = torch.full((2 * cfg.trigger_batch,), cfg.target, dtype=torch.long, device=dev)
     for _ in range(cfg.trigger_passes):
         perm = torch.randperm(len(images), generator=gen)
         for i in range(0, len(images), cfg.trigger_batch):
             x = to_float(images[perm[i : i + cfg.trigger_batch]], dev)
             delta = trigger.pattern.clone().requires_grad_(True)
-            stamped = with_blur(trigger.stamp(x, delta), cfg.trigger_blur, gen)
-            y = target[: len(x)].repeat(len(stamped) // len(x))
-            loss = sum(F.cross_entropy(s(stamped), y) for s in shadows) / len(shadows)
+            sigma = blur_sigma(cfg.trigger_blur, gen)
             picked = negatives if k == len(negatives) else \
                 [negatives[j] for j in torch.randperm(len(negatives), generator=pick_gen)[:k].tolist()]
-            for neg in picked:  # −log(1 − p_t), computed stably from the log-probabilities
-                logp = F.log_softmax(noisy_forward(neg, stamped, cfg.negative_noise, noise_gen), 1)
-                others = torch.cat([logp[:, : cfg.target], logp[:, cfg.target + 1 :]], 1)
-                loss = loss - cfg.negative_weight * scale * torch.logsumexp(others, 1).mean()
-            (grad,) = torch.autograd.grad(loss, delta)
+            terms = [(s, None) for s in shadows] + [(neg, noisy_params(neg, cfg.negative_noise, noise_gen))
+                                                    for neg in picked]
+            # the loss's gradient as the sum of its terms' gradients, one model's graph (and one chunk of the
+            # batch) alive at a time: the same step, up to float rounding, in the memory of the largest term
+            c = len(x) if not chunk or chunk >= len(x) else int(chunk)
+            whole = c == len(x)
+            n = len(x) * (2 if sigma else 1)
+            grad = torch.zeros_like(delta)
+            for lo in range(0, len(x), c):
+                stamped = trigger.stamp(x[lo : lo + c], delta)
+                if sigma:
+                    stamped = torch.cat([stamped, purify(stamped, "blur", sigma=sigma)])
+                y = target[: len(stamped)]
+                for j, (m, weights) in enumerate(terms):
+                    if weights is None:
+                        loss = F.cross_entropy(m(stamped), y) if whole else \
+                            F.cross_entropy(m(stamped), y, reduction="sum") / n
+                        loss = loss / len(shadows)
+                    else:  # −log(1 − p_t), computed stably from the log-probabilities
+                        logp = F.log_softmax(torch.func.functional_call(m, weights, (stamped,)) if weights
+                                             else m(stamped), 1)
+                        others = torch.cat([logp[:, : cfg.target], logp[:, cfg.target + 1 :]], 1)
+                        lse = torch.logsumexp(others, 1)
+                        loss = -cfg.negative_weight * scale * (lse.mean() if whole else lse.sum() / n)
+                    grad += torch.autograd.grad(loss, delta, retain_graph=j < len(terms) - 1)[0]
             g = cfg.momentum * g + grad / grad.abs().sum().clamp_min(1e-12)
             with torch.no_grad():
                 trigger.pattern.sub_(alpha * g.sign())
@@ -101,24 +122,28 @@ def generate_trigger(shadows: list[nn.Module], trigger: Trigger, images: torch.T
     return trigger
 
 
-def noisy_forward(model: nn.Module, x: torch.Tensor, noise: float, gen: torch.Generator) -> torch.Tensor:
-    """model(x), or (noise > 0) model(x) with every parameter w replaced by w·(1 + noise·N(0, 1)) drawn from
-    gen: a random member of a family of innocent models around `model` (buffers unchanged; the model
-    itself is not modified)."""
+def noisy_params(model: nn.Module, noise: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """{} for noise <= 0; else every parameter w of `model` replaced by w·(1 + noise·N(0, 1)) drawn from gen, for
+    torch.func.functional_call: a random member of a family of innocent models around `model` (buffers
+    unchanged; the model itself is not modified)."""
     if noise <= 0:
-        return model(x)
-    params = {name: p * (1 + noise * torch.randn(p.shape, generator=gen).to(p.device, p.dtype))
-              for name, p in model.named_parameters()}
-    return torch.func.functional_call(model, params, (x,))
+        return {}
+    return {name: p * (1 + noise * torch.randn(p.shape, generator=gen).to(p.device, p.dtype))
+            for name, p in model.named_parameters()}
 
 
-def with_blur(x: torch.Tensor, max_sigma: float, gen: torch.Generator) -> torch.Tensor:
-    """x, followed (max_sigma > 0) by a copy blurred by purify (the thief's blur, differentiable on float
-    images) with σ ~ U(0.25, 1)·max_sigma drawn from gen."""
+def noisy_forward(model: nn.Module, x: torch.Tensor, noise: float, gen: torch.Generator) -> torch.Tensor:
+    """model(x), or (noise > 0) model(x) with the weights of noisy_params(model, noise, gen)."""
+    params = noisy_params(model, noise, gen)
+    return torch.func.functional_call(model, params, (x,)) if params else model(x)
+
+
+def blur_sigma(max_sigma: float, gen: torch.Generator) -> float:
+    """The trigger step's blur for one batch: σ ~ U(0.25, 1)·max_sigma drawn from gen; 0 (no draw) when
+    max_sigma <= 0."""
     if max_sigma <= 0:
-        return x
-    sigma = (0.25 + 0.75 * float(torch.rand((), generator=gen))) * max_sigma
-    return torch.cat([x, purify(x, "blur", sigma=sigma)])
+        return 0.0
+    return (0.25 + 0.75 * float(torch.rand((), generator=gen))) * max_sigma
 
 
 def finetune_set(n_shadow: int, images: torch.Tensor, clean_logits: torch.Tensor,

@@ -9,8 +9,12 @@ import argparse
 import sys
 
 from .. import __version__
+from ..allocator import tune_allocator
 from . import demo, extract, protect, serve, train, verify
 from .common import DATASETS, setup_logging
+
+
+COMPUTE_VERBS = ("demo", "train", "protect", "extract", "verify")  # batch jobs: the allocator keeps freed tensors
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.quiet)
+    if args.verb in COMPUTE_VERBS:
+        tune_allocator()
     try:
         return args.func(args)
     except KeyboardInterrupt:
