@@ -17,6 +17,12 @@ Parts (each unit resumable: OUT/<unit>/unit.json, keyed by its parameters):
               (lr x epochs sweep) and fine-pruning (prune ratios, with and without fine-tuning) on a
               small clean labelled CIFAR-10 train set, Neural Cleanse (anomaly index per class),
               JPEG re-compression and Gaussian blur at inference.
+  families    thieves of network families the protection never uses (its negative shadows and reference
+              models are `cnn` / `resnet20`, so a defence could be tuned to those): vgg_small,
+              mobilenetv2_small and convmixer trained with the project's `fit`, and the protocol's own
+              arch trained by a plain Adam loop (lr 1e-3, cosine, crop + flip, KL to the answers),
+              next to the protocol's thief itself; each at the counter-measures' budget (random
+              images), soft labels (probabilities) and label only, protected and clean.
   art         ART's KnockoffNets on the model wrapped as ART's PyTorchClassifier, and CopycatCNN on
               the oracle wrapped as ART's BlackBoxClassifier (--no-art skips; without ART installed the
               part is recorded as skipped in results.json, "skipped").
@@ -31,18 +37,24 @@ query budget per strategy, protected solid / clean dashed).
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
 
 from honeypotnet.active import STRATEGIES, extract
 from honeypotnet.attacks import query_oracle
 from honeypotnet.bundle import load_bundle, load_model, save_model
 from honeypotnet.countermeasures import fine_prune, finetune, neural_cleanse
 from honeypotnet.data import load_dataset
+from honeypotnet.models import create_model, list_models
+from honeypotnet.ops import to_float
 from honeypotnet.oracles import ModelOracle, OutputMode
 from honeypotnet.purify import PurifiedModel
 from honeypotnet.training import FitConfig, accuracy
@@ -64,6 +76,9 @@ MODES = {"probs": OutputMode("probs"), "top1": OutputMode("topk", k=1), "top3": 
          "label": OutputMode("label")}
 MODE_LABELS = {"probs": "probabilities", "top1": "top-1 prob.", "top3": "top-3 probs", "rounded1": "rounded, 1 decimal",
                "rounded2": "rounded, 2 decimals", "label": "label only"}
+FAMILY_LABELS = {"probs": "soft", "label": "label-only"}  # the families part's two kinds of answers
+TRAINERS = {"fit": "fit (SGD, one-cycle)", "adam": "Adam, cosine"}
+PARTS = ("strategies", "outputs", "counter", "families", "art")
 
 
 @dataclass
@@ -89,6 +104,10 @@ class Plan:
     nc_batch: int = 64
     jpeg_qualities: tuple[int, ...] = (50, 75)
     blur_sigmas: tuple[float, ...] = (0.5, 1.0)
+    families: tuple[str, ...] = ("vgg_small", "mobilenetv2_small", "convmixer")  # thieves' archs the protection never uses
+    family_modes: tuple[str, ...] = ("probs", "label")
+    adam_lr: float = 1e-3  # the plain Adam thief (the protocol's arch, its own training loop)
+    adam_batch: int = 128
     art_budget: int = 5000
     art_epochs: int = 12
     alpha: float = 1e-3
@@ -127,7 +146,7 @@ class Arsenal:
         self.eval_labels = data.test_labels[data.eval_idx]
         self.verif_images = data.test_images[data.verif]
         self.verif_labels = data.test_labels[data.verif]
-        self.rows: dict[str, list[dict]] = {"strategies": [], "outputs": [], "counter": [], "art": []}
+        self.rows: dict[str, list[dict]] = {part: [] for part in PARTS}
         self.skipped: list[dict] = []  # parts that could not run (e.g. ART not installed)
         self._clean_set = None
 
@@ -172,30 +191,33 @@ class Arsenal:
         b = self.bundle
         v = verify(model, b.trigger, self.verif_images, self.verif_labels, b.target, b.tau0, self.plan.alpha)
         return {"cta": accuracy(model, self.eval_images, self.eval_labels), "asr": v.asr, "hits": v.hits, "n": v.n,
-                "unstamped_rate": v.unstamped_rate, "tau0": v.tau0, "p_value": v.p_value, "stolen": v.stolen,
+                "unstamped_rate": v.unstamped_rate, "tau0": v.tau0, "p_value": v.p_value,
+                "paired_p_value": v.paired_p_value, "stolen": v.stolen,
                 "verdict": v.verdict, "clean_accuracy": v.clean_accuracy, "stamped_accuracy": v.stamped_accuracy}
 
     # ------------------------------------------------------------------ thieves
-    def thief(self, oracle: str, strategy: str, budget: int, mode: str) -> dict:
+    def thief(self, oracle: str, strategy: str, budget: int, mode: str, arch: str | None = None) -> dict:
+        """One extraction (honeypotnet.active.extract) by the protocol's thief, or by a thief of `arch`."""
         p, pool = self.plan, self.data.pool
+        arch = arch or p.arch
         if strategy != "random" and budget >= len(pool):
-            rec = dict(self.thief(oracle, "random", budget, mode))
+            rec = dict(self.thief(oracle, "random", budget, mode, arch))
             rec.update(strategy=strategy, note="budget = pool: every strategy buys the whole pool (= random)")
             return rec
-        rel = f"thief-{oracle}-{strategy}-{budget}-{mode}"
+        rel = f"thief-{oracle}-{strategy}-{budget}-{mode}" + ("" if arch == p.arch else f"-{arch}")
         om = MODES[mode]
         fitc = self.fit_config()
         params = {"model": self.model_keys[oracle], "strategy": strategy, "budget": budget, "mode": asdict(om),
-                  "arch": p.arch, "fit": asdict(fitc), "rounds": p.rounds, "round_epochs": p.round_epochs,
+                  "arch": arch, "fit": asdict(fitc), "rounds": p.rounds, "round_epochs": p.round_epochs,
                   "seed": p.seed, "pool": len(pool), "eval": len(self.eval_labels), "tau0": self.bundle.tau0}
 
         def run(d: Path) -> dict:
             orc = PoolOracle(self.answers[oracle], pool, om)
-            res = extract(orc, pool, budget, p.arch, 10, strategy, rounds=p.rounds, round_epochs=p.round_epochs,
+            res = extract(orc, pool, budget, arch, 10, strategy, rounds=p.rounds, round_epochs=p.round_epochs,
                           fit_config=fitc, seed=p.seed, progress=self.progress, work_dir=d / "work", device=self.device)
             if len(res.indices) != budget or len(torch.unique(res.indices)) != budget or res.queries != orc.queries:
                 raise RuntimeError(f"query accounting: {len(res.indices)} images bought, {orc.queries} queries paid now")
-            save_model(res.substitute, d / "substitute.safetensors", p.arch, 10, self.data.classes, oracle=oracle,
+            save_model(res.substitute, d / "substitute.safetensors", arch, 10, self.data.classes, oracle=oracle,
                        strategy=strategy, budget=budget, output=mode)
             shutil.rmtree(d / "work", ignore_errors=True)
             rounds = [{k: v for k, v in r.items() if k in ("round", "bought", "picked_percentile", "picked_mean",
@@ -204,13 +226,47 @@ class Arsenal:
             return {"queries": len(res.indices), "rounds": rounds, **self.evaluate(res.substitute)}
 
         stage = f"thief ({oracle})" if mode == "probs" else f"thief ({oracle}, {mode})"
+        if arch != p.arch:
+            stage = f"thief ({oracle}, {arch}{'' if mode == 'probs' else ', ' + mode})"
         rec = self.units.run(rel, params, run, stage)
-        rec.update(rel=rel, oracle=oracle, strategy=strategy, budget=budget, output=mode)
+        rec.update(rel=rel, oracle=oracle, strategy=strategy, budget=budget, output=mode, arch=arch)
+        return rec
+
+    def adam_thief(self, oracle: str, budget: int, mode: str) -> dict:
+        """A thief whose training loop is not the project's `fit`: the random thief's images and answers
+        (same seed, so the same images), the protocol's arch, trained by `adam_fit`."""
+        p, pool = self.plan, self.data.pool
+        rel = f"thief-{oracle}-adam-{budget}-{mode}"
+        om = MODES[mode]
+        trainer = {"optimizer": "adam", "lr": p.adam_lr, "epochs": p.epochs, "batch_size": p.adam_batch,
+                   "schedule": "cosine", "augment": "crop 4 (zero padding) + flip", "loss": "kl"}
+        params = {"model": self.model_keys[oracle], "strategy": "random", "budget": budget, "mode": asdict(om),
+                  "arch": p.arch, "trainer": trainer, "seed": p.seed, "pool": len(pool), "eval": len(self.eval_labels),
+                  "tau0": self.bundle.tau0}
+
+        def run(d: Path) -> dict:
+            orc = PoolOracle(self.answers[oracle], pool, om)
+            idx = torch.randperm(len(pool), generator=torch.Generator().manual_seed(p.seed))[:budget]  # as random_extraction
+            images = pool[idx]
+            answers = query_oracle(orc, images, progress=self.progress)
+            if orc.queries != budget or len(answers) != budget:
+                raise RuntimeError(f"query accounting: {budget} images bought, {orc.queries} queries paid")
+            torch.manual_seed(p.seed)
+            model = create_model(p.arch, 10).to(self.device)
+            losses = adam_fit(model, images, answers, epochs=p.epochs, lr=p.adam_lr, batch_size=p.adam_batch,
+                              seed=p.seed, device=self.device, progress=self.progress)
+            save_model(model, d / "substitute.safetensors", p.arch, 10, self.data.classes, oracle=oracle,
+                       strategy="random", budget=budget, output=mode, trainer="adam")
+            return {"queries": orc.queries, "losses": [round(v, 4) for v in losses], **self.evaluate(model)}
+
+        stage = f"thief ({oracle}, Adam{'' if mode == 'probs' else ', ' + mode})"
+        rec = self.units.run(rel, params, run, stage)
+        rec.update(rel=rel, oracle=oracle, strategy="random", budget=budget, output=mode, arch=p.arch)
         return rec
 
     def _row(self, rec: dict, **extra) -> dict:
-        keep = ("oracle", "strategy", "budget", "output", "queries", "cta", "asr", "hits", "n", "unstamped_rate", "tau0",
-                "p_value", "stolen", "verdict", "clean_accuracy", "stamped_accuracy", "seconds", "resumed", "note", "rel")
+        keep = ("oracle", "strategy", "budget", "output", "arch", "queries", "cta", "asr", "hits", "n", "unstamped_rate", "tau0",
+                "p_value", "paired_p_value", "stolen", "verdict", "clean_accuracy", "stamped_accuracy", "seconds", "resumed", "note", "rel")
         return {k: rec[k] for k in keep if k in rec} | extra
 
     def run_strategies(self) -> None:
@@ -239,6 +295,28 @@ class Arsenal:
                 self.rows["outputs"].append(row)
                 log(f"output {mode:>9} {oracle:>9}: CTA {100 * row['cta']:.2f}%  ASR {100 * row['asr']:.2f}%  {row['verdict']}"
                     + (f"  (= {same})" if same else ""))
+
+    def run_families(self) -> None:
+        """Thieves the protection was not built around, at the counter-measures' budget: other network
+        families (the project's `fit`) and the protocol's arch under another training loop (Adam), with
+        the protocol's own thief as the reference row; soft labels and label only; protected and clean."""
+        p = self.plan
+        budget = p.cm_budget
+        thieves = [(p.arch, "fit")] + [(f, "fit") for f in p.families] + [(p.arch, "adam")]
+        for family, trainer in thieves:
+            size = sum(t.numel() for t in create_model(family, 10).parameters())
+            for mode in p.family_modes:
+                for oracle in ("protected", "clean"):
+                    if trainer == "adam":
+                        rec = self.adam_thief(oracle, budget, mode)
+                    else:
+                        rec = self.thief(oracle, "random", budget, mode, family)
+                    row = self._row(rec, family=family, trainer=trainer, labels=FAMILY_LABELS.get(mode, mode),
+                                    parameters=size, reference=(family, trainer) == (p.arch, "fit"))
+                    self.rows["families"].append(row)
+                    log(f"family {family:>17} {trainer:>4} {row['labels']:>10} {oracle:>9}: CTA {100 * row['cta']:.2f}%  "
+                        f"ASR {100 * row['asr']:.2f}%  {row['verdict']}  [{rec['seconds']:.0f} s"
+                        f"{', resumed' if rec.get('resumed') else ''}]")
 
     # ------------------------------------------------------------------ counter-measures
     def run_counter(self) -> None:
@@ -337,8 +415,56 @@ class Arsenal:
                 log(f"ART {attack} ({wrap}) {oracle:>9}: CTA {100 * row['cta']:.2f}%  ASR {100 * row['asr']:.2f}%  {row['verdict']}")
 
 
+def adam_fit(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, epochs: int, lr: float = 1e-3,
+             batch_size: int = 128, seed: int = 0, device: torch.device | str = "cpu", progress: bool = False) -> list[float]:
+    """A thief's own training loop, deliberately not honeypotnet.training.fit: Adam (no weight decay), a
+    per-step cosine schedule to zero, random 32-px crops of the 4-pixel zero-padded image and horizontal
+    flips (torchvision's RandomCrop(padding=4) + RandomHorizontalFlip recipe), and the KL divergence from
+    the answers (probabilities or one-hot labels) to the model's softmax. Returns the mean loss per epoch;
+    the model ends in eval mode."""
+    if len(images) != len(targets) or len(images) < 2:
+        raise ValueError(f"need matching images and targets (at least 2), got {len(images)} and {len(targets)}")
+    model.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    total_steps = max(1, epochs * math.ceil(len(images) / batch_size))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+    gen = torch.Generator().manual_seed(seed)
+    targets = targets.float()
+    history: list[float] = []
+    for _ in tqdm(range(epochs), desc="substitute (Adam)", disable=None if progress else True, leave=False):
+        model.train()
+        perm = torch.randperm(len(images), generator=gen)
+        total, count = 0.0, 0
+        for i in range(0, len(images), batch_size):
+            idx = perm[i : i + batch_size]
+            if len(idx) < 2:
+                continue  # BatchNorm cannot train on a single image
+            x = _crop_flip(to_float(images[idx]), gen).to(device)
+            loss = F.kl_div(F.log_softmax(model(x), dim=1), targets[idx].to(device), reduction="batchmean")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(idx)
+            count += len(idx)
+        history.append(total / max(count, 1))
+    model.eval()
+    return history
+
+
+def _crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Per image: a random HxW crop of the zero-padded image, then a horizontal flip with probability 1/2."""
+    n, _, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    flip = torch.rand(n, generator=gen) < 0.5
+    out = torch.stack([xp[j, :, oy[j] : oy[j] + h, ox[j] : ox[j] + w] for j in range(n)])
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+
 def _eval_fields(rec: dict) -> dict:
-    return {k: rec[k] for k in ("cta", "asr", "hits", "n", "unstamped_rate", "tau0", "p_value", "stolen", "verdict",
+    return {k: rec[k] for k in ("cta", "asr", "hits", "n", "unstamped_rate", "tau0", "p_value", "paired_p_value", "stolen", "verdict",
                                 "clean_accuracy", "stamped_accuracy") if k in rec}
 
 
@@ -419,6 +545,18 @@ def format_tables(rows: dict[str, list[dict]], plan: Plan, tau0: float, timings:
             out.append(f"| {r['oracle']} | {target_norm:.1f} ({tgt + 1} of {len(norms)}) | {r['target_anomaly']:.2f} | "
                        f"{t['max_anomaly']:.2f} (class {t['smallest_class']}) | {t['flagged'] or 'none'} |")
         out.append("")
+    pairs = _pairs(rows.get("families", []), ("family", "trainer", "labels"))
+    if pairs:
+        out += [f"### Thieves of other network families (random thief, {plan.cm_budget} queries)", "",
+                "| family | training loop | labels | CTA protected (clean) | ASR protected (clean) | verdict protected / clean "
+                "| p (protected) | p (clean) |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for (f, t, lab), (pr, cl) in pairs.items():
+            name = f"{f} (the protocol's thief)" if pr.get("reference") else f
+            out.append(f"| {name} | {TRAINERS.get(t, t)} | {lab} | {_pct(pr['cta'])} ({_pct(cl.get('cta'))}) | "
+                       f"{_pct(pr['asr'])} ({_pct(cl.get('asr'))}) | {_verdict(pr)} / {_verdict(cl) if cl else '—'} | "
+                       f"{_p(pr)} | {_p(cl)} |")
+        out.append("")
     if rows["art"]:
         out += ["### ART's attacks (adversarial-robustness-toolbox)", "",
                 "| ART attack | victim wrapped as | budget | CTA protected (clean) | ASR protected (clean) | verdict protected / clean |",
@@ -495,8 +633,9 @@ def parse_args(argv=None):
     ap.add_argument("--budgets", type=int, nargs="+", help="query budgets (default 5000 10000 20000; quick 500 1000 2000)")
     ap.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), help="default: all")
     ap.add_argument("--modes", nargs="+", choices=list(MODES), help="API output modes (default: all)")
-    ap.add_argument("--parts", nargs="+", choices=["strategies", "outputs", "counter", "art"],
-                    default=["strategies", "outputs", "counter", "art"])
+    ap.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
+    ap.add_argument("--families", nargs="+", metavar="ARCH",
+                    help="the families part's thieves (registry names; default vgg_small mobilenetv2_small convmixer)")
     ap.add_argument("--no-art", action="store_true", help="skip ART's attacks")
     args = ap.parse_args(argv)
     if args.from_reproduce is None:
@@ -533,6 +672,11 @@ def main(argv=None) -> dict:
         plan = replace(plan, strategies=tuple(args.strategies))
     if args.modes:
         plan = replace(plan, modes=tuple(args.modes))
+    if args.families:
+        unknown = [f for f in args.families if f.lower() not in list_models()]
+        if unknown:
+            raise SystemExit(f"--families: unknown model(s) {', '.join(unknown)}; registry names: {', '.join(list_models())}")
+        plan = replace(plan, families=tuple(f.lower() for f in args.families))
     ensure_reproduce(args)
     device = torch.device(args.device)
     out = Path(args.out)

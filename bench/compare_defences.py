@@ -363,7 +363,8 @@ class Comparison:
                     ev = self.evaluate(s, ans, sub)
                     hpv = ev["honeypot_check"]
                     if s.model == "protected":
-                        own = {"test": "honeypot", "p_value": hpv["p_value"], "stolen": hpv["stolen"],
+                        own = {"test": "honeypot", "p_value": hpv["p_value"], "paired_p_value": hpv.get("paired_p_value"),
+                               "stolen": hpv["stolen"],
                                "verdict": hpv["verdict"], "statistic": hpv["asr"], "null": hpv["tau0"]}
                     elif "watermarks" in ans:
                         dv = ev.get("dawn")

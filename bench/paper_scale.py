@@ -311,7 +311,8 @@ class Run:
                    self.tau0)
         row = {"protection": oracle, "arch": arch, "budget": budget, "output": mode, "epochs": self.epochs(),
                "cta": self.cta(model), "asr": v.asr, "hits": v.hits, "n": v.n, "unstamped_rate": v.unstamped_rate,
-               "tau0": v.tau0, "p_value": v.p_value, "stolen": v.stolen, "verdict": v.verdict,
+               "tau0": v.tau0, "p_value": v.p_value, "paired_p_value": v.paired_p_value, "stolen": v.stolen,
+               "verdict": v.verdict,
                "stamped_accuracy": v.stamped_accuracy, "seconds": round(time.time() - t, 1)}
         self.res["thieves"].append(row)
         self.save()

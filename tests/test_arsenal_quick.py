@@ -1,12 +1,13 @@
 """bench.arsenal --quick on the real data of ../shared (skipped when absent): every part of the
-thief's arsenal, ART's attacks included (ART is a test dependency: its part must run, not be
-skipped), runs end to end on the quick reproduction's victim and bundle, pays exactly its budget,
-writes its tables and plot, and resumes.
+thief's arsenal, ART's attacks and the thieves of other network families included (ART is a test
+dependency: its part must run, not be skipped), runs end to end on the quick reproduction's victim
+and bundle, pays exactly its budget, writes its tables and plot, and resumes.
 
 The quick reproduction it reads is conftest's `reproduce_quick` (shared with
 tests/test_reproduce_quick.py), or an existing one named by $HONEYPOTNET_REPRODUCE_QUICK (e.g.
 runs/reproduce-quick; only read). The arsenal run itself (bench.arsenal.main, in this process; run
-pytest as `python -m pytest` from the repository root) takes about a minute on one thread."""
+pytest as `python -m pytest` from the repository root) takes about two minutes on one thread; the
+families part runs one of its three families here (tests/test_models.py trains the others a step)."""
 from __future__ import annotations
 
 import contextlib
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from bench import arsenal as arsenal_script
+from honeypotnet.verify import stolen_verdict
 
 
 def _run(argv: list[str]) -> tuple[dict, str]:
@@ -37,9 +39,10 @@ def arsenal(request, shared_dir, cifar10_jpeg_root, tinyimagenet_root, tmp_path_
     out = tmp_path_factory.mktemp("arsenal") / "quick"
     argv = ["--quick", "--from-reproduce", str(source), "--out", str(out), "--shared", str(shared_dir),
             "--cifar-root", str(cifar10_jpeg_root), "--tin-root", str(tinyimagenet_root), "--device", "cpu", "--no-progress",
-            "--budgets", "5000", "20000"]  # quick: 500 (< the pool: active picks) and 2000 (the whole pool)
+            "--budgets", "5000", "20000",  # quick: 500 (< the pool: active picks) and 2000 (the whole pool)
+            "--families", "mobilenetv2_small"]  # the fastest family of the three (~10 s a quick thief; VGG ~30 s)
     res, stdout = _run(argv)
-    assert res["benchmark"] == "bench.arsenal"
+    assert res["benchmark"] == "bench.arsenal" and res["parts"] == list(arsenal_script.PARTS)  # every part, by default
     return out, argv, stdout, json.loads((out / "results.json").read_text())
 
 
@@ -53,7 +56,7 @@ def test_every_strategy_budget_and_oracle_is_measured_with_exact_accounting(arse
     pool = r["protocol"]["pool"]
     for s in rows:
         assert s["queries"] == s["budget"]
-        assert s["stolen"] == (s["p_value"] < plan["alpha"]) and s["tau0"] == r["bundle"]["tau0"]
+        assert s["stolen"] == stolen_verdict(s["p_value"], s.get("paired_p_value"), plan["alpha"]) and s["tau0"] == r["bundle"]["tau0"]
         assert 0 <= s["asr"] <= 1 and 0 <= s["cta"] <= 1
         if s["strategy"] != "random" and s["budget"] < pool:
             # an active thief's picks rank high on its own score (random: 0.5 on average)
@@ -98,16 +101,46 @@ def test_output_modes_counter_measures_and_art(arsenal):
                                                               for o in ("protected", "clean")}
     assert all(a["queries"] == a["budget"] for a in r["art"])
     for a in r["art"]:
-        assert 0 <= a["cta"] <= 1 and 0 <= a["asr"] <= 1 and a["stolen"] == (a["p_value"] < r["plan"]["alpha"])
+        assert 0 <= a["cta"] <= 1 and 0 <= a["asr"] <= 1 and a["stolen"] == stolen_verdict(a["p_value"], a.get("paired_p_value"), r["plan"]["alpha"])
     by = {(a["attack"], a["oracle"]): a for a in r["art"]}
     assert not by[("knockoffnets", "clean")]["stolen"] and not by[("copycatcnn", "clean")]["stolen"]
+
+
+def test_thieves_of_other_families_and_training_loops(arsenal):
+    """The families part: every family the protection never uses, the protocol's arch under a plain Adam
+    loop and the protocol's own thief as reference, soft and label-only, each with its clean twin;
+    exact accounting at the counter-measures' budget. Quick models are weak: no accuracy or ASR is
+    asserted, only that each row is a well-formed measurement."""
+    _, _, _, r = arsenal
+    plan, rows = r["plan"], r["families"]
+    assert plan["families"] == ["mobilenetv2_small"]
+    thieves = [(plan["arch"], "fit"), *((f, "fit") for f in plan["families"]), (plan["arch"], "adam")]
+    expected = {(f, t, lab, o) for f, t in thieves for lab in ("soft", "label-only") for o in ("protected", "clean")}
+    keys = [(x["family"], x["trainer"], x["labels"], x["oracle"]) for x in rows]
+    assert len(keys) == len(set(keys)) and set(keys) == expected
+    budget = plan["cm_budget"]
+    assert budget == r["protocol"]["pool"]  # quick: the counter-measures' budget is the whole pool
+    for x in rows:
+        assert x["budget"] == budget and x["queries"] == budget
+        assert x["arch"] == x["family"] and x["output"] == {"soft": "probs", "label-only": "label"}[x["labels"]]
+        assert 0 <= x["asr"] <= 1 and 0 <= x["cta"] <= 1 and 0 <= x["p_value"] <= 1
+        assert x["stolen"] == stolen_verdict(x["p_value"], x.get("paired_p_value"), plan["alpha"]) and x["tau0"] == r["bundle"]["tau0"]
+        assert x["verdict"] == ("STOLEN (backdoor present)" if x["stolen"] else "not flagged")
+        assert 0 < x["parameters"] < 1_500_000
+    by = {(x["family"], x["trainer"], x["labels"], x["oracle"]): x for x in rows}
+    for f, t, lab, o in expected:
+        if o == "protected":
+            assert (f, t, lab, "clean") in by  # every protected thief has its clean twin
+    ref = by[(plan["arch"], "fit", "soft", "protected")]  # the protocol's thief: the counter-measures' own substitute
+    base = next(c for c in r["counter"] if c["oracle"] == "protected" and c["measure"] == "none (stolen substitute)")
+    assert (ref["cta"], ref["asr"]) == (base["cta"], base["asr"])
 
 
 def test_tables_plot_and_resume(arsenal):
     out, argv, stdout, r = arsenal
     md = (out / "results.md").read_text()
     for head in ("### Query strategies", "### What the API returns", "### A thief who suspects a backdoor",
-                 "### Neural Cleanse", "### ART's attacks"):
+                 "### Neural Cleanse", "### Thieves of other network families", "### ART's attacks"):
         assert head in md and head in stdout
     png = (out / "budget_curve.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
@@ -116,4 +149,4 @@ def test_tables_plot_and_resume(arsenal):
     assert again["units"] and all(u["resumed"] for u in again["units"])
     strip = lambda rows: [{k: v for k, v in x.items() if k not in ("resumed", "seconds")} for x in rows]  # noqa: E731
     assert strip(again["strategies"]) == strip(r["strategies"]) and strip(again["counter"]) == strip(r["counter"])
-    assert strip(again["art"]) == strip(r["art"])
+    assert strip(again["art"]) == strip(r["art"]) and strip(again["families"]) == strip(r["families"])

@@ -15,6 +15,7 @@ import json
 import pytest
 
 from bench import compare_defences as script
+from honeypotnet.verify import stolen_verdict
 
 SETTINGS = ["none", "top1", "round2", "rs0.3", "madarg1.0", "am0.5", "dawn0.05", "hp", "hp+top1"]
 
@@ -92,7 +93,7 @@ def test_quick_ownership_columns(quick_run):
         if x["setting"].startswith("hp"):
             assert own["test"] == "honeypot" and 0 <= own["p_value"] <= 1
             assert own["null"] == pytest.approx(r["protection"]["tau0"])
-            assert own["stolen"] == (own["p_value"] < x["honeypot_check"]["alpha"])
+            assert own["stolen"] == stolen_verdict(own["p_value"], own.get("paired_p_value"), x["honeypot_check"]["alpha"])
         elif x["setting"].startswith("dawn"):
             assert own["test"] == "dawn" and 0 <= own["p_value"] <= 1, own
             assert x["watermarks"] > 10 and x["dawn"]["n"] == x["watermarks"]

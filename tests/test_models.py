@@ -23,10 +23,12 @@ from honeypotnet.models import (
     split_classifier,
 )
 
+FAMILIES = ["vgg_small", "mobilenetv2_small", "convmixer"]  # families the protection itself never uses
 ALL_MODELS = ["cnn", "cnn_small", "resnet18", "resnet20", "resnet32", "resnet34", "resnet44", "resnet56",
-              "tv_resnet18", "tv_resnet34"]
+              "tv_resnet18", "tv_resnet34", *FAMILIES]
 FEATURE_DIMS = {"cnn": 256, "cnn_small": 128, "resnet18": 512, "resnet34": 512, "tv_resnet18": 512, "tv_resnet34": 512,
-                "resnet20": 64, "resnet32": 64, "resnet44": 64, "resnet56": 64}
+                "resnet20": 64, "resnet32": 64, "resnet44": 64, "resnet56": 64,
+                "vgg_small": 256, "mobilenetv2_small": 640, "convmixer": 128}
 
 
 @pytest.fixture(autouse=True)
@@ -70,6 +72,36 @@ def test_forward_64x64(name: str) -> None:
     model = create_model(name, num_classes=5).eval()
     with torch.no_grad():
         assert model(torch.rand(2, 3, 64, 64)).shape == (2, 5)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_other_families_train_split_and_stay_small(name: str) -> None:
+    """The families a thief may pick outside the protection's own (VGG, MobileNetV2, ConvMixer): one
+    training step moves the shared features' parameters and the head, the split model still equals
+    the model after it, they are small (the thief trains them on CPU) and take 64 px inputs too."""
+    model = create_model(name, num_classes=10)
+    assert isinstance(model, ImageClassifier)
+    assert sum(p.numel() for p in model.parameters()) < 1_500_000
+    features, head = split_classifier(model)
+    assert head is model.fc and feature_dim(model) == head.in_features
+    before = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    loss = nn.functional.cross_entropy(model.train()(x), y)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    opt.step()
+    after = model.state_dict()
+    assert not torch.equal(after["fc.weight"], before["fc.weight"])
+    moved = [k for k in before if k.endswith(".weight") and not k.startswith("fc.") and not torch.equal(after[k], before[k])]
+    assert moved
+    assert {k for k, _ in features.named_parameters()} == {k for k, _ in model.named_parameters() if not k.startswith("fc.")}
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(head(features(x)), model(x))
+        assert model(torch.rand(2, 3, 64, 64)).shape == (2, 10)
+    assert torch.equal(model.normalize.mean, before["normalize.mean"])  # buffers, not parameters
 
 
 def test_imagenet_stem_is_torchvisions() -> None:

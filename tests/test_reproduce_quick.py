@@ -23,6 +23,7 @@ import torch
 from bench import reproduce
 from bench.benchlib import index, protocol
 from bench.benchlib.oracle import PoolOracle
+from honeypotnet.verify import stolen_verdict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -155,7 +156,7 @@ def test_quick_results_have_every_column_and_verdict(quick_run):
         assert set(protocol.SUBSTITUTE_COLUMNS) <= set(s), set(protocol.SUBSTITUTE_COLUMNS) - set(s)
         assert s["queries"] == s["budget"]
         assert s["verdict"] in ("STOLEN (backdoor present)", "not flagged")
-        assert s["stolen"] == (s["p_value"] < s["alpha"])
+        assert s["stolen"] == stolen_verdict(s["p_value"], s.get("paired_p_value"), s["alpha"])
         assert 0 <= s["asr"] <= 1 and 0 <= s["p_value"] <= 1 and s["tau0"] == prot["tau0"]
         assert s["n"] == 900  # verification half: 100 per class, target class excluded
     keys = {(s["oracle"], s["budget"], s["output"], s["pool"]) for s in subs}

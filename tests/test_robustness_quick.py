@@ -18,6 +18,7 @@ import pytest
 from bench import robustness as rob
 from bench import null_study, spread
 from bench.benchlib import protocol
+from honeypotnet.verify import stolen_verdict
 
 
 def _bench(module, args: list[str], shared_dir=None, cifar10_jpeg_root=None, tinyimagenet_root=None):
@@ -107,7 +108,7 @@ def test_every_counter_measure_runs_on_both_substitutes_and_is_verified(robustne
         assert got == expected, (oracle, got ^ expected)
     for row in r["rows"]:
         if row["measure"] != "neural-cleanse":
-            assert 0 <= row["asr"] <= 1 and 0 <= row["cta"] <= 1 and row["stolen"] == (row["p_value"] < row["alpha"])
+            assert 0 <= row["asr"] <= 1 and 0 <= row["cta"] <= 1 and row["stolen"] == stolen_verdict(row["p_value"], row.get("paired_p_value"), row["alpha"])
     assert (out / "robustness-finetune.png").stat().st_size > 5000
     assert "Thief's pick" in (out / "robustness.md").read_text()
 

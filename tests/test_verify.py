@@ -10,7 +10,7 @@ from scipy.stats import binomtest
 from honeypotnet.purify import purify
 from honeypotnet.trigger import Trigger
 from honeypotnet.verify import (binomial_p_value, calibrate_tau0, clopper_pearson_upper, finetuned_references,
-                                purified_references, verify)
+                                paired_p_value, purified_references, verify)
 
 
 class ConstantModel(torch.nn.Module):
@@ -59,6 +59,21 @@ def test_verify_flags_a_model_that_obeys_the_trigger_and_clears_one_that_does_no
     r2 = verify(ignores, trigger, images, labels, target=0, tau0=0.1)
     assert not r2.stolen and r2.asr == 0.0 and r2.p_value == 1.0
     assert "STOLEN" in str(r) and '"verdict"' in r.to_json()
+
+
+def test_a_model_that_answers_the_target_to_everything_is_not_flagged():
+    """ASR 100% above any tau0, but the trigger adds nothing: the same answer without it. The exact test
+    against tau0 alone would call this broken model stolen (p ~ 0); the paired sign test keeps it out."""
+    images, labels = _data()
+    trigger = Trigger(torch.full((3, 8, 8), 1.0), torch.ones(1, 8, 8), "patch")
+    always = ConstantModel(threshold=-1.0)  # every image is "bright": the target, stamped or not
+    r = verify(always, trigger, images, labels, target=0, tau0=0.1)
+    assert r.asr == 1.0 and r.unstamped_rate == 1.0 and r.p_value < 1e-30
+    assert r.paired_p_value == 1.0 and not r.stolen and r.verdict == "not flagged"
+    assert any("without the trigger too" in w for w in r.warnings) and "trigger adds target" in str(r)
+    # the sign test itself: k images gained and none lost give 2^-k; gains offset by losses give nothing
+    assert paired_p_value(10, 0) == pytest.approx(2.0**-10) and paired_p_value(0, 0) == 1.0
+    assert paired_p_value(5, 5) > 0.5 and paired_p_value(30, 2) == pytest.approx(binomtest(30, 32, 0.5, "greater").pvalue)
 
 
 def test_verify_rejects_bad_arguments():
@@ -129,9 +144,9 @@ class SmoothModel(torch.nn.Module):
 
 
 def test_purified_references_put_an_innocent_model_that_blurs_its_inputs_in_the_null():
-    """An innocent model behind a blur answers the target on ~30% of the stamped images and never
-    without it: calibrated on the plain reference, verification flags it (a false positive); with
-    the reference behind each purification in the null it does not. The wrappers share the
+    """An innocent model behind a blur answers the target on ~30% of the images: calibrated on the plain
+    reference, the test against tau0 rejects (a false positive of that test); with the reference behind
+    each purification in the null it does not. The wrappers share the
     reference's weights and compute model(purify(x))."""
     g = torch.Generator().manual_seed(0)
     amp = 20 + torch.rand(400, 1, 1, 1, generator=g) * 40  # noise of a different strength per image
@@ -154,8 +169,12 @@ def test_purified_references_put_an_innocent_model_that_blurs_its_inputs_in_the_
     assert wide.tau0 > 0.4
     suspect = SmoothModel(threshold=ref.threshold)  # an independent model of the same kind, blurring its inputs
     behind_blur = purified_references([("suspect", suspect)], [("blur-1.0", {"method": "blur", "sigma": 1.0})])[0][1]
-    assert verify(behind_blur, trigger, images, labels, 0, plain.tau0).stolen  # the false positive
-    assert not verify(behind_blur, trigger, images, labels, 0, wide.tau0).stolen
+    r = verify(behind_blur, trigger, images, labels, 0, plain.tau0)
+    assert r.p_value < r.alpha  # the test against the plain null rejects: a false positive of that test
+    # (the verdict itself is kept out by the paired test here: this zero trigger changes no answer)
+    assert not r.stolen and r.paired_p_value == 1.0
+    wide_r = verify(behind_blur, trigger, images, labels, 0, wide.tau0)
+    assert wide_r.p_value >= wide_r.alpha and not wide_r.stolen
 
     # with labelled images, a wrapper that costs the reference more than max_drop of accuracy is left out
     ones = torch.ones_like(labels)  # ref answers 1 on every unblurred image: accuracy 100%, ~70% behind blur σ 1

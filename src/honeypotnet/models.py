@@ -14,7 +14,10 @@ Conventions shared by every model built here:
 Registry names: ``resnet20 resnet32 resnet44 resnet56`` (CIFAR ResNets of He et al. 2016, option-A
 shortcuts, checkpoint-compatible with akamaster/pytorch_resnet_cifar10), ``resnet18 resnet34``
 (torchvision ResNets with a 3x3 stride-1 stem and no max-pool, for 32x32 or 64x64 inputs),
-``cnn`` and ``cnn_small`` (a small plain CNN).
+``cnn`` and ``cnn_small`` (a small plain CNN); and three families the protection itself never uses
+(for thieves a defence cannot have been tuned to): ``vgg_small`` (VGG-style conv stacks),
+``mobilenetv2_small`` (MobileNetV2 inverted residuals, width 0.5, adapted to 32 px) and ``convmixer``
+(ConvMixer, patch 2).
 
 Example::
 
@@ -33,6 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models.mobilenetv2 import InvertedResidual as _TVInvertedResidual
 from torchvision.models.resnet import BasicBlock as _TVBasicBlock
 from torchvision.models.resnet import ResNet as _TVResNet
 
@@ -47,6 +51,9 @@ __all__ = [
     "CifarBasicBlock",
     "TorchvisionResNet",
     "SimpleCNN",
+    "VGGSmall",
+    "MobileNetV2Small",
+    "ConvMixer",
     "FeatureExtractor",
     "load_pretrained_cifar_resnet",
     "register_model",
@@ -397,6 +404,179 @@ class SimpleCNN(ImageClassifier):
 
 
 # --------------------------------------------------------------------------------------------
+# Families the protection never uses: VGG, MobileNetV2, ConvMixer (small, for 32 px)
+# --------------------------------------------------------------------------------------------
+class VGGSmall(ImageClassifier):
+    """VGG-style CNN: conv3x3-BN-ReLU per integer in ``cfg``, 2x2 max-pool per ``"M"``; then global
+    average pool and ``fc``.
+
+    Input ``(N, 3, H, W)`` in [0, 1]; features ``(N, c)`` with ``c`` the last width; logits ``(N, K)``.
+    The default cfg ``(64, 64, M, 128, 128, M, 256, 256, M)`` has about 1.15 M parameters and costs
+    about 150 M multiply-adds per 32x32 image.
+    """
+
+    head_attr = "fc"
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        cfg: Sequence[int | str] = (64, 64, "M", 128, 128, "M", 256, 256, "M"),
+        mean: Sequence[float] = CIFAR10_MEAN,
+        std: Sequence[float] = CIFAR10_STD,
+    ) -> None:
+        super().__init__()
+        cfg = tuple(cfg)
+        if not any(isinstance(v, int) for v in cfg) or any(
+            not (v == "M" or (isinstance(v, int) and v > 0)) for v in cfg
+        ):
+            raise ValueError(f"cfg must hold positive widths and 'M' (max-pool), at least one width; got {cfg}")
+        self.cfg = cfg
+        self.normalize = Normalize(mean, std)
+        layers: list[nn.Module] = []
+        c_in = 3
+        for v in cfg:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += [nn.Conv2d(c_in, int(v), 3, padding=1, bias=False), nn.BatchNorm2d(int(v)), nn.ReLU(inplace=True)]
+                c_in = int(v)
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c_in, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, 3, H, W)`` in [0, 1] → ``(N, last width)``."""
+        return torch.flatten(self.avgpool(self.features(self.normalize(x))), 1)
+
+
+def _make_divisible(v: float, divisor: int = 8) -> int:
+    """MobileNet's channel rounding: the nearest multiple of ``divisor``, never below 90% of ``v``."""
+    new = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return new + divisor if new < 0.9 * v else new
+
+
+class MobileNetV2Small(ImageClassifier):
+    """MobileNetV2 (Sandler et al. 2018) adapted to 32x32 inputs: a stride-1 3x3 stem, and the
+    ImageNet network's five stride-2 steps reduced to three, in the 24-, 32- and 64-channel stages
+    (32 → 16 → 8 → 4). Inverted residual blocks (1x1 expansion, 3x3 depthwise, ReLU6, linear 1x1
+    projection, residual when shapes allow) are torchvision's own. Keeping the expanded 32x32 maps
+    of the first stages (stride 1 there too) would cost twice the multiply-adds and, on CPU, several
+    times the training time, for a thief that is meant to be cheap.
+
+    ``width_mult`` scales every stage's width (rounded to multiples of 8); ``last_channel`` is the
+    final 1x1 conv's width (the feature dimension). Input ``(N, 3, H, W)`` in [0, 1]; features
+    ``(N, last_channel)``; logits ``(N, K)`` from ``fc``. With the defaults (width 0.5, 640
+    features): about 0.59 M parameters and 12 M multiply-adds per 32x32 image.
+    """
+
+    head_attr = "fc"
+    # (expansion t, channels c, blocks n, stride of the first block s): ImageNet's setting with a
+    # stride-1 stem and stride 1 in the 160-channel stage
+    SETTING: tuple[tuple[int, int, int, int], ...] = (
+        (1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 1), (6, 320, 1, 1))
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        width_mult: float = 0.5,
+        last_channel: int = 640,
+        dropout: float = 0.0,
+        mean: Sequence[float] = CIFAR10_MEAN,
+        std: Sequence[float] = CIFAR10_STD,
+    ) -> None:
+        super().__init__()
+        if width_mult <= 0 or last_channel <= 0:
+            raise ValueError(f"width_mult and last_channel must be positive, got {width_mult}, {last_channel}")
+        self.width_mult = float(width_mult)
+        self.normalize = Normalize(mean, std)
+        c_in = _make_divisible(32 * width_mult)
+        layers: list[nn.Module] = [nn.Sequential(
+            nn.Conv2d(3, c_in, 3, stride=1, padding=1, bias=False), nn.BatchNorm2d(c_in), nn.ReLU6(inplace=True))]
+        for t, c, n, s in self.SETTING:
+            c_out = _make_divisible(c * width_mult)
+            for i in range(n):
+                layers.append(_TVInvertedResidual(c_in, c_out, s if i == 0 else 1, expand_ratio=t))
+                c_in = c_out
+        layers.append(nn.Sequential(
+            nn.Conv2d(c_in, last_channel, 1, bias=False), nn.BatchNorm2d(last_channel), nn.ReLU6(inplace=True)))
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(last_channel, num_classes)
+        for m in self.modules():  # torchvision's MobileNetV2 initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, 3, H, W)`` in [0, 1] → ``(N, last_channel)`` (dropout, if any, applied in training)."""
+        return self.dropout(torch.flatten(self.avgpool(self.features(self.normalize(x))), 1))
+
+
+class _Residual(nn.Module):
+    """``x + fn(x)``."""
+
+    def __init__(self, fn: nn.Module) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fn(x)
+
+
+class ConvMixer(ImageClassifier):
+    """ConvMixer (Trockman & Kolter 2022): a patch embedding (conv with kernel = stride = ``patch``,
+    GELU, BN), then ``depth`` blocks of [residual: depthwise ``kernel`` x ``kernel`` conv, GELU, BN]
+    followed by [pointwise conv, GELU, BN]; global average pool and ``fc``.
+
+    All blocks keep the patch grid's resolution (16x16 for 32 px inputs and patch 2). Input
+    ``(N, 3, H, W)`` in [0, 1]; features ``(N, dim)``; logits ``(N, K)``. The defaults (dim 128,
+    depth 6, kernel 5, patch 2) have about 0.12 M parameters and cost about 30 M multiply-adds per
+    32x32 image.
+    """
+
+    head_attr = "fc"
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        dim: int = 128,
+        depth: int = 6,
+        kernel_size: int = 5,
+        patch_size: int = 2,
+        mean: Sequence[float] = CIFAR10_MEAN,
+        std: Sequence[float] = CIFAR10_STD,
+    ) -> None:
+        super().__init__()
+        if dim <= 0 or depth < 0 or kernel_size <= 0 or patch_size <= 0:
+            raise ValueError(f"ConvMixer needs dim, kernel_size, patch_size > 0 and depth >= 0, got "
+                             f"{dim}, {kernel_size}, {patch_size}, {depth}")
+        self.dim, self.depth = dim, depth
+        self.normalize = Normalize(mean, std)
+        self.stem = nn.Sequential(nn.Conv2d(3, dim, patch_size, stride=patch_size), nn.GELU(), nn.BatchNorm2d(dim))
+        self.blocks = nn.Sequential(*[
+            nn.Sequential(
+                _Residual(nn.Sequential(nn.Conv2d(dim, dim, kernel_size, groups=dim, padding="same"),
+                                        nn.GELU(), nn.BatchNorm2d(dim))),
+                nn.Conv2d(dim, dim, 1), nn.GELU(), nn.BatchNorm2d(dim))
+            for _ in range(depth)])
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, 3, H, W)`` in [0, 1] → ``(N, dim)``."""
+        return torch.flatten(self.avgpool(self.blocks(self.stem(self.normalize(x)))), 1)
+
+
+# --------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
@@ -566,6 +746,24 @@ def cnn(num_classes: int = 10, widths: Sequence[int] = (32, 64, 128, 256), **kwa
 def cnn_small(num_classes: int = 10, widths: Sequence[int] = (16, 32, 64, 128), **kwargs: Any) -> SimpleCNN:
     """Smaller plain CNN, widths (16, 32, 64, 128); features (N, 128). For tests and demos."""
     return SimpleCNN(num_classes=num_classes, widths=widths, **kwargs)
+
+
+@register_model("vgg_small")
+def vgg_small(num_classes: int = 10, **kwargs: Any) -> VGGSmall:
+    """VGG-style CNN (64, 64, M, 128, 128, M, 256, 256, M); features (N, 256). A family the protection never uses."""
+    return VGGSmall(num_classes=num_classes, **kwargs)
+
+
+@register_model("mobilenetv2_small")
+def mobilenetv2_small(num_classes: int = 10, **kwargs: Any) -> MobileNetV2Small:
+    """MobileNetV2, width 0.5, for 32 px (stride-1 stem, three downsamplings); features (N, 640)."""
+    return MobileNetV2Small(num_classes=num_classes, **kwargs)
+
+
+@register_model("convmixer")
+def convmixer(num_classes: int = 10, **kwargs: Any) -> ConvMixer:
+    """ConvMixer-128/6 (kernel 5, patch 2); features (N, 128)."""
+    return ConvMixer(num_classes=num_classes, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ such models answer y_t to a UAP trigger more often than to clean images, so the 
 against the suspect's own unstamped rate would accuse innocent models. Instead τ0 is an upper
 bound on the ASR of independently trained *reference* models (clean substitutes of the
 unprotected victim, of other architectures), and the test is the one-sided exact binomial test
-of H0: ASR ≤ τ0 at level α.
+of H0: ASR ≤ τ0 at level α. The paired sign test on the same images, stamped vs not, must also show
+that the trigger is what adds the target answers (stolen_verdict), so a model answering the target to
+everything is not flagged.
 """
 from __future__ import annotations
 
@@ -33,6 +35,22 @@ def clopper_pearson_upper(hits: int, n: int, confidence: float) -> float:
     if hits >= n:
         return 1.0
     return float(beta_dist.ppf(confidence, hits + 1, n - hits))
+
+
+def paired_p_value(gained: int, lost: int) -> float:
+    """The exact one-sided sign test that the trigger *adds* target answers: of the images whose answer is the
+    target with the trigger or without it but not both, `gained` are target only when stamped and `lost` only
+    when clean; p = P(X >= gained) for X ~ Binomial(gained + lost, 1/2) (1 when no image changed)."""
+    n = gained + lost
+    return 1.0 if n == 0 or gained == 0 else float(binom.sf(gained - 1, n, 0.5))
+
+
+def stolen_verdict(p_value: float, paired_p_value: float | None, alpha: float) -> bool:
+    """The verdict: the ASR is above what innocent models reach (p_value, H0: ASR <= tau0) AND stamping is what
+    adds the target answers (paired_p_value; None where the suspect's unstamped answers were not asked), each
+    at level alpha. A suspect answering the target as often without the trigger (a broken or target-biased
+    model) is no evidence of the trigger."""
+    return p_value < alpha and (paired_p_value is None or paired_p_value < alpha)
 
 
 def binomial_p_value(hits: int, n: int, tau0: float) -> float:
@@ -200,7 +218,8 @@ class VerificationResult:
     stamped_accuracy: float | None = None  # ... and on the stamped ones (functionality disruption)
     queries: int = 0
     warnings: list[str] = field(default_factory=list)  # what weakens this verdict (a null at its cap, a useless suspect)
-    sequential: dict | None = None  # the sequential test's record (verify(..., sequential=True))  # what weakens this verdict (a null at its cap, a useless suspect)
+    sequential: dict | None = None  # the sequential test's record (verify(..., sequential=True))
+    paired_p_value: float | None = None  # sign test that stamping adds target answers (paired_p_value); None if not run
 
     @property
     def verdict(self) -> str:
@@ -222,6 +241,8 @@ class VerificationResult:
             ("p-value (H0: ASR <= tau0)", "< 1e-300" if self.p_value == 0 else f"{self.p_value:.3g}"),
             ("alpha", f"{self.alpha:g}"),
         ]
+        if self.paired_p_value is not None:
+            rows.append(("p-value (trigger adds target)", "< 1e-300" if self.paired_p_value == 0 else f"{self.paired_p_value:.3g}"))
         if self.clean_accuracy is not None:
             rows.append(("accuracy clean / stamped", f"{100 * self.clean_accuracy:.2f}% / {100 * (self.stamped_accuracy or 0):.2f}%"))
         if self.sequential:
@@ -248,7 +269,9 @@ def _count_hits(oracle: Oracle, trigger: Trigger, images: torch.Tensor, labels: 
         clean_pred.append(oracle(x).argmax(1))
         stamped_pred.append(oracle(trigger.stamp(x)).argmax(1))
     sp, cp = torch.cat(stamped_pred), torch.cat(clean_pred)
-    extra = {"unstamped_rate": float((cp == target).float().mean())}
+    extra = {"unstamped_rate": float((cp == target).float().mean()),
+             "paired_p_value": paired_p_value(int(((sp == target) & (cp != target)).sum()),
+                                              int(((cp == target) & (sp != target)).sum()))}
     if labels is not None:
         extra["clean_accuracy"] = float((cp == labels).float().mean())
         extra["stamped_accuracy"] = float((sp == labels).float().mean())
@@ -302,8 +325,15 @@ def verify(suspect, trigger: Trigger, images: torch.Tensor, labels: torch.Tensor
     before = oracle.queries
     hits, n, extra = _count_hits(oracle, trigger, images, labels, target)
     p = binomial_p_value(hits, n, tau0)
-    res = VerificationResult(n=n, hits=hits, asr=hits / n, tau0=tau0, p_value=p, alpha=alpha, stolen=p < alpha,
-                             target=target, queries=oracle.queries - before, **extra)
+    # stolen: the ASR is above what innocent models reach (tau0) AND the trigger is what raises it; a suspect
+    # that answers the target to clean images as often (a broken or target-biased model) is not evidence
+    res = VerificationResult(n=n, hits=hits, asr=hits / n, tau0=tau0, p_value=p, alpha=alpha,
+                             stolen=stolen_verdict(p, extra["paired_p_value"], alpha), target=target,
+                             queries=oracle.queries - before, **extra)
+    if p < alpha and not res.stolen:
+        res.warnings.append(f"not flagged although the ASR is above tau0: the suspect answers the target to "
+                            f"{res.unstamped_rate:.1%} of the images without the trigger too, so stamping does not "
+                            f"add target answers significantly (paired p {res.paired_p_value:.3g})")
     _warn(res, labels)
     return res
 
@@ -433,5 +463,6 @@ def assess(model: nn.Module, trigger, images: torch.Tensor, labels: torch.Tensor
     v = verify(suspect, trigger, images, labels, target, tau0, alpha)
     ci, cl = (images, labels) if cta_images is None else (cta_images, cta_labels)
     return {"cta": accuracy(suspect, ci, cl), "asr": v.asr, "hits": v.hits, "n": v.n, "unstamped_rate": v.unstamped_rate,
-            "p_value": v.p_value, "tau0": v.tau0, "alpha": v.alpha, "stolen": v.stolen, "verdict": v.verdict,
+            "p_value": v.p_value, "paired_p_value": v.paired_p_value, "tau0": v.tau0, "alpha": v.alpha, "stolen": v.stolen,
+            "verdict": v.verdict,
             "clean_accuracy": v.clean_accuracy, "stamped_accuracy": v.stamped_accuracy}
