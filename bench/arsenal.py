@@ -132,7 +132,7 @@ class Arsenal:
         self.progress = args.progress
         src = Path(args.from_reproduce)
         self.source = src
-        seed_dir = src / f"seed{args.reproduce_seed}" / "protect-base"
+        seed_dir = src / f"seed{args.reproduce_seed}" / f"protect-{args.protection}"
         self.bundle = load_bundle(seed_dir / "bundle")
         if self.bundle.tau0 is None:
             raise SystemExit(f"{seed_dir / 'bundle'} has no calibrated tau0: bench.reproduce has not finished it")
@@ -630,6 +630,9 @@ def parse_args(argv=None):
     ap.add_argument("--from-reproduce", default=None, metavar="DIR",
                     help="bench.reproduce's output (default runs/reproduce; runs/reproduce-quick with --quick)")
     ap.add_argument("--reproduce-seed", type=int, default=0, help="which seed's protected bundle (default 0)")
+    ap.add_argument("--protection", default="base", metavar="NAME",
+                    help="which of the reproduction's protections: its seed<N>/protect-NAME/bundle (default base, the "
+                         "reproduction's preset; e.g. robust for an --ablation in-distribution run)")
     ap.add_argument("--budgets", type=int, nargs="+", help="query budgets (default 5000 10000 20000; quick 500 1000 2000)")
     ap.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), help="default: all")
     ap.add_argument("--modes", nargs="+", choices=list(MODES), help="API output modes (default: all)")
@@ -646,7 +649,8 @@ def parse_args(argv=None):
 def ensure_reproduce(args) -> None:
     """The reproduction artefacts this benchmark reads; with --quick, make them if missing (in this process)."""
     src = Path(args.from_reproduce)
-    need = [src / "victim" / "victim.safetensors", src / f"seed{args.reproduce_seed}" / "protect-base" / "bundle" / "manifest.json"]
+    need = [src / "victim" / "victim.safetensors",
+            src / f"seed{args.reproduce_seed}" / f"protect-{args.protection}" / "bundle" / "manifest.json"]
     if all(p.exists() for p in need):
         return
     if not args.quick:
@@ -689,7 +693,8 @@ def main(argv=None) -> dict:
     t_data = time.time() - t0
     log(f"data: pool {len(data.pool)}, evaluation {len(data.eval_idx)}, verification {len(data.verif)}  [{t_data:.0f} s]")
     bench = Arsenal(args, plan, data, device)
-    log(f"protected bundle {bench.source}/seed{args.reproduce_seed}/protect-base/bundle: tau0 {100 * bench.bundle.tau0:.2f}%")
+    log(f"protected bundle {bench.source}/seed{args.reproduce_seed}/protect-{args.protection}/bundle: "
+        f"tau0 {100 * bench.bundle.tau0:.2f}%")
     parts = [p for p in args.parts if not (p == "art" and args.no_art)]
     for part in parts:
         getattr(bench, f"run_{part}")()
@@ -705,14 +710,15 @@ def main(argv=None) -> dict:
         "benchmark": "bench.arsenal", "mode": "quick" if args.quick else "full",
         "command": command_line("bench.arsenal", argv),
         "from_reproduce": str(bench.source), "plan": asdict(plan), "protocol": asdict(proto),
-        "bundle": {"tau0": bench.bundle.tau0, "target": bench.bundle.target, "config": bench.bundle.manifest.get("config")},
+        "bundle": {"protection": args.protection, "tau0": bench.bundle.tau0, "target": bench.bundle.target, "config": bench.bundle.manifest.get("config")},
         "machine": machine_info(device),
         **bench.rows,
         "parts": parts, "skipped": bench.skipped,
         "timings": timings_json(timings),
         "units": bench.units.timings,
     }
-    table = format_tables(bench.rows, plan, bench.bundle.tau0, timings, bench.skipped)
+    table = (f"Protected model: bench.reproduce's seed{args.reproduce_seed}/protect-{args.protection} bundle, "
+             f"tau0 {100 * bench.bundle.tau0:.2f}%.\n\n" + format_tables(bench.rows, plan, bench.bundle.tau0, timings, bench.skipped))
     written = save_report(out, "results", results, table, record=args.record, folder=NAME)
     log("")
     log(table)
