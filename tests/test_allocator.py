@@ -44,9 +44,10 @@ def test_tuned_allocator_reuses_freed_tensors():
     default, tuned = probe("default"), probe("tune")
     assert tuned["state"] == "tuned"
     # 20 × 64 MiB: with glibc's defaults each allocation is a fresh mmap, faulted in page by page (≈ 16k pages
-    # of 4 KiB each time); tuned, the heap keeps the freed block and the loop faults almost nothing
+    # of 4 KiB each time, 20 times); tuned, the heap keeps the freed block, faulted in a few times at most
+    # (measured: 0 to 3 blocks' worth, as the heap's top grows)
     assert default["faults"] > 20 * 8000, default
-    assert tuned["faults"] < default["faults"] / 20, (default, tuned)
+    assert tuned["faults"] < default["faults"] / 4, (default, tuned)
 
 
 def test_environment_choice_wins(monkeypatch):
