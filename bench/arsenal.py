@@ -709,7 +709,7 @@ def main(argv=None) -> dict:
     results = {
         "benchmark": "bench.arsenal", "mode": "quick" if args.quick else "full",
         "command": command_line("bench.arsenal", argv),
-        "from_reproduce": str(bench.source), "plan": asdict(plan), "protocol": asdict(proto),
+        "from_reproduce": str(bench.source), "reproduce_seed": args.reproduce_seed, "plan": asdict(plan), "protocol": asdict(proto),
         "bundle": {"protection": args.protection, "tau0": bench.bundle.tau0, "target": bench.bundle.target, "config": bench.bundle.manifest.get("config")},
         "machine": machine_info(device),
         **bench.rows,

@@ -277,9 +277,11 @@ def stateful_run(hit: np.ndarray, flag_stamped: np.ndarray, flag_clean: np.ndarr
 # ============================================================================ the run
 
 
-def copies(reproduce_out: Path) -> list[dict]:
-    """Every copy bench.reproduce verified (results.json and ablation-*.json): its row, with `rel` (the thief's
-    unit) and `bundle` (its protection's) filled in; only finished thief units."""
+def copies(reproduce_out: Path, arsenal_outs: list[Path] = ()) -> list[dict]:
+    """Every copy bench.reproduce verified (results.json and ablation-*.json), then every copy of each
+    bench.arsenal run in `arsenal_outs` made from this reproduction (--from-reproduce): its row, with `rel` (a
+    name, unique over the sources), `dir` (the unit's folder) and `bundle` (its protection's, relative to
+    reproduce_out) filled in; only finished units."""
     rows, seen = [], set()
     files = [reproduce_out / "results.json", *sorted(reproduce_out.glob("ablation-*.json"))]
     for path in files:
@@ -297,10 +299,44 @@ def copies(reproduce_out: Path) -> list[dict]:
             if key in seen or not (reproduce_out / rel / "unit.json").is_file():
                 continue
             seen.add(key)
-            rows.append({**s, "pool": pool, "rel": rel, "bundle": f"seed{s['seed']}/protect-{s['protection']}/bundle"})
+            rows.append({**s, "pool": pool, "rel": rel, "dir": str(reproduce_out / rel), "source": "reproduce",
+                         "bundle": f"seed{s['seed']}/protect-{s['protection']}/bundle"})
+    for a in arsenal_outs:
+        rows += arsenal_copies(reproduce_out, Path(a))
     if not rows:
         raise SystemExit(f"{reproduce_out}: no finished thieves in results.json (run python -m bench.reproduce first)")
     return rows
+
+
+ARSENAL_PARTS = ("strategies", "outputs", "families", "art")  # parts whose rows are extraction copies (not counter)
+
+
+def arsenal_copies(reproduce_out: Path, arsenal_out: Path) -> list[dict]:
+    """The copies of one bench.arsenal run (its results.json), which must have stolen from `reproduce_out`'s
+    bundle: rows in copies()' form; `rel` is ARSENAL_DIR/UNIT. Counter-measure rows are left out (they are
+    copies changed after the theft, not thieves)."""
+    path = arsenal_out / "results.json"
+    if not path.is_file():
+        raise SystemExit(f"{arsenal_out}: no results.json (run python -m bench.arsenal --from-reproduce first)")
+    r = json.loads(path.read_text())
+    src = Path(r.get("from_reproduce") or "")
+    if not r.get("from_reproduce") or src.resolve() != reproduce_out.resolve():
+        raise SystemExit(f"{arsenal_out}: stole from {r.get('from_reproduce') or 'its own protection'}, not from "
+                         f"{reproduce_out}; give the bench.reproduce run it was made from")
+    seed, protection = int(r.get("reproduce_seed", 0)), r["bundle"]["protection"]
+    out = []
+    for part in ARSENAL_PARTS:
+        for s in r.get(part) or []:
+            if not s.get("rel") or not (arsenal_out / s["rel"] / "substitute.safetensors").is_file():
+                continue
+            arch = s.get("family") or s.get("arch")
+            if s.get("trainer") not in (None, "fit"):
+                arch = f"{arch}, {s['trainer']} loop"
+            out.append({"seed": seed, "protection": protection, "oracle": s["oracle"], "arch": arch,
+                        "budget": s["budget"], "output": s["output"], "pool": "tin", "asr": s["asr"],
+                        "stolen": s["stolen"], "rel": f"{arsenal_out.name}/{s['rel']}", "dir": str(arsenal_out / s["rel"]),
+                        "source": f"arsenal {part}", "bundle": f"seed{seed}/protect-{protection}/bundle"})
+    return out
 
 
 def verification_set(args, p) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -313,7 +349,8 @@ def verification_set(args, p) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
 
 def label_of(c: dict) -> str:
     pool = "" if c["pool"] == "tin" else f", {POOLS[c['pool']]}"
-    return f"{c['arch']}{pool}"
+    where = ", arsenal" if str(c.get("source", "")).startswith("arsenal") else ""
+    return f"{c['arch']}{pool}{where}"
 
 
 def suspect_images(own: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -372,7 +409,7 @@ def stealth(c: dict, model, bundle, vx, vy, own_hold, learned, uaps: list[dict],
             "per_query": per_query, "window": args.window, "window_limit": limit, "stateful": state}
 
 
-def quiet(src: Path, prows: list[dict], bundle, refs: list, vx, vy, cx, cy, detectors: dict, own: tuple, p, args) -> list[dict]:
+def quiet(prows: list[dict], bundle, refs: list, vx, vy, cx, cy, detectors: dict, own: tuple, p, args) -> list[dict]:
     """Quiet verification of one protection's copies (`prows`: stolen copies and clean twins) at each scale s of
     args.scales: the trigger scaled (x + s·δ), tau0(s) by the protocol's recipe (calibrate_tau0 over the seed's
     references `refs` on the calibration half `cx`, `cy`), every copy's ASR and queries to verdict at tau0(s);
@@ -392,7 +429,7 @@ def quiet(src: Path, prows: list[dict], bundle, refs: list, vx, vy, cx, cy, dete
                     "tau0_bundle": bundle.tau0, "calibration": asdict(cal), "copies": [], "stealth": [], "_trigger": trig})
     perms = orders(int(keep.sum()), args.orders, args.seed)
     for r in prows:
-        model, _ = load_model(src / r["rel"] / "substitute.safetensors")
+        model, _ = load_model(Path(r["dir"]) / "substitute.safetensors")
         model.eval()
         learned = detectors.get((r["rel"], r["protection"]))
         for e in out:
@@ -598,6 +635,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     resume=None, device=False, progress=False)
     add_data_args(ap, victim=False)
     ap.add_argument("--reproduce-out", required=True, help="a finished bench.reproduce output directory (read only)")
+    ap.add_argument("--arsenal-out", nargs="*", default=[], metavar="DIR",
+                    help="bench.arsenal output directories made with --from-reproduce REPRODUCE_OUT: their thieves "
+                         "and clean twins are measured too")
     ap.add_argument("--alpha", type=float, default=1e-6, help="the sequential test's level (default 1e-6)")
     ap.add_argument("--orders", type=int, default=20, help="random orders of the verification images per copy")
     ap.add_argument("--batch-size", type=int, default=10, help="stamped queries per step of the test (verify's default 10)")
@@ -630,17 +670,18 @@ def main(argv=None) -> dict:
     vx, vy, cx, cy = verification_set(args, p)
     log(f"verification half: {len(vx)} images; the suspect's own images (calibration half): {len(cx)}")
     rows, bundles = [], {}
-    for c in copies(src):
+    for c in copies(src, args.arsenal_out):
         b = bundles.get(c["bundle"]) or load_bundle(src / c["bundle"])
         bundles[c["bundle"]] = b
         if b.tau0 is None:
             log(f"skip {c['rel']}: {c['bundle']} has no calibrated tau0")
             continue
-        model, _ = load_model(src / c["rel"] / "substitute.safetensors")
+        model, _ = load_model(Path(c["dir"]) / "substitute.safetensors")
         model.eval()
         q = queries_to_verdict(model, b.trigger, vx, vy, b.target, b.tau0, args.alpha, n_orders=args.orders,
                                seed=args.seed, batch_size=args.batch_size)
-        row = {k: c[k] for k in ("seed", "protection", "oracle", "arch", "budget", "output", "pool", "rel", "asr", "stolen")}
+        row = {k: c[k] for k in ("seed", "protection", "oracle", "arch", "budget", "output", "pool", "rel", "dir", "source",
+                                 "asr", "stolen")}
         row |= {"asr_fixed_n": c["asr"], "stolen_fixed_n": c["stolen"], "tau0_bundle": b.tau0, "target": b.target,
                 "qtv": {k: v for k, v in q.items()}}
         rows.append(row)
@@ -661,7 +702,7 @@ def main(argv=None) -> dict:
     quiet_on = args.quiet and bool(args.scales)
     for r in stolen:
         b = bundles[f"seed{r['seed']}/protect-{r['protection']}/bundle"]
-        model, _ = load_model(src / r["rel"] / "substitute.safetensors")
+        model, _ = load_model(Path(r["dir"]) / "substitute.safetensors")
         model.eval()
         t = time.time()
         learned, uaps = (learned_detector(model, own[1], b.trigger.eps, p, seed=args.seed, avoid=b.target)
@@ -677,7 +718,7 @@ def main(argv=None) -> dict:
         for seed, name in dict.fromkeys((r["seed"], r["protection"]) for r in stolen if r["protection"] in args.quiet_protections):
             refs[seed] = refs.get(seed) or load_references(src, seed, p.reference_archs)
             prows = [r for r in rows if r["seed"] == seed and r["protection"] == name]
-            qt += quiet(src, prows, bundles[f"seed{seed}/protect-{name}/bundle"], refs[seed], vx, vy, cx, cy, detectors,
+            qt += quiet(prows, bundles[f"seed{seed}/protect-{name}/bundle"], refs[seed], vx, vy, cx, cy, detectors,
                         own, p, args)
     for r in rows:
         r["qtv"]["runs"] = [list(x) for x in r["qtv"]["runs"]]
@@ -685,7 +726,7 @@ def main(argv=None) -> dict:
                "what": "Queries to a sequential ownership verdict for every stolen copy and clean twin of a "
                        "bench.reproduce run, and the stealth of the verification queries (detector AUC, evasion)",
                "command": command_line("bench.ownership", argv),
-               "protocol": {"reproduce_out": str(src), "alpha": args.alpha, "orders": args.orders,
+               "protocol": {"reproduce_out": str(src), "arsenal_out": [str(a) for a in args.arsenal_out], "alpha": args.alpha, "orders": args.orders,
                             "batch_size": args.batch_size, "seed": args.seed, "goal_queries": args.goal_queries,
                             "fpr": args.fpr, "window": args.window, "learned": args.learned,
                             "scales": args.scales if quiet_on else [],

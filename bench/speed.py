@@ -126,7 +126,7 @@ def fresh_protect(spec: str, iters: int, n: int, cifar_root: str, tin_root: str,
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     saved = os.environ.get("HONEYPOTNET_MALLOC")
-    if spec.endswith(GLIBC_SUFFIX):
+    if glibc_run(spec):
         os.environ["HONEYPOTNET_MALLOC"] = "0"
     try:
         p = ctx.Process(target=_protect_child, args=(queue, spec, iters, n, cifar_root, tin_root, victim_path, device))
@@ -186,9 +186,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def glibc_run(spec: str) -> bool:
+    """Whether a --configs entry asks for glibc's own allocator thresholds (a trailing "@glibc")."""
+    return spec.endswith(GLIBC_SUFFIX)
+
+
 def config_of(spec: str, outer_iters: int) -> ProtectConfig:
     """"robust" or "robust:negatives.per_batch=1,trigger.passes=1" -> the preset with those changes (a
-    trailing "@glibc" is the allocator's, not the config's: see main)."""
+    trailing "@glibc" is the allocator's, not the config's: glibc_run)."""
     preset, _, sets = spec.removesuffix(GLIBC_SUFFIX).partition(":")
     cfg = ProtectConfig.preset(preset, outer_iters=outer_iters)
     return cfg.override([a for a in sets.split(",") if a]) if sets else cfg

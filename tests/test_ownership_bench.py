@@ -155,3 +155,32 @@ def test_quiet_evasion_and_summary():
     assert u["auc_range"]["learned"] == [0.45, 0.45] and u["evaded"]["flagged"] == 1
     entry["stealth"][0]["separation"] = 0.7
     assert quiet_summary(entry, True)["goal"] is False and quiet_summary(entry, False)["goal"] is None
+
+
+def test_arsenal_copies_join_the_reproduction_they_stole_from(tmp_path):
+    """bench.arsenal's thieves (not its counter-measure rows) are read with their own folder, named under the
+    arsenal run, against the reproduction's bundle; an arsenal run made from another reproduction is refused."""
+    import json
+
+    from bench.ownership import arsenal_copies, label_of
+
+    rep, ars = tmp_path / "rep", tmp_path / "ars"
+    rep.mkdir()
+    row = {"oracle": "protected", "budget": 100, "output": "probs", "asr": 0.9, "stolen": True}
+    rows = {"families": [{**row, "rel": "thief-protected-vgg", "arch": "cnn", "family": "vgg_small", "trainer": "fit"},
+                         {**row, "rel": "thief-protected-adam", "arch": "cnn", "family": "cnn", "trainer": "adam"},
+                         {**row, "rel": "thief-protected-unfinished", "arch": "cnn", "family": "convmixer"}],
+            "counter": [{**row, "rel": "cm-finetune", "arch": "cnn"}]}
+    for r in [*rows["families"][:2], *rows["counter"]]:
+        (ars / r["rel"]).mkdir(parents=True)
+        (ars / r["rel"] / "substitute.safetensors").write_bytes(b"x")
+    results = {"from_reproduce": str(rep), "reproduce_seed": 2, "bundle": {"protection": "robust"}, **rows}
+    (ars / "results.json").write_text(json.dumps(results))
+    got = arsenal_copies(rep, ars)
+    assert [c["rel"] for c in got] == ["ars/thief-protected-vgg", "ars/thief-protected-adam"]
+    assert {c["bundle"] for c in got} == {"seed2/protect-robust/bundle"}
+    assert got[0]["dir"] == str(ars / "thief-protected-vgg")
+    assert [label_of(c) for c in got] == ["vgg_small, arsenal", "cnn, adam loop, arsenal"]
+    (ars / "results.json").write_text(json.dumps({**results, "from_reproduce": str(tmp_path / "other")}))
+    with pytest.raises(SystemExit, match="stole from"):
+        arsenal_copies(rep, ars)

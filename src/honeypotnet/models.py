@@ -356,15 +356,32 @@ class TorchvisionResNet(ImageClassifier, _TVResNet):
 # --------------------------------------------------------------------------------------------
 # Small plain CNN
 # --------------------------------------------------------------------------------------------
-class SimpleCNN(ImageClassifier):
+class _PooledConvNet(ImageClassifier):
+    """The tail SimpleCNN and VGGSmall share: ``normalize`` → ``features`` → global average pool → ``fc``,
+    with Kaiming-initialised convolutions."""
+
+    head_attr = "fc"
+
+    def _finish(self, features: nn.Sequential, width: int, num_classes: int) -> None:
+        self.features = features
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(width, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, 3, H, W)`` in [0, 1] → ``(N, width of the last convolution)``."""
+        return torch.flatten(self.avgpool(self.features(self.normalize(x))), 1)
+
+
+class SimpleCNN(_PooledConvNet):
     """Plain CNN: per width a block conv3x3-BN-ReLU, with 2x2 max-pool after every block but the
     last; then global average pool and ``fc``.
 
     Input ``(N, 3, H, W)`` in [0, 1]; features ``(N, widths[-1])``; logits ``(N, K)``. With the
     default widths (32, 64, 128, 256) a 32x32 image costs about 15 M multiply-adds.
     """
-
-    head_attr = "fc"
 
     def __init__(
         self,
@@ -391,22 +408,13 @@ class SimpleCNN(ImageClassifier):
                 block.append(nn.MaxPool2d(2))
             blocks.append(nn.Sequential(*block))
             c_in = w
-        self.features = nn.Sequential(*blocks)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(c_in, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(N, 3, H, W)`` in [0, 1] → ``(N, widths[-1])``."""
-        return torch.flatten(self.avgpool(self.features(self.normalize(x))), 1)
+        self._finish(nn.Sequential(*blocks), c_in, num_classes)
 
 
 # --------------------------------------------------------------------------------------------
 # Families the protection never uses: VGG, MobileNetV2, ConvMixer (small, for 32 px)
 # --------------------------------------------------------------------------------------------
-class VGGSmall(ImageClassifier):
+class VGGSmall(_PooledConvNet):
     """VGG-style CNN: conv3x3-BN-ReLU per integer in ``cfg``, 2x2 max-pool per ``"M"``; then global
     average pool and ``fc``.
 
@@ -414,8 +422,6 @@ class VGGSmall(ImageClassifier):
     The default cfg ``(64, 64, M, 128, 128, M, 256, 256, M)`` has about 1.15 M parameters and costs
     about 150 M multiply-adds per 32x32 image.
     """
-
-    head_attr = "fc"
 
     def __init__(
         self,
@@ -440,16 +446,7 @@ class VGGSmall(ImageClassifier):
             else:
                 layers += [nn.Conv2d(c_in, int(v), 3, padding=1, bias=False), nn.BatchNorm2d(int(v)), nn.ReLU(inplace=True)]
                 c_in = int(v)
-        self.features = nn.Sequential(*layers)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(c_in, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(N, 3, H, W)`` in [0, 1] → ``(N, last width)``."""
-        return torch.flatten(self.avgpool(self.features(self.normalize(x))), 1)
+        self._finish(nn.Sequential(*layers), c_in, num_classes)
 
 
 def _make_divisible(v: float, divisor: int = 8) -> int:

@@ -107,8 +107,7 @@ def generate_trigger(shadows: list[nn.Module], trigger: Trigger, images: torch.T
                             F.cross_entropy(m(stamped), y, reduction="sum") / n
                         loss = loss / len(shadows)
                     else:  # −log(1 − p_t), computed stably from the log-probabilities
-                        logp = F.log_softmax(torch.func.functional_call(m, weights, (stamped,)) if weights
-                                             else m(stamped), 1)
+                        logp = F.log_softmax(forward_with(m, stamped, weights), 1)
                         others = torch.cat([logp[:, : cfg.target], logp[:, cfg.target + 1 :]], 1)
                         lse = torch.logsumexp(others, 1)
                         loss = -cfg.negative_weight * scale * (lse.mean() if whole else lse.sum() / n)
@@ -132,10 +131,14 @@ def noisy_params(model: nn.Module, noise: float, gen: torch.Generator) -> dict[s
             for name, p in model.named_parameters()}
 
 
+def forward_with(model: nn.Module, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """model(x) with `params` (e.g. noisy_params) in place of its own weights; model(x) when params is empty."""
+    return torch.func.functional_call(model, params, (x,)) if params else model(x)
+
+
 def noisy_forward(model: nn.Module, x: torch.Tensor, noise: float, gen: torch.Generator) -> torch.Tensor:
     """model(x), or (noise > 0) model(x) with the weights of noisy_params(model, noise, gen)."""
-    params = noisy_params(model, noise, gen)
-    return torch.func.functional_call(model, params, (x,)) if params else model(x)
+    return forward_with(model, x, noisy_params(model, noise, gen))
 
 
 def blur_sigma(max_sigma: float, gen: torch.Generator) -> float:
