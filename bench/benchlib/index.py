@@ -24,7 +24,7 @@ FOLDERS = {"reproduce": "reproduce", "robustness": "robustness", "spread": "spre
            "null_study": "null-study", "arsenal": "arsenal", "compare_defences": "compare-defences", "speed": "speed",
            "serve_load": "serve-load", "own_model": "own-model", "self_audit": "self-audit",
            "trigger_probe": "trigger-probe", "stream_224": "stream",
-           "ownership": "ownership"}
+           "ownership": "ownership", "witnesses": "witnesses"}
 TITLES = {"reproduce": "the paper's protocol on real data", "robustness": "can the thief wash the backdoor out?",
           "spread": "protection seed against thief seed", "paper-scale": "ResNet-34 victim, ResNet-18 thief, 64 px",
           "null-study": "tau0 calibrated on clean extracted copies", "arsenal": "the thief's whole arsenal",
@@ -33,7 +33,8 @@ TITLES = {"reproduce": "the paper's protocol on real data", "robustness": "can t
           "stream": "224-px sets streamed from files: peak memory against in memory",
           "self-audit": "can the owner rank protect runs without a thief? (script removed)",
           "trigger-probe": "one more trigger step from a stored run (script removed)",
-          "ownership": "queries to a sequential verdict, and can the suspect detect the queries?"}
+          "ownership": "queries to a sequential verdict, and can the suspect detect the queries?",
+          "witnesses": "ownership evidence from unmodified natural images"}
 
 
 def script_of(benchmark: str | None) -> str | None:
