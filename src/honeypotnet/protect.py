@@ -52,7 +52,8 @@ class ProtectResult:
         out = []
         if last["fidelity"] < min_fidelity:
             out.append(f"fidelity {last['fidelity']:.1%} < {min_fidelity:.0%}: the protected model no longer answers "
-                       "like the victim on clean images (more loop.outer_iters, or a smaller head.lam)")
+                       "like the victim on clean images (more loop.outer_iters, a smaller head.lam, or a wider head trained "
+                       "longer, e.g. head.hidden=1024 head.steps=2000, which took MobileNetV3-small from 66% to 96%)")
         if last["honeypot_asr"] < min_asr:
             out.append(f"the protected model's own ASR {last['honeypot_asr']:.1%} < {min_asr:.0%}: its answers carry "
                        "no backdoor to teach (more loop.outer_iters)")
