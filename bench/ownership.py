@@ -126,7 +126,8 @@ def summarize(runs: list[tuple[str, int]]) -> dict:
 
 def queries_to_verdict(model, trigger: Trigger, images: torch.Tensor, labels: torch.Tensor, target: int, tau0: float,
                        alpha: float = 1e-6, *, n_orders: int = 20, seed: int = 0, batch_size: int = 10,
-                       max_queries: int | None = None, check_with_verify: bool = True) -> dict:
+                       max_queries: int | None = None, check_with_verify: bool = True,
+                       stolen_asr: float | None = None) -> dict:
     """The sequential test on a suspect model over `n_orders` random orders of the (non-target) images: the
     model's answers to every stamped image once, then sequential_replay per order. With check_with_verify the
     first order also runs through honeypotnet.verify(..., sequential=True) and must reach the same verdict
@@ -136,12 +137,12 @@ def queries_to_verdict(model, trigger: Trigger, images: torch.Tensor, labels: to
     pred = stamped_predictions(model, trigger, images)
     hits = (pred == target).numpy().astype(float)
     perms = orders(len(hits), n_orders, seed)
-    runs = [sequential_replay(hits[p], tau0, alpha, batch_size, max_queries) for p in perms]
+    runs = [sequential_replay(hits[p], tau0, alpha, batch_size, max_queries, stolen_asr) for p in perms]
     out = {"asr": float(hits.mean()), "n": len(hits), "runs": runs, **summarize(runs)}
     if check_with_verify:
         p = torch.as_tensor(perms[0])
         v = verify(model, trigger, images[p], labels[p], target, tau0, alpha, sequential=True,
-                   batch_size=batch_size, max_queries=max_queries)
+                   batch_size=batch_size, max_queries=max_queries, stolen_asr=stolen_asr)
         lib = {"stolen": "flagged"}.get(v.sequential["decided"], v.sequential["decided"])
         if (lib, v.sequential["stamped_queries"]) != tuple(runs[0]):
             raise RuntimeError(f"replay {runs[0]} disagrees with verify(sequential=True): {lib} after "
@@ -245,7 +246,8 @@ def window_limit(window: int, fpr: float, tolerance: float = 0.01) -> int:
 
 
 def stateful_run(hit: np.ndarray, flag_stamped: np.ndarray, flag_clean: np.ndarray, tau0: float, alpha: float,
-                 *, clean_per_stamped: int = 0, window: int = 20, limit: int = 3, batch_size: int = 10) -> dict:
+                 *, clean_per_stamped: int = 0, window: int = 20, limit: int = 3, batch_size: int = 10,
+                 stolen_asr: float | None = None) -> dict:
     """A stateful suspect: it keeps the last `window` queries' detector flags and, once `limit` of them are
     flagged, answers every later query evasively (never the target). The owner sends each stamped query
     followed by `clean_per_stamped` clean ones (flags `flag_clean`, cycled) and runs the sequential test on the
@@ -255,7 +257,7 @@ def stateful_run(hit: np.ndarray, flag_stamped: np.ndarray, flag_clean: np.ndarr
     answers = []
     total = 0
     ci = 0
-    stolen_asr = default_stolen_asr(tau0)
+    stolen_asr = default_stolen_asr(tau0) if stolen_asr is None else stolen_asr
     for i in range(len(hit)):
         events = [bool(flag_stamped[i])] + [bool(flag_clean[(ci + j) % len(flag_clean)]) for j in range(clean_per_stamped)]
         ci += clean_per_stamped
@@ -391,13 +393,14 @@ def stealth(c: dict, model, bundle, vx, vy, own_hold, learned, uaps: list[dict],
     e = evade(aucs, s_stamp, s_clean, s_hold, pred, target, args.fpr)
     flag_s, flag_c, ev = e["flag_stamped"], e["flag_clean"], e["hits_evaded"]
     perms = orders(len(hits), args.orders, args.seed)
-    per_query = summarize([sequential_replay(ev[q], tau0, args.alpha, args.batch_size) for q in perms])
+    per_query = summarize([sequential_replay(ev[q], tau0, args.alpha, args.batch_size, None, args.stolen_asr)
+                           for q in perms])
     fpr_seen = e["fpr_own"]
     limit = window_limit(args.window, max(args.fpr, fpr_seen))
     state = {}
     for r in (0, 1, 3):
         runs = [stateful_run(hits[q], flag_s[q], flag_c[q], tau0, args.alpha, clean_per_stamped=r, window=args.window,
-                             limit=limit, batch_size=args.batch_size) for q in perms]
+                             limit=limit, batch_size=args.batch_size, stolen_asr=args.stolen_asr) for q in perms]
         state[str(r)] = {**summarize([(u["verdict"], u["stamped"]) for u in runs]),
                          "total_median": float(statistics.median(u["total"] for u in runs)),
                          "tripped": sum(u["tripped_at"] is not None for u in runs),
@@ -435,7 +438,7 @@ def quiet(prows: list[dict], bundle, refs: list, vx, vy, cx, cy, detectors: dict
         for e in out:
             t0, trig, tau0 = time.time(), e["_trigger"], e["tau0"]
             q = queries_to_verdict(model, trig, vx, vy, target, tau0, args.alpha, n_orders=args.orders,
-                                   seed=args.seed, batch_size=args.batch_size)
+                                   seed=args.seed, batch_size=args.batch_size, stolen_asr=args.stolen_asr)
             e["copies"].append({"copy": r["rel"], "oracle": r["oracle"], "label": label_of(r), "output": r["output"],
                                 **{k: v for k, v in q.items() if k != "runs"}})
             if r["oracle"] != "protected":
@@ -450,7 +453,8 @@ def quiet(prows: list[dict], bundle, refs: list, vx, vy, cx, cy, detectors: dict
             aucs = {k: auc(s_stamp[k], s_clean[k]) for k in s_clean}
             pred = predict_logits(model, xs).argmax(1).numpy()
             ev = evade(aucs, s_stamp, s_clean, s_hold, pred, target, args.fpr)
-            per_query = summarize([sequential_replay(ev["hits_evaded"][o], tau0, args.alpha, args.batch_size) for o in perms])
+            per_query = summarize([sequential_replay(ev["hits_evaded"][o], tau0, args.alpha, args.batch_size, None,
+                                                     args.stolen_asr) for o in perms])
             e["stealth"].append({"copy": r["rel"], "label": label_of(r), "output": r["output"], "aucs": aucs,
                                  "best": ev["best"], "separation": separation(aucs), "asr": q["asr"],
                                  "tpr_stamped": float(ev["flag_stamped"].mean()),
@@ -505,7 +509,9 @@ def report(rows: list[dict], st: list[dict], summary: dict, args, qt: list[dict]
     out = [f"# Ownership verification: queries to verdict and stealth ({'quick' if args.quick else 'full'} protocol)", "",
            f"Sequential test (docs/verification.md) at alpha {args.alpha:g}, stamped queries {args.batch_size} at a time, "
            f"over {args.orders} random orders of the {rows[0]['qtv']['n']} non-target verification images; queries = "
-           "stamped queries sent until the verdict (median / max over the orders).", "",
+           "stamped queries sent until the verdict (median / max over the orders); a copy is cleared once its ASR is "
+           "shown below " + (f"{args.stolen_asr:g}" if args.stolen_asr is not None else
+                             "verify's default stolen ASR (0.5, or halfway between tau0 and 1)") + ".", "",
            "| protection | copy | thief (pool) | budget | output | ASR | tau0 | verdict | queries median / max |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -642,6 +648,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--orders", type=int, default=20, help="random orders of the verification images per copy")
     ap.add_argument("--batch-size", type=int, default=10, help="stamped queries per step of the test (verify's default 10)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the orders and of the suspect's detector")
+    ap.add_argument("--stolen-asr", type=float, default=None, metavar="P",
+                    help="the sequential test clears a copy once its ASR is shown below P (default: verify's, 0.5 "
+                         "or halfway between tau0 and 1); a P just above tau0 keeps testing weak stolen copies")
     ap.add_argument("--goal-queries", type=int, default=100, help="the goal: every stolen copy flagged within this many")
     ap.add_argument("--fpr", type=float, default=0.10, help="the evading suspect's false-alarm rate on clean queries")
     ap.add_argument("--window", type=int, default=20, help="the stateful suspect's window of recent queries")
@@ -679,7 +688,7 @@ def main(argv=None) -> dict:
         model, _ = load_model(Path(c["dir"]) / "substitute.safetensors")
         model.eval()
         q = queries_to_verdict(model, b.trigger, vx, vy, b.target, b.tau0, args.alpha, n_orders=args.orders,
-                               seed=args.seed, batch_size=args.batch_size)
+                               seed=args.seed, batch_size=args.batch_size, stolen_asr=args.stolen_asr)
         row = {k: c[k] for k in ("seed", "protection", "oracle", "arch", "budget", "output", "pool", "rel", "dir", "source",
                                  "asr", "stolen")}
         row |= {"asr_fixed_n": c["asr"], "stolen_fixed_n": c["stolen"], "tau0_bundle": b.tau0, "target": b.target,
@@ -726,7 +735,8 @@ def main(argv=None) -> dict:
                "what": "Queries to a sequential ownership verdict for every stolen copy and clean twin of a "
                        "bench.reproduce run, and the stealth of the verification queries (detector AUC, evasion)",
                "command": command_line("bench.ownership", argv),
-               "protocol": {"reproduce_out": str(src), "arsenal_out": [str(a) for a in args.arsenal_out], "alpha": args.alpha, "orders": args.orders,
+               "protocol": {"reproduce_out": str(src), "arsenal_out": [str(a) for a in args.arsenal_out],
+                            "stolen_asr": args.stolen_asr, "alpha": args.alpha, "orders": args.orders,
                             "batch_size": args.batch_size, "seed": args.seed, "goal_queries": args.goal_queries,
                             "fpr": args.fpr, "window": args.window, "learned": args.learned,
                             "scales": args.scales if quiet_on else [],

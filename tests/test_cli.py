@@ -106,6 +106,8 @@ def test_cli_chain_train_protect_extract_verify(tmp_path, capsys):
     seq = json.loads((tmp_path / "seq.json").read_text())
     assert seq["sequential"]["stamped_queries"] <= 100 and seq["queries"] == seq["n"] and "sequential test" in out
     assert rc == (0 if seq["stolen"] else 1) and seq["alpha"] == 1e-6
+    rc2, _, err2 = call(capsys, "verify", bundle, bundle, "--data", "shapes:test", "--stolen-asr", "0.2")
+    assert rc2 == 2 and "--max-queries" in err2  # the sequential test's option, refused without it
     page = report.read_text()
     assert v["verdict"] in page and manifest["bundle_hash"] in page and "data:image/png;base64," in page
     assert f"{100 * v['tau0']:.2f}%" in page and "confidence interval" in page

@@ -325,6 +325,25 @@ def test_sequential_test_flags_a_stolen_copy_in_a_handful_of_queries_and_clears_
     assert r.queries == 2 * r.n and r.clean_accuracy == 1.0
 
 
+def test_sequential_test_clears_a_weak_stolen_copy_at_the_default_bar_and_keeps_testing_it_at_a_lower_one():
+    """A copy obeying the trigger 1 time in 8 (the in-distribution thieves' 8-12%) is cleared against the
+    default stolen ASR 0.5, and says so; with stolen_asr just above tau0 it is not cleared, and enough queries
+    flag it."""
+    from honeypotnet.oracles import ModelOracle
+
+    images, labels = _indexed_data(n=1200, n_target=15)
+    trig = _white_patch_trigger()
+    r = verify(ModelOracle(HitEveryNth(8)), trig, images, labels, 0, 0.05, alpha=1e-6, sequential=True)
+    assert r.sequential["decided"] == "cleared" and r.n <= 100 and "below 50%" in str(r)
+    r = verify(ModelOracle(HitEveryNth(8)), trig, images, labels, 0, 0.05, alpha=1e-6, sequential=True,
+               stolen_asr=0.1, max_queries=100)
+    assert r.sequential["decided"] == "undecided" and not r.stolen
+    r = verify(ModelOracle(HitEveryNth(8)), trig, images, labels, 0, 0.05, alpha=1e-6, sequential=True, stolen_asr=0.1)
+    assert r.sequential["decided"] == "stolen" and r.stolen and 300 < r.n <= 1185
+    with pytest.raises(ValueError, match="stolen_asr"):
+        verify(ModelOracle(HitEveryNth(8)), trig, images, labels, 0, 0.05, sequential=True, stolen_asr=0.04)
+
+
 def test_sequential_test_keeps_its_error_rate_under_optional_stopping():
     """Under H0 (ASR exactly tau0), peeking after every query and stopping at the first crossing flags at most
     alpha of the innocent suspects (Ville's inequality); the fixed-n binomial test peeked at the same way does not."""

@@ -246,8 +246,10 @@ class VerificationResult:
         if self.clean_accuracy is not None:
             rows.append(("accuracy clean / stamped", f"{100 * self.clean_accuracy:.2f}% / {100 * (self.stamped_accuracy or 0):.2f}%"))
         if self.sequential:
+            why = (f" (ASR shown below {self.sequential['stolen_asr']:.0%}, what stolen copies reach)"
+                   if self.sequential["decided"] == "cleared" else "")
             rows.append(("sequential test", f"{self.sequential['decided']} after {self.sequential['stamped_queries']} "
-                                            f"stamped queries (of at most {self.sequential['max_queries']})"))
+                                            f"stamped queries (of at most {self.sequential['max_queries']}){why}"))
         rows.append(("verdict", self.verdict))
         rows += [("warning", w) for w in self.warnings]
         w = max(len(r[0]) for r in rows)

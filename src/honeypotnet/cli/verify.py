@@ -28,6 +28,11 @@ def add(sub) -> None:
     s.add_argument("--max-queries", type=int, default=None, metavar="N",
                    help="the sequential test: send stamped images 10 at a time and stop as soon as the verdict is "
                         "decided (always-valid at alpha), at most N; without it every held-out image is sent once")
+    s.add_argument("--stolen-asr", type=float, default=None, metavar="P",
+                   help="with --max-queries: clear a suspect once its ASR is shown below P, what stolen copies reach "
+                        "(default 0.5, or halfway between tau0 and 1). A copy that obeys the trigger less, such as a "
+                        "thief that queried images like yours (8-12%% on the CIFAR-10 protocol), is cleared at 0.5: "
+                        "give a P just above tau0 to keep testing it (more queries)")
     s.add_argument("--unstamped", action="store_true",
                    help="with --max-queries: also send each image unstamped (the suspect's clean accuracy; not "
                         "needed for the verdict, doubles the queries)")
@@ -78,9 +83,11 @@ def run(args) -> int:
     if tau0 is None:
         raise ValueError("the bundle has no calibrated tau0 (protect without --references); pass --tau0")
     sequential = args.max_queries is not None
+    if args.stolen_asr is not None and not sequential:
+        raise ValueError("--stolen-asr is the sequential test's: give it with --max-queries")
     alpha = args.alpha if args.alpha is not None else (1e-6 if sequential else 1e-3)
     res = verify(suspect, bundle.trigger, data.images, data.labels, bundle.target, tau0, alpha, sequential=sequential,
-                 max_queries=args.max_queries, unstamped=args.unstamped)
+                 max_queries=args.max_queries, stolen_asr=args.stolen_asr, unstamped=args.unstamped)
     print(res)
     if args.report:
         from ..oracles import ModelOracle, Oracle
