@@ -53,7 +53,7 @@ from .benchlib.args import add_common_args, add_data_args, finish_common_args
 from .benchlib.common import command_line, log, machine_info, save_report, set_threads
 from .benchlib.data import resolve_roots
 from .benchlib.protocol import FULL, QUICK, load_references
-from .ownership import auc, copies, detector_scores, label_of, orders, sequential_replay, summarize
+from .ownership import auc, copies, detector_scores, evade, label_of, orders, sequential_replay, summarize
 
 NAME = "witnesses"
 WITNESS_DETECTORS = ("laplacian", "uncertainty", "squeeze")
@@ -102,21 +102,18 @@ def score_copy(pred: np.ndarray, target: int, tau0: float, args) -> dict:
 
 def evaded_verdict(model, w: torch.Tensor, others: torch.Tensor, target: int, tau0: float, args) -> dict:
     """Detector AUCs (witnesses vs the pool's other images) on the copy, and the verdict once the copy answers
-    whatever its best detector flags (threshold: args.fpr false alarms on the other images) with its best
-    non-target class."""
-    xw, xo = to_float(w), to_float(others)
-    sw, so = detector_scores(model, xw), detector_scores(model, xo)
+    whatever its best detector flags (bench.ownership.evade; threshold: args.fpr false alarms on the other
+    images) with its best non-target class."""
+    sw, so = detector_scores(model, to_float(w)), detector_scores(model, to_float(others))
+    sw, so = ({k: d[k] for k in WITNESS_DETECTORS} for d in (sw, so))
     aucs = {k: auc(sw[k], so[k]) for k in WITNESS_DETECTORS}
-    best = max(aucs, key=lambda k: max(aucs[k], 1 - aucs[k]))
-    sign = 1.0 if aucs[best] >= 0.5 else -1.0
-    thr = float(np.quantile(sign * so[best], 1 - args.fpr))
-    flagged = sign * sw[best] > thr
     pred = probabilities(model, w).argmax(1).numpy()
-    hits = ((pred == target) & ~flagged).astype(float)
+    e = evade(aucs, sw, so, so, pred, target, args.fpr)
+    hits = e["hits_evaded"]
     perms = orders(len(hits), args.orders, args.seed)
     ev = summarize([sequential_replay(hits[p], tau0, args.alpha, args.batch_size) for p in perms])
-    return {"aucs": aucs, "best": best, "separation": max(aucs[best], 1 - aucs[best]),
-            "flagged": float(flagged.mean()), "rate_evaded": float(hits.mean()), "evaded": ev}
+    return {"aucs": aucs, "best": e["best"], "separation": max(aucs[e["best"]], 1 - aucs[e["best"]]),
+            "flagged": float(e["flag_stamped"].mean()), "rate_evaded": float(hits.mean()), "evaded": ev}
 
 
 def pools(args, p) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:

@@ -34,3 +34,25 @@ def test_binomial_p():
     assert binomial_p(3, 10, 0.1) == pytest.approx(1 - sum(__import__("math").comb(10, k) * .1 ** k * .9 ** (10 - k)
                                                            for k in range(3)))
     assert binomial_p(0, 0, 0.1) == 1.0
+
+
+def test_evading_suspect_flags_textured_witnesses_and_loses_their_hits():
+    """Witnesses far noisier than the ordinary images are what the Laplacian detector finds: the evading copy
+    flags them all and answers none of them with the target; smooth witnesses pass it unflagged."""
+    from types import SimpleNamespace
+
+    from bench.witnesses import evaded_verdict
+
+    class Always(torch.nn.Module):  # answers class 0, the target, to everything
+        def forward(self, x):
+            return torch.tensor([5.0, 0.0, 0.0]).expand(len(x), 3) + 0 * x.mean()
+
+    g = torch.Generator().manual_seed(0)
+    smooth = torch.full((200, 3, 8, 8), 0.5) + 0.01 * torch.rand(200, 3, 8, 8, generator=g)
+    noisy = torch.rand(20, 3, 8, 8, generator=g)
+    args = SimpleNamespace(fpr=0.1, orders=2, seed=0, alpha=1e-3, batch_size=5)
+    e = evaded_verdict(Always(), noisy, smooth, 0, 0.05, args)
+    assert e["best"] == "laplacian" and e["aucs"]["laplacian"] == 1.0 and e["flagged"] == 1.0
+    assert e["rate_evaded"] == 0.0 and e["evaded"]["verdict"] == "cleared"
+    e = evaded_verdict(Always(), smooth[:20], smooth[20:], 0, 0.05, args)
+    assert e["flagged"] < 0.5 and e["rate_evaded"] > 0.5
