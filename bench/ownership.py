@@ -393,7 +393,7 @@ def stealth(c: dict, model, bundle, vx, vy, own_hold, learned, uaps: list[dict],
     e = evade(aucs, s_stamp, s_clean, s_hold, pred, target, args.fpr)
     flag_s, flag_c, ev = e["flag_stamped"], e["flag_clean"], e["hits_evaded"]
     perms = orders(len(hits), args.orders, args.seed)
-    per_query = summarize([sequential_replay(ev[q], tau0, args.alpha, args.batch_size, None, args.stolen_asr)
+    per_query = summarize([sequential_replay(ev[q], tau0, args.alpha, args.batch_size, stolen_asr=args.stolen_asr)
                            for q in perms])
     fpr_seen = e["fpr_own"]
     limit = window_limit(args.window, max(args.fpr, fpr_seen))
@@ -453,8 +453,8 @@ def quiet(prows: list[dict], bundle, refs: list, vx, vy, cx, cy, detectors: dict
             aucs = {k: auc(s_stamp[k], s_clean[k]) for k in s_clean}
             pred = predict_logits(model, xs).argmax(1).numpy()
             ev = evade(aucs, s_stamp, s_clean, s_hold, pred, target, args.fpr)
-            per_query = summarize([sequential_replay(ev["hits_evaded"][o], tau0, args.alpha, args.batch_size, None,
-                                                     args.stolen_asr) for o in perms])
+            per_query = summarize([sequential_replay(ev["hits_evaded"][o], tau0, args.alpha, args.batch_size,
+                                                     stolen_asr=args.stolen_asr) for o in perms])
             e["stealth"].append({"copy": r["rel"], "label": label_of(r), "output": r["output"], "aucs": aucs,
                                  "best": ev["best"], "separation": separation(aucs), "asr": q["asr"],
                                  "tpr_stamped": float(ev["flag_stamped"].mean()),

@@ -39,21 +39,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import binom
 
 from honeypotnet.bundle import load_bundle, load_model
 from honeypotnet.data import load_dataset
 from honeypotnet.models import create_model
 from honeypotnet.ops import to_float
-from honeypotnet.training import predict_logits
 from honeypotnet.trigger import Trigger
-from honeypotnet.verify import calibrate_tau0
+from honeypotnet.verify import binomial_p_value, calibrate_tau0
 
 from .benchlib.args import add_common_args, add_data_args, finish_common_args
 from .benchlib.common import command_line, log, machine_info, save_report, set_threads
 from .benchlib.data import resolve_roots
 from .benchlib.protocol import FULL, QUICK, load_references
-from .ownership import auc, copies, detector_scores, evade, label_of, orders, sequential_replay, summarize
+from .ownership import auc, copies, detector_scores, evade, label_of, orders, sequential_replay, softmax, summarize
 
 NAME = "witnesses"
 WITNESS_DETECTORS = ("laplacian", "uncertainty", "squeeze")
@@ -62,12 +60,6 @@ WITNESS_DETECTORS = ("laplacian", "uncertainty", "squeeze")
 def identity_trigger(image_size: int) -> Trigger:
     """A trigger that stamps nothing (mask 0): verify's machinery on unmodified images."""
     return Trigger(torch.zeros(3, image_size, image_size), torch.zeros(1, image_size, image_size), "patch")
-
-
-def probabilities(model, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    model.eval()
-    return torch.cat([predict_logits(model, to_float(images[i:i + batch_size])).softmax(1)
-                      for i in range(0, len(images), batch_size)])
 
 
 def select_witnesses(p_protected: torch.Tensor, p_victim: torch.Tensor, target: int, k: int,
@@ -87,27 +79,22 @@ def select_witnesses(p_protected: torch.Tensor, p_victim: torch.Tensor, target: 
     return order[: min(k, int(ok.sum()))]
 
 
-def binomial_p(hits: int, n: int, tau0: float) -> float:
-    """P(X >= hits), X ~ Binomial(n, tau0): the fixed-n one-sided test."""
-    return float(binom.sf(hits - 1, n, tau0)) if n else 1.0
-
-
 def score_copy(pred: np.ndarray, target: int, tau0: float, args) -> dict:
     hits = (pred == target).astype(float)
     perms = orders(len(hits), args.orders, args.seed)
     runs = [sequential_replay(hits[p], tau0, args.alpha, args.batch_size) for p in perms]
     return {"rate": float(hits.mean()), "hits": int(hits.sum()), "n": len(hits),
-            "p_fixed": binomial_p(int(hits.sum()), len(hits), tau0), **summarize(runs)}
+            "p_fixed": binomial_p_value(int(hits.sum()), len(hits), tau0), **summarize(runs)}
 
 
-def evaded_verdict(model, w: torch.Tensor, others: torch.Tensor, target: int, tau0: float, args) -> dict:
+def evaded_verdict(model, w: torch.Tensor, others: torch.Tensor, pred: np.ndarray, target: int, tau0: float,
+                   args) -> dict:
     """Detector AUCs (witnesses vs the pool's other images) on the copy, and the verdict once the copy answers
     whatever its best detector flags (bench.ownership.evade; threshold: args.fpr false alarms on the other
-    images) with its best non-target class."""
+    images) with its best non-target class (`pred`: its answers to the witnesses)."""
     sw, so = detector_scores(model, to_float(w)), detector_scores(model, to_float(others))
     sw, so = ({k: d[k] for k in WITNESS_DETECTORS} for d in (sw, so))
     aucs = {k: auc(sw[k], so[k]) for k in WITNESS_DETECTORS}
-    pred = probabilities(model, w).argmax(1).numpy()
     e = evade(aucs, sw, so, so, pred, target, args.fpr)
     hits = e["hits_evaded"]
     perms = orders(len(hits), args.orders, args.seed)
@@ -219,7 +206,7 @@ def main(argv=None) -> dict:
     log(f"{len(rows)} copies, {len(refs)} references, {len(indep)} independent models; target {target}")
     res = {"protection": args.protection, "target": target, "pools": {}, "summary": {}}
     for name, (images, labels) in pools(args, p).items():
-        pp, pv = probabilities(bundle.model, images), probabilities(victim, images)
+        pp, pv = softmax(bundle.model, images), softmax(victim, images)
         idx = select_witnesses(pp, pv, target, args.witnesses, labels)
         w = images[idx]
         wl = labels[idx] if labels is not None else None
@@ -236,14 +223,14 @@ def main(argv=None) -> dict:
                 "protected_rate": float((pp[idx].argmax(1) == target).float().mean()),
                 "gain_min": float((pp[idx, target] - pv[idx, target]).min()), "independent": {}, "copies": [], "stealth": []}
         for arch, m in indep:
-            pool["independent"][arch] = score_copy(probabilities(m, w).argmax(1).numpy(), target, cal.tau0, args)
+            pool["independent"][arch] = score_copy(softmax(m, w).argmax(1).numpy(), target, cal.tau0, args)
         for c in rows:
-            pred = probabilities(models[c["rel"]], w).argmax(1).numpy()
+            pred = softmax(models[c["rel"]], w).argmax(1).numpy()
             entry = {"copy": c["rel"], "oracle": c["oracle"], "label": label_of(c), "output": c["output"],
                      "asr": c["asr"], "score": score_copy(pred, target, cal.tau0, args)}
             pool["copies"].append(entry)
             if c["oracle"] == "protected":
-                entry = {**entry, "stealth": evaded_verdict(models[c["rel"]], w, others, target, cal.tau0, args)}
+                entry = {**entry, "stealth": evaded_verdict(models[c["rel"]], w, others, pred, target, cal.tau0, args)}
                 pool["stealth"].append(entry)
             log(f"{name} {c['rel']}: witness rate {100 * entry['score']['rate']:.1f}% vs tau0 {100 * cal.tau0:.1f}%: "
                 f"{entry['score']['verdict']} ({entry['score']['median']:g} / {entry['score']['max']})")

@@ -1,11 +1,14 @@
 """bench.witnesses' pure parts: the witnesses' selection (only the owner's two models decide it), the identity
-trigger that lets verify's calibration run on unmodified images, and the fixed-n p-value."""
+trigger that lets verify's calibration run on unmodified images, the fixed-n p-value they use (the
+library's), and the evading suspect."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from bench.witnesses import binomial_p, identity_trigger, select_witnesses
+from bench.witnesses import identity_trigger, select_witnesses
+from honeypotnet.verify import binomial_p_value
 
 
 def test_witnesses_are_the_largest_raises_of_the_target_the_victim_does_not_answer():
@@ -28,12 +31,12 @@ def test_identity_trigger_leaves_images_unchanged():
     assert torch.equal(identity_trigger(8).stamp(x), x)
 
 
-def test_binomial_p():
-    assert binomial_p(0, 10, 0.1) == pytest.approx(1.0)
-    assert binomial_p(10, 10, 0.1) == pytest.approx(1e-10)
-    assert binomial_p(3, 10, 0.1) == pytest.approx(1 - sum(__import__("math").comb(10, k) * .1 ** k * .9 ** (10 - k)
+def test_fixed_n_p_value_of_the_witnesses():
+    assert binomial_p_value(0, 10, 0.1) == pytest.approx(1.0)
+    assert binomial_p_value(10, 10, 0.1) == pytest.approx(1e-10)
+    assert binomial_p_value(3, 10, 0.1) == pytest.approx(1 - sum(__import__("math").comb(10, k) * .1 ** k * .9 ** (10 - k)
                                                            for k in range(3)))
-    assert binomial_p(0, 0, 0.1) == 1.0
+    assert binomial_p_value(0, 0, 0.1) == 1.0
 
 
 def test_evading_suspect_flags_textured_witnesses_and_loses_their_hits():
@@ -51,8 +54,8 @@ def test_evading_suspect_flags_textured_witnesses_and_loses_their_hits():
     smooth = torch.full((200, 3, 8, 8), 0.5) + 0.01 * torch.rand(200, 3, 8, 8, generator=g)
     noisy = torch.rand(20, 3, 8, 8, generator=g)
     args = SimpleNamespace(fpr=0.1, orders=2, seed=0, alpha=1e-3, batch_size=5)
-    e = evaded_verdict(Always(), noisy, smooth, 0, 0.05, args)
+    e = evaded_verdict(Always(), noisy, smooth, np.zeros(20), 0, 0.05, args)
     assert e["best"] == "laplacian" and e["aucs"]["laplacian"] == 1.0 and e["flagged"] == 1.0
     assert e["rate_evaded"] == 0.0 and e["evaded"]["verdict"] == "cleared"
-    e = evaded_verdict(Always(), smooth[:20], smooth[20:], 0, 0.05, args)
+    e = evaded_verdict(Always(), smooth[:20], smooth[20:], np.zeros(20), 0, 0.05, args)
     assert e["flagged"] < 0.5 and e["rate_evaded"] > 0.5
