@@ -94,11 +94,13 @@ EXTRA_POOL_THIEVES = [("cifar", "probs"), ("cifar", "label"), ("mixed", "probs")
 # ============================================================================ plans
 
 
-def pool_thieves(rep: Reproduction, seed: int, prot: dict, arch: str, budget: int, pools) -> None:
-    """The thieves of the other pools (EXTRA_POOL_THIEVES whose pool is in `pools`), each with its clean twin."""
+def pool_thieves(rep: Reproduction, seed: int, prot: dict, arch: str, budget: int, pools,
+                 oracles=("protected", "clean")) -> None:
+    """The thieves of the other pools (EXTRA_POOL_THIEVES whose pool is in `pools`), each with its clean twin
+    (`oracles`: only some of them)."""
     for pool, mode in EXTRA_POOL_THIEVES:
         if pool in pools:
-            rep.pair(seed, prot, arch, budget, mode, pool=pool)
+            rep.pair(seed, prot, arch, budget, mode, oracles=oracles, pool=pool)
 
 
 def run_main(rep: Reproduction, seeds, budgets, archs, full_grid_seeds=None, pools=("tin",)) -> None:

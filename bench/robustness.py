@@ -3,6 +3,8 @@
     python -m bench.robustness                          # spec (base) and the default (robust), seed 0, cnn thief at 20k
     python -m bench.robustness --variants base eps20 --seeds 0 1 2
     python -m bench.robustness --quick                  # the same on bench.reproduce's quick protocol (a test)
+    python -m bench.robustness --variants robust-fast --pools tin cifar mixed
+                                                        # a variant's goal list with the in-distribution thieves
     python -m bench.robustness --device cuda --variants negcr0.25-eps24 --seeds 0 1 2 --deadline 380
                                                         # a machine lent for minutes: what finished is written
     python -m bench.robustness --merge s0/robustness.json s1/robustness.json --out DIR
@@ -35,7 +37,10 @@ per variant over every seed: victim drop, each thief's ASR, clean-model ASR, fal
 every clean substitute (with and without counter-measures; a purification that costs the clean copy
 more than PURIFY_USABLE_DROP of its accuracy is left out and named in the note, the rule that leaves
 it out of the thief's goals), the thief's pick of fine-tuning and of fine-pruning, each purification
-a thief could live with, and the Neural Cleanse index.
+a thief could live with, and the Neural Cleanse index. --pools cifar mixed adds bench.reproduce's thieves
+with images like the owner's (CIFAR-10 train outside the owner's images: soft and label-only; half of
+them and half Tiny ImageNet: soft), each with its clean twin, and a goal each: ASR >= GOAL_POOL_ASR (90%),
+flagged (docs/research/in-distribution.md); their twins join the false-positive count.
 
 Widened null (--widened-null, on by default): an innocent copy that its owner fine-tuned on a few
 clean labels can answer the trigger's target more often than the reference models tau0 was
@@ -79,9 +84,10 @@ from honeypotnet.verify import (FINETUNE_SETTINGS, PURIFY_MAX_DROP, PURIFY_SETTI
 
 from .benchlib.args import add_common_args, add_data_args, default_out, finish_common_args
 from .benchlib.common import command_line, jsonable, load_results, log, machine_info, save_report, set_threads
-from .benchlib.data import Data, find_victim, load_data, subset
+from .benchlib.data import POOLS, Data, find_victim, load_data, subset
 from .benchlib.protocol import FULL, QUICK, Protocol, Reproduction
 from .benchlib.units import DeadlineReached
+from .reproduce import pool_thieves
 
 NAME = "robustness"
 
@@ -141,6 +147,11 @@ VARIANTS: dict[str, dict] = {
     # its owner (10 ep, lr .01) from 23.5 to 3.6%, the references from <= 10.3 to <= 3.4%, with the
     # protected thief's fine-tune pick at 84.3% (86.6 stored) and fine-pruning's 20% pick at 35.9 (38.2)
     "negcrft-w1-noise-eps24-ft2-blur": {**NEGCRFT_BLUR, "negative_weight": 1.0, "negative_noise": 0.2},
+    # the robust default at a fraction of its cost (docs/research/speed.md): the negative shadows extracted once
+    # (6 epochs) and their copies fine-tuned once instead of every iteration, one negative model per trigger batch
+    # (the term scaled to stay unbiased), and half of each trigger batch blurred instead of a blurred copy added
+    "robust-fast": {**NEGCRFT_BLUR, "negative_weight": 1.0, "negative_noise": 0.2, "negative_once": 6,
+                    "negative_per_batch": 1, "trigger_blur_split": True},
 }
 
 # the library default (ProtectConfig(), the "robust" preset; tests/test_robustness_quick.py checks they agree)
@@ -278,7 +289,7 @@ class Robustness:
         return self.rep.units.run(f"{prot['rel']}/calibration-widened", params, run, "calibration (widened)")
 
     def run(self, seeds, variants, arch: str, budget: int, goals: bool, cross: str = "resnet20",
-            clean_goal_thieves: bool = False, goals_first: bool = False) -> None:
+            clean_goal_thieves: bool = False, goals_first: bool = False, pools=("tin",)) -> None:
         for seed in seeds:
             for v in variants:
                 prot = self.rep.protection(seed, v, VARIANTS[v])
@@ -304,9 +315,12 @@ class Robustness:
                     # goals first: the last first, away from the sweeps' thief (thieves[0]) a --no-goals run starts with
                     for g_arch, g_budget, mode, epochs in thieves[: None if goals else 1][:: -1 if goals_first else 1]:
                         self.rep.pair(seed, prot, g_arch, g_budget, mode, epochs=epochs)
+                    if goals:  # --pools: the thieves with images like the owner's (bench.reproduce's), with twins
+                        pool_thieves(self.rep, seed, prot, arch, budget, pools)
                     if clean_goal_thieves and not goals:  # the false-positive half of the goal list only
                         for g_arch, g_budget, mode, epochs in thieves[1:]:
                             self.rep.pair(seed, prot, g_arch, g_budget, mode, oracles=("clean",), epochs=epochs)
+                        pool_thieves(self.rep, seed, prot, arch, budget, pools, oracles=("clean",))
 
                 # goals_first: a second process started beside a --no-goals one trains the goal thieves
                 # while the first runs the sweeps (units are locked, so neither repeats the other's work)
@@ -395,8 +409,8 @@ def thief_picks(rows: list[dict], family: str = "finetune") -> dict:
 
 
 def _thief_kind(s: dict) -> tuple:
-    """A substitute's thief up to its training epochs: (protection, oracle, arch, budget, output, seed)."""
-    return s["protection"], s["oracle"], s["arch"], s["budget"], s["output"], s["seed"]
+    """A substitute's thief up to its training epochs: (protection, oracle, arch, budget, output, seed, pool)."""
+    return s["protection"], s["oracle"], s["arch"], s["budget"], s["output"], s["seed"], s.get("pool", "tin")
 
 
 def epoch_picks(substitutes: list[dict]) -> dict:
@@ -486,6 +500,7 @@ def variants_table(protections: list[dict], rows: list[dict]) -> str:
 GOAL_KEEP_ASR = 0.5
 GOAL_VICTIM_DROP = 0.002
 GOAL_THIEF_ASR = {"full": 0.95, "quarter": 0.85}
+GOAL_POOL_ASR = 0.90  # the thieves of the other pools (--pools cifar mixed: images like the owner's)
 GOAL_CLEAN_ASR = 0.10
 GOAL_NC_INDEX = 2.0
 # a purification that costs the thief more than this much clean accuracy is reported, not a goal:
@@ -512,12 +527,13 @@ def goals(protections: list[dict], rows: list[dict], substitutes: list[dict], bu
         drop = max(-p["cta_delta"] for p in ps)
         add("victim CTA drop", f"{100 * drop:.2f} pt", f"≤ {100 * GOAL_VICTIM_DROP:.1f} pt", drop <= GOAL_VICTIM_DROP + 1e-9, len(ps))
         subs = [s for s in substitutes if s["protection"] == v]
-        for g in dict.fromkeys((s["arch"], s["budget"], s["output"]) for s in subs):
-            st = [s for s in subs if (s["arch"], s["budget"], s["output"]) == g and s["oracle"] == "protected"]
+        for g in dict.fromkeys(_goal_kind(s) for s in subs):
+            st = [s for s in subs if _goal_kind(s) == g and s["oracle"] == "protected"]
             if not st:  # --clean-goal-thieves: only the clean thief of this kind was run
                 continue
-            target = GOAL_THIEF_ASR["full" if g[1] == budget else "quarter"]
+            target = GOAL_THIEF_ASR["full" if g[1] == budget else "quarter"] if g[3] == "tin" else GOAL_POOL_ASR
             name = f"thief ASR: {g[0]} {g[1]} {'label-only' if g[2] == 'label' else 'soft'}"
+            name += "" if g[3] == "tin" else f", {POOLS[g[3]]} pool"
             epochs = sorted({s["epochs"] for s in st})
             if len(epochs) > 1:  # trained at several epoch counts: the thief keeps its most accurate copy
                 st = list(epoch_picks(st).values())
@@ -568,6 +584,11 @@ def goals(protections: list[dict], rows: list[dict], substitutes: list[dict], bu
     return out
 
 
+def _goal_kind(s: dict) -> tuple:
+    """A goal thief's kind: (arch, budget, output, pool)."""
+    return s["arch"], s["budget"], s["output"], s.get("pool", "tin")
+
+
 def split_usable(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     """Counter-measure rows split into those a party would serve and purified ones that cost their copy
     more than PURIFY_USABLE_DROP of the accuracy it had without a counter-measure (same seed, variant
@@ -591,7 +612,8 @@ def substitutes_table(substitutes: list[dict]) -> str:
     for s in substitutes:
         star = " *" if counts[_thief_kind(s)] > 1 and id(s) in picks else ""
         wide = ("STOLEN" if s["stolen_widened"] else "not flagged") if "stolen_widened" in s else "—"
-        out.append(f"| {s['protection']} | {s['seed']} | {s['arch']} | {s['output']} | {s['budget']} | {s['epochs']}{star} | "
+        thief = s["arch"] + ("" if s.get("pool", "tin") == "tin" else f", {POOLS[s['pool']]} pool")
+        out.append(f"| {s['protection']} | {s['seed']} | {thief} | {s['output']} | {s['budget']} | {s['epochs']}{star} | "
                    f"{s['oracle']} | {_f(s['cta'])} | {_f(s['asr'])} | {'STOLEN' if s['stolen'] else 'not flagged'} | {wide} |")
     return "\n".join(out)
 
@@ -689,6 +711,11 @@ def parse_args(argv=None):
     ap.add_argument("--widened-null", action=argparse.BooleanOptionalAction, default=True,
                     help="also verify under a null calibrated over the reference models and their copies fine-tuned on "
                          "the owner's labelled images (verify.finetuned_references; default on)")
+    ap.add_argument("--pools", nargs="+", choices=sorted(POOLS), default=["tin"],
+                    help="with --goals, the thieves' pools: tin (Tiny ImageNet, the goal list's thieves) and the "
+                         "pools of images like the owner's, cifar (in-distribution: soft and label-only) and mixed "
+                         "(half each: soft), each at the full budget with its clean twin and its own goal "
+                         f"(ASR >= {100 * GOAL_POOL_ASR:.0f}%, flagged; default tin)")
     ap.add_argument("--cross-substitute", default="resnet20",
                     help="the cross-architecture thief of the goal list (default resnet20, the victim's family)")
     ap.add_argument("--deadline", type=float, metavar="SECONDS",
@@ -754,7 +781,7 @@ def main(argv=None) -> dict:
     try:
         rob.rep.victim()
         rob.run(args.seeds, args.variants, args.substitute, budget, args.goals, args.cross_substitute, args.clean_goal_thieves,
-                args.goals_first)
+                args.goals_first, args.pools)
     except DeadlineReached as e:
         stopped = str(e)
         log(f"deadline ({args.deadline:g} s) reached before unit {stopped}: writing what finished")
@@ -783,7 +810,7 @@ def write_results(args, command: str, rob: Robustness, budget: int, labelled_n: 
                "protocol": {"reproduce_out": args.reproduce_out, "variants": {v: {k: jsonable(x) for k, x in VARIANTS[v].items()}
                                                                               for v in args.variants},
                             "seeds": args.seeds, "budget": budget, "substitute": args.substitute, "labelled": labelled_n,
-                            "goals": args.goals, "goal_thieves": goal_thieves(args.substitute, budget, args.cross_substitute,
+                            "goals": args.goals, "pools": args.pools, "goal_thieves": goal_thieves(args.substitute, budget, args.cross_substitute,
                                                                               rob.quarter_epochs()) if args.goals else [],
                             "sweep": {"finetune": sweep.finetune, "prune": sweep.prune, "prune_finetune": sweep.prune_finetune,
                                       "purify": sweep.purify, "cleanse_steps": sweep.cleanse_steps,

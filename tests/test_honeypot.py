@@ -95,6 +95,13 @@ def test_trigger_step_split_into_chunks_is_the_same_step():
     assert torch.equal(step(300), whole)
     for chunk in (64, 7):  # sign steps: at most a rounding-level gradient entry may flip
         assert (step(chunk) != whole).float().mean() < 0.01
+    # trigger.blur_split blurs the batch's second half instead of adding a blurred copy: the same rows are
+    # blurred whatever the chunks, and it is another step than the default's
+    cfg = cfg.override({"trigger.blur_split": True})
+    split = step(None)
+    assert torch.equal(step(300), split) and (split != whole).float().mean() > 0.01
+    for chunk in (64, 7):
+        assert (step(chunk) != split).float().mean() < 0.01
 
 
 def test_protect_validates_inputs():
@@ -183,15 +190,16 @@ def test_blur_in_the_trigger_step_makes_the_trigger_survive_a_blur(near_copy):
             return float((model(z).argmax(1) == 3).float().mean())
 
     plain, blurred = {}, {}
-    for b in (0.0, 1.0):
-        cfg = SPEC(target=3, eps=32 / 255, trigger_passes=3, trigger_blur=b)
+    for b, split in ((0.0, False), (1.0, False), (1.0, True)):
+        cfg = SPEC(target=3, eps=32 / 255, trigger_passes=3, trigger_blur=b, trigger_blur_split=split)
         trig = generate_trigger([model], Trigger.uap(32, cfg.eps), train.images, cfg, 0)
         assert trig.pattern.abs().max() <= cfg.eps + 1e-6
         s = trig.stamp(x)
-        plain[b], blurred[b] = rate(s), rate(purify(s, "blur", sigma=0.5))
+        plain[b, split], blurred[b, split] = rate(s), rate(purify(s, "blur", sigma=0.5))
     before = rate(x)
-    assert blurred[1.0] > blurred[0.0] + 0.05, (blurred, plain)
-    assert plain[1.0] > before + 0.3 and plain[1.0] > plain[0.0] - 0.15, (before, plain)
+    for split in (False, True):  # blur_split: half of each batch blurred, no image added, the same effect
+        assert blurred[1.0, split] > blurred[0.0, False] + 0.05, (blurred, plain)
+        assert plain[1.0, split] > before + 0.3 and plain[1.0, split] > plain[0.0, False] - 0.15, (before, plain)
     assert SPEC(trigger_blur=0.75).hash() != SPEC().hash()
     for bad in (-0.5, float("nan"), 9.0):
         with pytest.raises(ValueError, match="trigger.blur"):
@@ -375,6 +383,35 @@ def test_fine_tuned_negative_copies_join_the_negative_term(tmp_path):
         protect(victim, shadow, None, cfg, progress=False)
 
 
+
+
+def test_negatives_once_trains_the_innocent_models_once_and_resumes(tmp_path):
+    """negatives.once N: the negative shadows are extracted N epochs before the first iteration and never
+    again, their fine-tuned copies made once; the state after three iterations holds the negatives of the
+    first; a resumed run (which re-makes the copies from the same stream) ends where one whole run does;
+    and the option changes the trigger (the default re-extracts every iteration)."""
+    shadow, owner, victim = _negative_setup()
+    kw = dict(shadow_arch="cnn_small", shadow_epochs=1, trigger_passes=1, honeypot_steps=10, seed=5, negative_weight=1.0,
+              negative_archs="cnn_small", negative_finetune_epochs=1, shadow_finetune_images=100)
+    cfg = SPEC(outer_iters=3, negative_once=2, **kw)
+    seconds = []
+    full = protect(victim, shadow, owner, cfg, progress=False, callback=lambda e: seconds.append(e.seconds))
+    assert all(0 <= h["negative0_cnn_small_ft_asr"] <= 1 for h in full.history)
+    protect(victim, shadow, owner, SPEC(outer_iters=1, negative_once=2, **kw), checkpoint_dir=tmp_path, progress=False)
+    first = torch.load(tmp_path / STATE_FILE, weights_only=True)["negative0_cnn_small"]
+    resumed = protect(victim, shadow, owner, cfg, checkpoint_dir=tmp_path, progress=False)
+    last = torch.load(tmp_path / STATE_FILE, weights_only=True)["negative0_cnn_small"]
+    assert all(torch.equal(first[k], last[k]) for k in first)
+    assert torch.allclose(full.trigger.pattern, resumed.trigger.pattern, atol=1e-6)
+    # the extraction and the copies cost only the first iteration
+    assert seconds[0]["negatives"] > 10 * max(s["negatives"] for s in seconds[1:])
+    every = protect(victim, shadow, owner, SPEC(outer_iters=3, **kw), progress=False)
+    assert not torch.allclose(every.trigger.pattern, full.trigger.pattern)
+    # a new option set to its old behaviour leaves the hash (checkpoints, benchmark units) of earlier runs as it was
+    assert ProtectConfig().hash() == "3b71f7a320caa484" and SPEC().hash() == "58d3313fa6a74fc8"
+    assert cfg.hash() != SPEC(outer_iters=3, **kw).hash() != SPEC(trigger_blur_split=True).hash()
+    with pytest.raises(ValueError, match="negatives.once"):
+        SPEC(negative_once=-1)
 
 
 # ------------------------------------------------------------------------------------------------ resume, RNG

@@ -93,7 +93,8 @@ def robustness(reproduce_quick, shared_dir, cifar10_jpeg_root, tinyimagenet_root
     shutil.copytree(reproduce_quick[0], rep)
     out = tmp / "out"
     r, stdout, _ = _bench(rob, ["--quick", "--reproduce-out", str(rep), "--out", str(out), "--cross-substitute", "cnn_small",
-                                "--variants", "base"], shared_dir, cifar10_jpeg_root, tinyimagenet_root)
+                                "--variants", "base", "--pools", "tin", "cifar", "mixed"], shared_dir, cifar10_jpeg_root,
+                          tinyimagenet_root)
     assert r["benchmark"] == "bench.robustness" and r["command"].startswith("python -m bench.robustness --quick")
     return out, stdout, json.loads((out / "robustness.json").read_text())
 
@@ -128,11 +129,34 @@ def test_counter_measures_do_something(robustness):
     assert nc["target_flagged"] == (0 in nc["flagged"])
 
 
+def test_thieves_with_images_like_the_owners_join_the_goal_list(robustness):
+    """--pools cifar mixed: the in-distribution thieves (soft, label-only) and the mixed one, each with its clean
+    twin, are verified and get goals of their own (ASR >= 90%, flagged), apart from the Tiny ImageNet thieves'; the
+    twins count in the false-positive goal."""
+    out, _, r = robustness
+    assert r["protocol"]["pools"] == ["tin", "cifar", "mixed"]
+    kinds = {(s["pool"], s["output"], s["oracle"]) for s in r["substitutes"]}
+    for pool, mode in (("cifar", "probs"), ("cifar", "label"), ("mixed", "probs")):
+        assert {(pool, mode, "protected"), (pool, mode, "clean")} <= kinds
+    pool_goals = [g for g in r["goals"] if g["null"] == "references" and "pool" in g["goal"]]
+    assert len(pool_goals) == 3 and all(g["target"] == "≥ 90, flagged" for g in pool_goals)
+    tin = [g for g in r["goals"] if g["null"] == "references" and g["goal"].startswith("thief ASR") and "pool" not in g["goal"]]
+    assert tin and all("90" not in g["target"] for g in tin)
+    for g in pool_goals:  # each goal is its own thief's verdict, not another pool's
+        s = next(s for s in r["substitutes"] if s["oracle"] == "protected" and s["pool"] == ("cifar" if "CIFAR-10 (" in g["goal"] else "mixed")
+                 and s["output"] == ("label" if "label-only" in g["goal"] else "probs"))
+        assert g["pass"] == (s["asr"] >= 0.9 and s["stolen"]) and g["worst"] == f"{100 * s['asr']:.1f}"
+    fp = next(g for g in r["goals"] if g["null"] == "references" and g["goal"].startswith("false positives"))
+    assert fp["n"] >= sum(s["oracle"] == "clean" for s in r["substitutes"])
+    assert "cnn_small, CIFAR-10 (in-distribution) pool" not in (out / "robustness.md").read_text()
+    assert "CIFAR-10 (in-distribution) pool" in (out / "robustness.md").read_text()
+
+
 def test_resume_reuses_every_unit(robustness, shared_dir, cifar10_jpeg_root, tinyimagenet_root):
     out, _, r = robustness
     rep = r["protocol"]["reproduce_out"]
-    _bench(rob, ["--quick", "--reproduce-out", rep, "--out", str(out), "--cross-substitute", "cnn_small", "--variants", "base"],
-           shared_dir, cifar10_jpeg_root, tinyimagenet_root)
+    _bench(rob, ["--quick", "--reproduce-out", rep, "--out", str(out), "--cross-substitute", "cnn_small", "--variants", "base",
+                 "--pools", "tin", "cifar", "mixed"], shared_dir, cifar10_jpeg_root, tinyimagenet_root)
     again = json.loads((out / "robustness.json").read_text())
     assert all(row["resumed"] for row in again["rows"])
     assert [(x["measure"], x.get("asr")) for x in again["rows"]] == [(x["measure"], x.get("asr")) for x in r["rows"]]
@@ -162,7 +186,7 @@ def test_goal_list_follows_the_measured_rows(robustness):
     purified = [n for n in names if n.rsplit("+", 1)[-1] in {p for p, _ in r["protocol"]["sweep"]["purify"]}]
     assert any(n.endswith("+jpeg-q50") for n in purified) and len(names) == 10 + len(purified)
     assert g["victim CTA drop"]["pass"] == (-prot["cta_delta"] <= 0.002 + 1e-9)
-    subs = [s for s in r["substitutes"] if s["oracle"] == "protected" and s["budget"] == budget]
+    subs = [s for s in r["substitutes"] if s["oracle"] == "protected" and s["budget"] == budget and s["pool"] == "tin"]
     for s in subs:
         goal = g[f"thief ASR: {s['arch']} {s['budget']} {'label-only' if s['output'] == 'label' else 'soft'}"]
         assert goal["pass"] == (s["asr"] >= 0.95 and s["stolen"])
@@ -182,7 +206,8 @@ def test_goal_list_follows_the_measured_rows(robustness):
     served = [x for x in clean_rows if x not in unserved]
     fp = sum(x["stolen"] for x in served) + sum(s["stolen"] for s in r["substitutes"] if s["oracle"] == "clean")
     fp_goal = next(x for x in r["goals"] if x["goal"].startswith("false positives"))
-    assert fp_goal["worst"] == str(fp) and fp_goal["pass"] == (fp == 0) and fp_goal["n"] == len(served) + 5
+    # the five clean goal thieves and the three clean twins of the other pools' thieves
+    assert fp_goal["worst"] == str(fp) and fp_goal["pass"] == (fp == 0) and fp_goal["n"] == len(served) + 5 + 3
     assert (f"{sum(x['stolen'] for x in unserved)} flagged of {len(unserved)} clean copies" in fp_goal["note"]) == bool(unserved)
     pick = max((x for x in r["rows"] if x["oracle"] == "protected" and x["measure"].startswith("finetune")),
                key=lambda x: x["cta"])
@@ -206,12 +231,13 @@ def test_clean_goal_thieves_only(robustness, shared_dir, cifar10_jpeg_root, tiny
     _, _, r = robustness
     out = tmp_path / "clean-only"
     _bench(rob, ["--quick", "--reproduce-out", r["protocol"]["reproduce_out"], "--out", str(out), "--cross-substitute",
-                 "cnn_small", "--variants", "base", "--no-goals", "--clean-goal-thieves"],
+                 "cnn_small", "--variants", "base", "--no-goals", "--clean-goal-thieves", "--pools", "tin", "cifar", "mixed"],
            shared_dir, cifar10_jpeg_root, tinyimagenet_root)
     c = json.loads((out / "robustness.json").read_text())
     budget = r["protocol"]["budget"]
-    assert {(s["arch"], s["budget"], s["output"]) for s in c["substitutes"] if s["oracle"] == "protected"} == {("cnn", budget, "probs")}
-    assert len([s for s in c["substitutes"] if s["oracle"] == "clean"]) == 5
+    assert {(s["arch"], s["budget"], s["output"], s["pool"]) for s in c["substitutes"] if s["oracle"] == "protected"} == \
+        {("cnn", budget, "probs", "tin")}
+    assert len([s for s in c["substitutes"] if s["oracle"] == "clean"]) == 5 + 3  # and the other pools' twins
     g = {x["goal"]: x for x in c["goals"] if x["null"] == "references"}
     assert [k for k in g if k.startswith("thief ASR")] == [f"thief ASR: cnn {budget} soft"]
     full_fp = next(x for x in r["goals"] if x["goal"].startswith("false positives") and x["null"] == "references")

@@ -31,6 +31,8 @@ else:  # pragma: no cover - Python 3.10
 CONFIG_VERSION = 2
 GROUPS = ("trigger", "head", "shadow", "thief", "negatives", "loop")
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
+# options added after CONFIG_VERSION 2, with the value that keeps the behaviour from before them (ProtectConfig.hash)
+HASH_NEUTRAL = {"trigger.blur_split": False, "negatives.once": 0}
 
 
 def _f(default, group: str, key: str, doc: str):
@@ -50,6 +52,9 @@ class ProtectConfig:
     trigger_batch: int = _f(256, "trigger", "batch", "images per trigger step")
     trigger_blur: float = _f(0.75, "trigger", "blur", "largest Gaussian blur σ (pixels) the trigger is optimised "
                                                       "through, σ ~ U(σ/4, σ); 0 = off")
+    trigger_blur_split: bool = _f(False, "trigger", "blur_split", "blur half of each trigger batch instead of adding "
+                                                                  "a blurred copy of it (the blur at no extra "
+                                                                  "cost: half the trigger step's passes)")
     # [head] ----------------------------------------------------------------------------------------------
     head: str = _f("residual", "head", "kind", "'residual' (h plus a zero-initialised MLP) or 'linear' (the paper's)")
     hidden: int = _f(256, "head", "hidden", "residual head: hidden width of the MLP")
@@ -95,6 +100,10 @@ class ProtectConfig:
     negative_per_batch: int = _f(0, "negatives", "per_batch", "negative models (of the shadows and their "
                                                                "fine-tuned copies) drawn per trigger batch, their "
                                                                "term scaled to stay unbiased; 0 = all of them")
+    negative_once: int = _f(0, "negatives", "once", "extract the negative shadows once, this many epochs, before "
+                                                    "the first iteration, and fine-tune their copies once (they "
+                                                    "never depend on the honeypot); 0 = shadow.epochs more every "
+                                                    "iteration and fresh copies every iteration")
     # [loop] ----------------------------------------------------------------------------------------------
     outer_iters: int = _f(8, "loop", "outer_iters", "T, outer iterations of the bi-level loop")
     seed: int = _f(0, "loop", "seed", "seed of every random stream of the run")
@@ -114,7 +123,7 @@ class ProtectConfig:
             if isinstance(v, float):
                 need(math.isfinite(v), f"{self.key_of(f.name)} must be a finite number, got {v}")
         for name in ("outer_iters", "shadow_epochs", "trigger_passes", "honeypot_steps", "shadow_finetune_epochs",
-                     "negative_finetune_epochs", "target"):
+                     "negative_finetune_epochs", "negative_once", "target"):
             need(getattr(self, name) >= 0, f"{self.key_of(name)} must be >= 0")
         for name in ("trigger_batch", "honeypot_batch", "shadow_batch", "hidden", "shadow_finetune_images",
                      "patch_size"):
@@ -240,9 +249,15 @@ class ProtectConfig:
     # ----------------------------------------------------------------------------------- identity
     def hash(self) -> str:
         """SHA-256 (16 hex) of the whole config except loop.outer_iters (a run can be extended from its
-        checkpoint), with the config version: what checkpoints and benchmark units are keyed on."""
+        checkpoint), with the config version: what checkpoints and benchmark units are keyed on. Options added
+        after version 2 (HASH_NEUTRAL) count only when set away from their value that means "as before", so
+        the checkpoints and benchmark units of earlier runs stay valid."""
         d = self.to_dict()
         d["loop"] = {k: v for k, v in d["loop"].items() if k != "outer_iters"}
+        for key, neutral in HASH_NEUTRAL.items():
+            group, name = key.split(".")
+            if d[group][name] == neutral:
+                del d[group][name]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def describe(self) -> str:

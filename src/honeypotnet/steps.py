@@ -34,15 +34,15 @@ def stream(cfg: ProtectConfig, name: str, iteration: int = 0, index: int = 0) ->
 
 def simulate_extraction(shadow: nn.Module, head: nn.Module, shadow_images: torch.Tensor, shadow_feats: torch.Tensor,
                         cfg: ProtectConfig, iteration: int, *, stream_name: str = "shadow", index: int = 0,
-                        progress: bool = False) -> nn.Module:
+                        progress: bool = False, epochs: int | None = None) -> nn.Module:
     """Step 1: train `shadow` (in place) on the shadow set labelled by head(f(x))'s soft answers.
 
     head: the honeypot layer (the shadow), or the victim's own last layer (a negative shadow, an
-    innocent copy). shadow_feats: f(x) of the shadow images, (N, d)."""
+    innocent copy). shadow_feats: f(x) of the shadow images, (N, d). epochs: default cfg.shadow_epochs."""
     with torch.no_grad():
         answers = torch.softmax(head(shadow_feats.to(device_of(head))), 1).cpu()
     fit(shadow, shadow_images, answers,
-        FitConfig(epochs=cfg.shadow_epochs, batch_size=cfg.shadow_batch, lr=cfg.shadow_lr,
+        FitConfig(epochs=cfg.shadow_epochs if epochs is None else epochs, batch_size=cfg.shadow_batch, lr=cfg.shadow_lr,
                   seed=stream(cfg, stream_name, iteration, index)),
         progress=progress, desc=f"{stream_name} {iteration + 1}")
     return shadow.eval()
@@ -55,7 +55,8 @@ def generate_trigger(shadows: list[nn.Module], trigger: Trigger, images: torch.T
         g <- μ·g + ∇/‖∇‖₁ ;  δ <- δ − α·sign(g) ;  δ <- Π(δ)
 
     minimising mean_s CE(s(x ⊕ δ), y_t) + cfg.negative_weight · Σ_n mean(−log(1 − p_target(n(x ⊕ δ)))).
-    cfg.trigger_blur b > 0: each batch also goes through the models Gaussian-blurred with σ ~ U(b/4, b).
+    cfg.trigger_blur b > 0: each batch also goes through the models Gaussian-blurred with σ ~ U(b/4, b)
+    (cfg.trigger_blur_split: the second half of each batch is blurred instead, no image added).
     cfg.negative_noise s > 0: each negative runs with its weights times (1 + s·N(0, 1)), fresh per batch.
     cfg.negative_per_batch k > 0: each batch goes through a random k of the negatives only, their term
     scaled by (number of negatives) / k, so its expectation is the full term at a fraction of the cost.
@@ -94,11 +95,17 @@ def generate_trigger(shadows: list[nn.Module], trigger: Trigger, images: torch.T
             # batch) alive at a time: the same step, up to float rounding, in the memory of the largest term
             c = len(x) if not chunk or chunk >= len(x) else int(chunk)
             whole = c == len(x)
-            n = len(x) * (2 if sigma else 1)
+            split = bool(sigma) and cfg.trigger_blur_split
+            n = len(x) * (2 if sigma and not split else 1)
             grad = torch.zeros_like(delta)
             for lo in range(0, len(x), c):
                 stamped = trigger.stamp(x[lo : lo + c], delta)
-                if sigma:
+                if split:  # the images after the batch's middle go blurred (the same rows whatever the chunk)
+                    blurred = torch.arange(lo, lo + len(stamped), device=dev) >= len(x) // 2
+                    if blurred.any():
+                        stamped = torch.where(blurred[:, None, None, None],
+                                              purify(stamped, "blur", sigma=sigma), stamped)
+                elif sigma:
                     stamped = torch.cat([stamped, purify(stamped, "blur", sigma=sigma)])
                 y = target[: len(stamped)]
                 for j, (m, weights) in enumerate(terms):
