@@ -409,6 +409,8 @@ def test_negatives_once_trains_the_innocent_models_once_and_resumes(tmp_path):
     assert not torch.allclose(every.trigger.pattern, full.trigger.pattern)
     # a new option set to its old behaviour leaves the hash (checkpoints, benchmark units) of earlier runs as it was
     assert ProtectConfig().hash() == "3b71f7a320caa484" and SPEC().hash() == "58d3313fa6a74fc8"
+    assert "once" not in ProtectConfig().identity()["negatives"] and cfg.identity()["negatives"]["once"] == 2
+    assert "blur_split" in SPEC(trigger_blur_split=True).identity()["trigger"]
     assert cfg.hash() != SPEC(outer_iters=3, **kw).hash() != SPEC(trigger_blur_split=True).hash()
     with pytest.raises(ValueError, match="negatives.once"):
         SPEC(negative_once=-1)

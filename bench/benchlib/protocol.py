@@ -228,7 +228,8 @@ class Reproduction:
         if rel in self._prot_rows:  # e.g. the lambda ablation's lam3 is the base configuration
             return self._prot_rows[rel]
         data = self.data
-        params = {"victim": self.victim_key(), "config": cfg.to_dict(), "shadow": len(data.shadow), "owner": len(data.owner)}
+        # keyed on the config's identity: an option added later, left at its old behaviour, keeps earlier units valid
+        params = {"victim": self.victim_key(), "config": cfg.identity(), "shadow": len(data.shadow), "owner": len(data.owner)}
 
         def run(d: Path) -> dict:
             work = d / "work"

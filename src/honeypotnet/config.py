@@ -247,17 +247,22 @@ class ProtectConfig:
         return replace(self, **changes)
 
     # ----------------------------------------------------------------------------------- identity
-    def hash(self) -> str:
-        """SHA-256 (16 hex) of the whole config except loop.outer_iters (a run can be extended from its
-        checkpoint), with the config version: what checkpoints and benchmark units are keyed on. Options added
-        after version 2 (HASH_NEUTRAL) count only when set away from their value that means "as before", so
-        the checkpoints and benchmark units of earlier runs stay valid."""
+    def identity(self) -> dict:
+        """to_dict() without the options added after version 2 (HASH_NEUTRAL) that hold their value meaning "as
+        before": what a run is keyed on (hash(), benchmark units), so the checkpoints and benchmark units of
+        earlier runs stay valid when an option joins."""
         d = self.to_dict()
-        d["loop"] = {k: v for k, v in d["loop"].items() if k != "outer_iters"}
         for key, neutral in HASH_NEUTRAL.items():
             group, name = key.split(".")
             if d[group][name] == neutral:
                 del d[group][name]
+        return d
+
+    def hash(self) -> str:
+        """SHA-256 (16 hex) of identity() except loop.outer_iters (a run can be extended from its checkpoint),
+        with the config version: what checkpoints are keyed on."""
+        d = self.identity()
+        d["loop"] = {k: v for k, v in d["loop"].items() if k != "outer_iters"}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def describe(self) -> str:
