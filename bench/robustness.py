@@ -150,6 +150,10 @@ VARIANTS: dict[str, dict] = {
     # the robust default at a fraction of its cost (docs/research/speed.md): the negative shadows extracted once
     # (6 epochs) and their copies fine-tuned once instead of every iteration, one negative model per trigger batch
     # (the term scaled to stay unbiased), and half of each trigger batch blurred instead of a blurred copy added
+    # the robust default with the owner images' answers leaning toward the target along the trigger's feature
+    # shift (head.owner_lean; docs/research/in-distribution.md): the in-distribution thieves' option. The same name
+    # and config as bench.reproduce's in-distribution ablation row, so the two share its protection unit
+    "robust-lean0.5": {**NEGCRFT_BLUR, "negative_weight": 1.0, "negative_noise": 0.2, "owner_lean": 0.5},
     "robust-fast": {**NEGCRFT_BLUR, "negative_weight": 1.0, "negative_noise": 0.2, "negative_once": 6,
                     "negative_per_batch": 1, "trigger_blur_split": True},
 }
