@@ -94,6 +94,8 @@ NAME = "robustness"
 # negcrft-eps24-ft2-blur's overrides, which its weight / noise variants below start from
 NEGCRFT_BLUR = {"eps": 24 / 255, "negative_weight": 0.25, "negative_archs": "cnn,resnet20", "shadow_finetune_epochs": 2,
                 "negative_finetune_epochs": 2, "trigger_blur": 0.75}
+# ... at weight 1 with noisy negatives: the robust preset's overrides, which its option variants start from
+NEGCRFT_W1_NOISE = {**NEGCRFT_BLUR, "negative_weight": 1.0, "negative_noise": 0.2}
 
 # Protection variants: name -> ProtectConfig overrides of benchlib.protocol.base_config (the "spec" preset; the
 # robustness study made negcrft-w1-noise-eps24-ft2-blur, the "robust" preset, the library default).
@@ -146,16 +148,15 @@ VARIANTS: dict[str, dict] = {
     # ... both: the same probe took seed 1's clean CNN copies from 18.8 to 2.9%, a clean copy fine-tuned by
     # its owner (10 ep, lr .01) from 23.5 to 3.6%, the references from <= 10.3 to <= 3.4%, with the
     # protected thief's fine-tune pick at 84.3% (86.6 stored) and fine-pruning's 20% pick at 35.9 (38.2)
-    "negcrft-w1-noise-eps24-ft2-blur": {**NEGCRFT_BLUR, "negative_weight": 1.0, "negative_noise": 0.2},
-    # the robust default at a fraction of its cost (docs/research/speed.md): the negative shadows extracted once
-    # (6 epochs) and their copies fine-tuned once instead of every iteration, one negative model per trigger batch
-    # (the term scaled to stay unbiased), and half of each trigger batch blurred instead of a blurred copy added
+    "negcrft-w1-noise-eps24-ft2-blur": NEGCRFT_W1_NOISE,
     # the robust default with the owner images' answers leaning toward the target along the trigger's feature
     # shift (head.owner_lean; docs/research/in-distribution.md): the in-distribution thieves' option. The same name
     # and config as bench.reproduce's in-distribution ablation row, so the two share its protection unit
-    "robust-lean0.5": {**NEGCRFT_BLUR, "negative_weight": 1.0, "negative_noise": 0.2, "owner_lean": 0.5},
-    "robust-fast": {**NEGCRFT_BLUR, "negative_weight": 1.0, "negative_noise": 0.2, "negative_once": 6,
-                    "negative_per_batch": 1, "trigger_blur_split": True},
+    "robust-lean0.5": {**NEGCRFT_W1_NOISE, "owner_lean": 0.5},
+    # the robust default at a fraction of its cost (docs/research/speed.md): the negative shadows extracted once
+    # (6 epochs) and their copies fine-tuned once instead of every iteration, one negative model per trigger batch
+    # (the term scaled to stay unbiased), and half of each trigger batch blurred instead of a blurred copy added
+    "robust-fast": {**NEGCRFT_W1_NOISE, "negative_once": 6, "negative_per_batch": 1, "trigger_blur_split": True},
 }
 
 # the library default (ProtectConfig(), the "robust" preset; tests/test_robustness_quick.py checks they agree)

@@ -31,7 +31,7 @@ else:  # pragma: no cover - Python 3.10
 CONFIG_VERSION = 2
 GROUPS = ("trigger", "head", "shadow", "thief", "negatives", "loop")
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
-# options added after CONFIG_VERSION 2, with the value that keeps the behaviour from before them (ProtectConfig.hash)
+# options added after CONFIG_VERSION 2, with the value that keeps the behaviour from before them (ProtectConfig.identity)
 HASH_NEUTRAL = {"trigger.blur_split": False, "negatives.once": 0}
 
 
