@@ -26,6 +26,8 @@ it (ProtectEvent.seconds) and each run's total as a multiple of the first's. Out
 stdout and OUT/speed.md, OUT/speed.json (default runs/speed[-quick]).
 
     python -m bench.speed --n 2000 --protect-iters 2 --skip-decode --configs spec robust
+    python -m bench.speed --n 10000 --protect-iters 8 --protect-only --configs spec robust
+                                            # the CIFAR-10 protocol's protect, spec against the default
 """
 from __future__ import annotations
 
@@ -167,6 +169,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--thieves", type=int, default=4, help="thieves sharing one pool in the answers comparison")
     ap.add_argument("--repeats", type=int, help="runs per timing, the median is kept (default 3; quick 1)")
     ap.add_argument("--skip-decode", action="store_true", help="skip the JPEG decode comparison (about a minute)")
+    ap.add_argument("--protect-only", action="store_true",
+                    help="only the protect runs side by side, none of the before/after comparisons (minutes at --n 10000)")
     ap.add_argument("--configs", nargs="+", default=["spec", "robust", "robust@glibc", "robust:negatives.per_batch=1"],
                     metavar="PRESET[:KEY=VALUE,...][@glibc]",
                     help="protect runs timed side by side: a preset, optionally with --set style changes, and "
@@ -199,22 +203,8 @@ def config_of(spec: str, outer_iters: int) -> ProtectConfig:
     return cfg.override([a for a in sets.split(",") if a]) if sets else cfg
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    set_threads()
-    torch.manual_seed(0)
-    cifar_root, tin_root = resolve_roots(args)
-    test = load_dataset("imagefolder", cifar_root, "test")
-    pool = load_dataset("tinyimagenet", tin_root, "train", size=32).images[: args.n].contiguous()
-    images = test.images[: args.n].contiguous()
-    victim = create_model("resnet20", 10, pretrained=str(find_victim(args))).eval()
-    rows: list[dict] = []
-
-    def add(name: str, before_label: str, after_label: str, before: float, after: float, unit: str) -> None:
-        rows.append({"step": name, "before": before_label, "after": after_label, "before_s": round(before, 4),
-                     "after_s": round(after, 4), "speedup": round(before / after, 2), "per": unit})
-        log(f"{name:>9}: {before_label} {before:.3f} s -> {after_label} {after:.3f} s  ({before / after:.2f}x)  per {unit}")
-
+def before_after(args, cifar_root, victim, images: torch.Tensor, pool: torch.Tensor, add) -> None:
+    """The before/after comparisons (features, training, answers, stamping, decode), each reported through add()."""
     # features f(x ⊕ δ): NCHW vs channels_last
     trig = Trigger.uap(32, 16 / 255)
     trig.pattern.uniform_(-16 / 255, 16 / 255)
@@ -264,7 +254,27 @@ def main(argv=None) -> dict:
             cached = median_time(lambda: load_dataset("imagefolder", cifar_root, "test", cache_dir=tmp), args.repeats)
         add("decode", "JPEG decode", "uint8 cache", decode, cached, "cifar10-jpeg/test (10k)")
 
-    md = ["| step | before | after | before s | after s | speed-up | per |", "| --- | --- | --- | --- | --- | --- | --- |"]
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    set_threads()
+    torch.manual_seed(0)
+    cifar_root, tin_root = resolve_roots(args)
+    test = load_dataset("imagefolder", cifar_root, "test")
+    pool = load_dataset("tinyimagenet", tin_root, "train", size=32).images[: args.n].contiguous()
+    images = test.images[: args.n].contiguous()
+    victim = create_model("resnet20", 10, pretrained=str(find_victim(args))).eval()
+    rows: list[dict] = []
+
+    def add(name: str, before_label: str, after_label: str, before: float, after: float, unit: str) -> None:
+        rows.append({"step": name, "before": before_label, "after": after_label, "before_s": round(before, 4),
+                     "after_s": round(after, 4), "speedup": round(before / after, 2), "per": unit})
+        log(f"{name:>9}: {before_label} {before:.3f} s -> {after_label} {after:.3f} s  ({before / after:.2f}x)  per {unit}")
+
+    if not args.protect_only:
+        before_after(args, cifar_root, victim, images, pool, add)
+
+    md = ["| step | before | after | before s | after s | speed-up | per |", "| --- | --- | --- | --- | --- | --- | --- |"] if rows else []
     md += [f"| {r['step']} | {r['before']} | {r['after']} | {r['before_s']:.3f} | {r['after_s']:.3f} | "
            f"{r['speedup']:.2f}x | {r['per']} |" for r in rows]
 

@@ -4,6 +4,7 @@ from functools import partial
 
 import pytest
 import torch
+from torch import nn
 
 from honeypotnet.config import ProtectConfig
 from honeypotnet.data import load_dataset
@@ -265,6 +266,33 @@ def test_negatives_per_batch_draws_some_negatives_and_all_of_them_is_the_default
     assert rate[1] < rate["plain"] / 2, rate  # one negative per batch still keeps the trigger off the clean copy
     with pytest.raises(ValueError, match="per_batch"):
         SPEC(negative_per_batch=-1)
+
+
+class _Counted(nn.Module):
+    """A model that counts its forward passes (the negatives' draw per trigger batch)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.model(x)
+
+
+@pytest.mark.parametrize("blur,split", [(0.0, False), (0.75, False), (0.75, True)])
+def test_negatives_per_batch_holds_in_every_batch_whatever_the_blur(blur, split):
+    """negatives.per_batch 1 draws one negative model in every trigger batch, with and without the blur and
+    its split (a blur_split once left every negative in every batch after the first, at the per-batch scale)."""
+    torch.manual_seed(0)
+    negs = [_Counted(create_model("cnn_small", 10)) for _ in range(4)]
+    shadow = _Counted(create_model("cnn_small", 10))
+    images = (torch.rand(320, 3, 32, 32) * 255).to(torch.uint8)
+    cfg = SPEC(negative_weight=1.0, negative_per_batch=1, trigger_blur=blur, trigger_blur_split=split,
+               trigger_passes=1, trigger_batch=32, negative_noise=0.0)
+    generate_trigger([shadow], Trigger.uap(32, 16 / 255), images, cfg, 0, negs)
+    assert shadow.calls == 10 and sum(n.calls for n in negs) == 10, [n.calls for n in negs]
+    assert sum(n.calls > 0 for n in negs) > 1  # drawn at random, not always the same one
 
 
 def test_noisy_negatives_see_a_family_of_innocent_models(near_copy):

@@ -244,6 +244,28 @@ def test_clean_goal_thieves_only(robustness, shared_dir, cifar10_jpeg_root, tiny
     assert g["false positives (clean thieves, with and without counter-measures)"] == full_fp
 
 
+def test_no_sweeps_screens_the_goal_thieves_only(robustness, shared_dir, cifar10_jpeg_root, tinyimagenet_root, tmp_path):
+    """--no-sweeps trains and verifies every goal thief (cached units: the same figures as the full run) but runs
+    no counter-measure: no row, no counter-measure goal claimed, and the report says so."""
+    _, _, r = robustness
+    out = tmp_path / "no-sweeps"
+    _bench(rob, ["--quick", "--reproduce-out", r["protocol"]["reproduce_out"], "--out", str(out), "--cross-substitute",
+                 "cnn_small", "--variants", "base", "--no-sweeps", "--pools", "tin", "cifar", "mixed"],
+           shared_dir, cifar10_jpeg_root, tinyimagenet_root)
+    c = json.loads((out / "robustness.json").read_text())
+    assert c["rows"] == [] and c["protocol"]["sweeps"] is False and r["protocol"]["sweeps"] is True
+    key = ("protection", "seed", "arch", "budget", "output", "pool", "epochs", "oracle")
+    assert sorted((tuple(s[k] for k in key), s["asr"], s["stolen"]) for s in c["substitutes"]) == \
+        sorted((tuple(s[k] for k in key), s["asr"], s["stolen"]) for s in r["substitutes"])
+    names = {x["goal"] for x in c["goals"]}
+    full = {x["goal"]: x for x in r["goals"] if x["null"] == "references"}
+    assert not any(n.startswith(("fine-tune", "fine-prune", "purify", "Neural Cleanse")) for n in names)
+    assert any(n.startswith(("fine-tune", "Neural Cleanse")) for n in full)
+    for g in (x for x in c["goals"] if x["null"] == "references" and x["goal"].startswith("thief ASR")):
+        assert (g["worst"], g["pass"]) == (full[g["goal"]]["worst"], full[g["goal"]]["pass"])
+    assert "--no-sweeps: no counter-measure was run" in (out / "robustness.md").read_text()
+
+
 def test_deadline_writes_what_finished(robustness, shared_dir, cifar10_jpeg_root, tinyimagenet_root, tmp_path):
     """--deadline: units that finished are still resumed, the first unit that would start after it
     stops the run, and the tables and JSON of what finished are written (exit 0): base's units all

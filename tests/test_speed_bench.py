@@ -24,3 +24,15 @@ def test_protect_table_puts_runs_side_by_side_with_their_ratio():
     md = "\n".join(speed.protect_table(runs, 1, 100, 100, "cpu"))
     assert "| step | spec | robust |" in md and "| negatives | 0.00 | 8.00 |" in md
     assert "| total (protect call) | 10.00 | 25.00 |" in md and "| × spec | 1.00× | 2.50× |" in md
+
+
+def test_protect_only_times_the_protect_runs_alone(shared_dir, cifar10_jpeg_root, tinyimagenet_root, tmp_path):
+    """--protect-only runs the side-by-side protect (a fresh process per config, real data) and none of the
+    before/after comparisons."""
+    out = tmp_path / "speed"
+    r = speed.main(["--quick", "--protect-only", "--protect-iters", "1", "--n", "200", "--configs", "spec",
+                    "--shared", str(shared_dir), "--cifar-root", str(cifar10_jpeg_root), "--tin-root", str(tinyimagenet_root),
+                    "--device", "cpu", "--out", str(out)])
+    assert r["rows"] == [] and [p["config"] for p in r["protect"]] == ["spec"]
+    assert r["protect"][0]["total_s"] > 0 and r["protect"][0]["shadow"] == r["protect"][0]["owner"] == 200
+    assert "| total (protect call) |" in (out / "speed.md").read_text()

@@ -109,7 +109,10 @@ def describe(data: dict) -> str:
     if script == "robustness":
         parts.append(", ".join(f"`{v}`" for v in proto.get("variants", {})))
         parts.append(_seeds(proto.get("seeds", [])))
-        parts.append("goal list" if proto.get("goals") else "sweeps (no goal thieves)")
+        if proto.get("sweeps", True):
+            parts.append("goal list" if proto.get("goals") else "sweeps (no goal thieves)")
+        else:
+            parts.append("goal thieves (no counter-measure sweeps)")
     elif script == "spread":
         parts += [", ".join(f"`{v}`" for v in proto.get("variants", [])), "protection " + _seeds(proto.get("seeds", [])),
                   "thief " + _seeds(proto.get("thief_seeds", []))]

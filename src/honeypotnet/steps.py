@@ -101,9 +101,9 @@ def generate_trigger(shadows: list[nn.Module], trigger: Trigger, images: torch.T
             for lo in range(0, len(x), c):
                 stamped = trigger.stamp(x[lo : lo + c], delta)
                 if split:  # the images after the batch's middle go blurred (the same rows whatever the chunk)
-                    k = max(0, len(x) // 2 - lo)
-                    if k < len(stamped):
-                        stamped = torch.cat([stamped[:k], purify(stamped[k:], "blur", sigma=sigma)])
+                    plain = max(0, len(x) // 2 - lo)
+                    if plain < len(stamped):
+                        stamped = torch.cat([stamped[:plain], purify(stamped[plain:], "blur", sigma=sigma)])
                 elif sigma:
                     stamped = torch.cat([stamped, purify(stamped, "blur", sigma=sigma)])
                 y = target[: len(stamped)]
