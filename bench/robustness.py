@@ -689,7 +689,8 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("ASR (%): mean over seeds, band min..max")
     ax.set_ylim(-2, 102)
     ax.set_title("Backdoor left after the thief fine-tunes its copy")
-    ax.legend(fontsize=7)
+    if keys:  # --no-sweeps: no counter-measure row, nothing to label
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
