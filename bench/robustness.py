@@ -159,9 +159,8 @@ VARIANTS: dict[str, dict] = {
     # (6 epochs) and their copies fine-tuned once instead of every iteration, one negative model per trigger batch
     # (the term scaled to stay unbiased), and half of each trigger batch blurred instead of a blurred copy added
     "robust-fast": {**NEGCRFT_W1_NOISE, "negative_once": 6, "negative_per_batch": 1, "trigger_blur_split": True},
-    # robust-fast's innocence goals failed (seed 0: clean copies 11.9%, tau0 17.4%; measured with the blur_split fault
-    # docs/results/README.md describes) with negatives trained 6 epochs: here extracted once for as long as the
-    # default's end up (24 epochs: 3 per iteration x 8; docs/research/speed.md)
+    # robust-fast's innocence goals failed (seed 0: clean copies 11.9%, tau0 17.4%) with negatives trained 6 epochs:
+    # here extracted once for as long as the default's end up (24 epochs: 3 per iteration x 8; docs/research/speed.md)
     "robust-fast-once24": {**NEGCRFT_W1_NOISE, "negative_once": 24, "negative_per_batch": 1, "trigger_blur_split": True},
 }
 
