@@ -731,7 +731,7 @@ def parse_args(argv=None):
                     help="with --goals, the thieves' pools: tin (Tiny ImageNet, the goal list's thieves) and the "
                          "pools of images like the owner's, cifar (in-distribution: soft and label-only) and mixed "
                          "(half each: soft), each at the full budget with its clean twin and its own goal "
-                         f"(ASR >= {100 * GOAL_POOL_ASR:.0f}%, flagged; default tin)")
+                         f"(ASR >= {100 * GOAL_POOL_ASR:.0f}%%, flagged; default tin)")
     ap.add_argument("--cross-substitute", default="resnet20",
                     help="the cross-architecture thief of the goal list (default resnet20, the victim's family)")
     ap.add_argument("--deadline", type=float, metavar="SECONDS",
