@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from honeypotnet.cli import build_parser, main
 from honeypotnet.cli.protect import protect_config
@@ -221,6 +222,33 @@ def test_protect_gate_refuses_an_unfit_bundle_and_keeps_the_run(tmp_path, capsys
     assert not (tmp_path / "b").exists()
     rc, _, err = call(capsys, *args, "--force")
     assert rc == 0 and (tmp_path / "b" / "manifest.json").is_file()
+
+
+def test_protect_caches_the_negatives_once_extracted_and_a_later_run_loads_them(tmp_path, monkeypatch, capsys):
+    """With negatives.once, `protect` writes the innocent models to $HONEYPOTNET_CACHE/negatives; a second
+    protection of the same victim on the same images with another target loads them (the file is not
+    written again), and the same command in a fresh work dir makes the same trigger as the first."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("HONEYPOTNET_CACHE", str(tmp_path / "cache"))
+    victim = tmp_path / "victim.safetensors"
+    rc, _, err = call(capsys, "train", "--data", "shapes", "--data-limit", "300", "--epochs", "1", "--output", victim)
+    assert rc == 0, err
+    args = ["protect", victim, "--preset", "spec", "--shadow", "shapes:shadow:100", "--owner", "shapes:train:100",
+            "--set", "loop.outer_iters=1", "--set", "shadow.arch=cnn_small", "--set", "shadow.epochs=1",
+            "--set", "head.steps=5", "--set", "trigger.passes=1", "--set", "negatives.weight=1",
+            "--set", "negatives.archs=cnn_small", "--set", "negatives.once=1", "--references", "", "--force"]
+    rc, _, err = call(capsys, *args, "--output", tmp_path / "a")
+    assert rc == 0, err
+    (entry,) = (tmp_path / "cache" / "negatives").glob("*.safetensors")
+    written = entry.stat().st_mtime_ns
+    rc, _, err = call(capsys, *args, "--target", "3", "--output", tmp_path / "b")
+    assert rc == 0, err
+    rc, _, err = call(capsys, *args, "--output", tmp_path / "c")
+    assert rc == 0, err
+    assert entry.stat().st_mtime_ns == written and len(list(entry.parent.iterdir())) == 1
+    first, again = (load_file(str(tmp_path / b / "trigger.safetensors")) for b in ("a", "c"))
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
 
 
 def test_verify_refuses_data_of_another_task(tmp_path, capsys):

@@ -241,7 +241,7 @@ class Reproduction:
                     steps[k] = steps.get(k, 0.0) + v
 
             res = protect(self.victim(), data.shadow, data.owner, cfg, checkpoint_dir=work, progress=self.progress,
-                          device=self.device, callback=on_iteration)
+                          device=self.device, callback=on_iteration, cache_dir=self.out / "negatives-cache")
             save_bundle(d / "bundle", res.model, res.trigger, arch="resnet20", target=cfg.target, classes=data.classes,
                         config=cfg.to_dict(), verification=None, history=res.history, overwrite=True,
                         extra={"benchmark": "bench.reproduce", "protection": name})

@@ -7,25 +7,97 @@ N > 0 they are extracted once (N epochs) and their copies fine-tuned once, befor
 since nothing of them depends on the honeypot. generate_trigger
 minimises negative_weight · −log(1 − p_target) on all of them, so δ aims at what the honeypot taught
 rather than at the target class's natural features, which every clean copy shares.
+
+With negatives.once, the extraction is the costliest step of the robust preset and depends only on the
+victim, the images and a few settings, so it can be cached on disk (NegativeCache: protect(cache_dir=)):
+a later run with the same victim, images, seed and extraction settings (any trigger, head or loop
+settings) loads the weights instead of training them, with the same result as training them.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import ProtectConfig
+from .config import CONFIG_VERSION, ProtectConfig
 from .models import create_model
+from .ops import atomic_path
 from .steps import finetuned_copy, simulate_extraction, stream
+
+CACHE_VERSION = 1  # bump when what a cached negative shadow is (its training) changes
+
+
+class NegativeCache:
+    """Extracted negative shadows on disk (safetensors, one file per model), keyed by content: the victim's
+    weights and the images (`data`: state.fingerprint), how many of them the shadows query, the number of
+    classes, and the settings the extraction reads (seed, shadow.batch, shadow.lr, negatives.once, the
+    model's architecture and position), with torch's version and the device type. An unreadable or
+    mismatching file is ignored with a warning and rewritten; a file is written atomically."""
+
+    def __init__(self, directory: str | os.PathLike, data: str, n_query: int, num_classes: int,
+                 device: torch.device) -> None:
+        self.directory = Path(directory).expanduser()
+        self.data, self.n_query, self.num_classes = data, int(n_query), int(num_classes)
+        self.device_type = torch.device(device).type
+
+    def key(self, cfg: ProtectConfig, arch: str, index: int) -> str:
+        what = {"cache": CACHE_VERSION, "config": CONFIG_VERSION, "torch": torch.__version__.split("+")[0],
+                "device": self.device_type, "data": self.data, "n_query": self.n_query, "classes": self.num_classes,
+                "arch": arch, "index": index, "seed": cfg.seed, "once": cfg.negative_once,
+                "batch": cfg.shadow_batch, "lr": cfg.shadow_lr}
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
+
+    def path(self, key: str, arch: str) -> Path:
+        return self.directory / f"negative-{arch}-{key}.safetensors"
+
+    def load(self, model: nn.Module, key: str, arch: str) -> bool:
+        """Fill `model` from the cache; False (model untouched) when there is no usable entry."""
+        path = self.path(key, arch)
+        if not path.exists():
+            return False
+        try:
+            state = load_file(str(path))
+            own = model.state_dict()
+            if set(state) != set(own) or any(state[k].shape != own[k].shape or state[k].dtype != own[k].dtype
+                                              for k in own):
+                raise ValueError("its tensors do not match the model's")
+            if any(v.is_floating_point() and not torch.isfinite(v).all() for v in state.values()):
+                raise ValueError("it holds NaN or infinite weights")
+        except Exception as e:  # noqa: BLE001 - a damaged entry is rebuilt, never half-loaded
+            warnings.warn(f"ignoring the cached negative shadow {str(path)!r} ({type(e).__name__}: {e}); "
+                          "training it again", RuntimeWarning, stacklevel=3)
+            return False
+        model.load_state_dict(state)
+        return True
+
+    def save(self, model: nn.Module, key: str, arch: str) -> None:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            with atomic_path(self.path(key, arch)) as tmp:
+                save_file(state, str(tmp), metadata={"key": key, "arch": arch})
+        except OSError as e:  # a read-only or full disk costs the next run time, not this run
+            warnings.warn(f"could not cache the negative shadow in {str(self.directory)!r}: {e}", RuntimeWarning,
+                          stacklevel=3)
 
 
 class NegativeShadows:
     """The negative shadows of one protect run (empty when cfg.negative_weight is 0)."""
 
-    def __init__(self, cfg: ProtectConfig, num_classes: int, device: torch.device) -> None:
+    def __init__(self, cfg: ProtectConfig, num_classes: int, device: torch.device,
+                 cache: NegativeCache | None = None) -> None:
         self.cfg = cfg
         self.archs = cfg.negative_shadow_archs()
         self.models: list[nn.Module] = [create_model(a, num_classes).to(device) for a in self.archs]
         self._copies: list[nn.Module] | None = None  # the fine-tuned copies, with cfg.negative_once
+        self.cache = cache if cfg.negative_once else None  # only a once-extracted shadow is worth a file
+        self.cached: list[bool] = []  # per model, after iteration 0's extract: loaded from the cache
 
     def names(self) -> list[str]:
         """History / checkpoint names: 'negative0_cnn', 'negative1_resnet20', ..."""
@@ -38,9 +110,19 @@ class NegativeShadows:
         once = self.cfg.negative_once
         if once and iteration > 0:
             return
-        for i, m in enumerate(self.models):
-            simulate_extraction(m, victim_head, shadow_images, shadow_feats, self.cfg, iteration, stream_name="negative",
-                                index=i, progress=progress, epochs=once or None)
+        self.cached = []
+        for i, (m, arch) in enumerate(zip(self.models, self.archs)):
+            key = self.cache.key(self.cfg, arch, i) if self.cache is not None else None
+            if key is not None and self.cache.load(m, key, arch):
+                self.cached.append(True)
+                continue
+            # the global random state is left alone, so a run that loads this model from the cache is the same run
+            with torch.random.fork_rng(devices=None if torch.cuda.is_available() else []):
+                simulate_extraction(m, victim_head, shadow_images, shadow_feats, self.cfg, iteration,
+                                    stream_name="negative", index=i, progress=progress, epochs=once or None)
+            self.cached.append(False)
+            if key is not None:
+                self.cache.save(m, key, arch)
 
     def finetuned(self, images: torch.Tensor | None, labels: torch.Tensor | None, iteration: int,
                   progress: bool = False) -> list[nn.Module]:

@@ -23,9 +23,9 @@ from .data import as_images, concat, is_lazy
 from .data.source import pixel_hash
 from .head import HoneypotLayer, install_honeypot
 from .models import create_model, split_classifier
-from .negatives import NegativeShadows
+from .negatives import NegativeCache, NegativeShadows
 from .ops import attack_success_rate, batched_forward, device_of, take
-from .state import load_state, run_key, save_state
+from .state import fingerprint, key_of, load_state, save_state
 from .steps import (finetune_honeypot, finetune_set, finetuned_copy, generate_trigger, lean_toward_target,
                     simulate_extraction, stream)
 from .trigger import Trigger
@@ -74,7 +74,8 @@ def protect(victim: nn.Module, shadow_images: torch.Tensor, owner_images: torch.
             config: ProtectConfig | None = None, *, num_classes: int | None = None,
             checkpoint_dir: str | os.PathLike | None = None, progress: bool = True,
             device: torch.device | str | None = None, head: str | Callable[[nn.Module], nn.Module] | None = None,
-            callback: Callable[[ProtectEvent], None] | None = None, batch_size: int = 500) -> ProtectResult:
+            callback: Callable[[ProtectEvent], None] | None = None, batch_size: int = 500,
+            cache_dir: str | os.PathLike | None = None) -> ProtectResult:
     """Turn `victim` into a protected model with a honeypot layer.
 
     victim: any classifier taking images in [0, 1] whose last layer is an nn.Linear applied last: found
@@ -92,6 +93,9 @@ def protect(victim: nn.Module, shadow_images: torch.Tensor, owner_images: torch.
     batch_size: images per forward pass of the victim's features and of the ASR figures, and at most per pass of
         the trigger step (a larger trigger.batch is split, the same step up to float rounding); smaller bounds
         the memory of large images (the training steps' batches are config fields: shadow.batch, head.batch).
+    cache_dir: with negatives.once > 0 (the robust preset), the extracted negative shadows are cached there by
+        content (negatives.NegativeCache) and a later run with the same victim, images, seed and extraction
+        settings loads them instead of training them again (the same result); None: no cache.
     The caller's global torch random state is left as it was."""
     cfg = config or ProtectConfig()
     shadow_images = as_images(shadow_images, "shadow_images")
@@ -105,11 +109,11 @@ def protect(victim: nn.Module, shadow_images: torch.Tensor, owner_images: torch.
     with torch.random.fork_rng(devices=None if torch.cuda.is_available() else []):
         torch.manual_seed(stream(cfg, "init"))
         return _run(victim, shadow_images, owner_images, cfg, num_classes, checkpoint_dir, progress, device, head,
-                    callback, batch_size)
+                    callback, batch_size, cache_dir)
 
 
 def _run(victim, shadow_images, owner_images, cfg, num_classes, checkpoint_dir, progress, device, head, callback,
-         batch_size):
+         batch_size, cache_dir):
     bs = int(batch_size)
     if bs < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -141,12 +145,13 @@ def _run(victim, shadow_images, owner_images, cfg, num_classes, checkpoint_dir, 
     trigger = (Trigger.uap(size, cfg.eps) if cfg.trigger == "uap"
                else Trigger.patch(size, cfg.patch_size, seed=cfg.seed)).to(device)
     shadow = create_model(cfg.shadow_arch, k).to(device)
-    negatives = NegativeShadows(cfg, k, device)
-
     if digest is None:
-        key = run_key(cfg, victim, shadow_images, owner_images)
+        data = fingerprint(victim, shadow_images, owner_images)
     else:  # the pixels' hash stands for the images (so a checkpoint of the same images as tensors differs)
-        key = run_key(cfg, victim, torch.tensor(list(digest.digest()), dtype=torch.uint8))
+        data = fingerprint(victim, torch.tensor(list(digest.digest()), dtype=torch.uint8))
+    key = key_of(cfg, data)
+    cache = None if cache_dir is None else NegativeCache(cache_dir, data, n_query, k, device)
+    negatives = NegativeShadows(cfg, k, device, cache)
     history: list[dict] = []
     state = load_state(checkpoint_dir, key, device)
     if state is not None:

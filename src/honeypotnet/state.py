@@ -21,14 +21,25 @@ from .ops import atomic_torch_save
 STATE_FILE = "protect_state.pt"
 
 
-def run_key(cfg: ProtectConfig, victim: nn.Module, *tensors: torch.Tensor | None) -> str:
-    """What a checkpoint must match to be resumed: config hash and version, victim weights, images."""
+def fingerprint(victim: nn.Module, *tensors: torch.Tensor | None) -> str:
+    """SHA-256 (16 hex) of the victim's weights and the tensors (images, or the hash of images read batch by
+    batch), dtypes and shapes included: what a protect run's data is, for its checkpoint and its cached negatives."""
     h = hashlib.sha256()
     for t in [*victim.state_dict().values(), *(t for t in tensors if t is not None)]:
         t = t.detach().cpu().contiguous()
         h.update(str((t.dtype, tuple(t.shape))).encode())
         h.update(t.numpy().tobytes())
-    return f"v{CONFIG_VERSION}:{cfg.hash()}:{h.hexdigest()[:16]}"
+    return h.hexdigest()[:16]
+
+
+def run_key(cfg: ProtectConfig, victim: nn.Module, *tensors: torch.Tensor | None) -> str:
+    """What a checkpoint must match to be resumed: config hash and version, victim weights, images."""
+    return key_of(cfg, fingerprint(victim, *tensors))
+
+
+def key_of(cfg: ProtectConfig, data: str) -> str:
+    """run_key from the data's fingerprint (state.fingerprint)."""
+    return f"v{CONFIG_VERSION}:{cfg.hash()}:{data}"
 
 
 class CheckpointError(ValueError):

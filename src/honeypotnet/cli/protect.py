@@ -139,6 +139,7 @@ def example_index(data, target: int) -> int:
 
 def run(args) -> int:
     from ..bundle import save_bundle
+    from ..data.files import default_cache_dir
     from ..protect import protect
     from ..training import FitConfig
     from ..verify import FINETUNE_SETTINGS, TAU0_CAP, calibrate_null
@@ -158,8 +159,10 @@ def run(args) -> int:
     classes = info.get("classes") or owner.classes or [str(i) for i in range(k)]
     work = Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".work")
     t0 = time.time()
+    # negatives.once's innocent models are cached beside the decoded images, so a later protection of this
+    # victim on these images (another trigger, target or loop setting) does not train them again
     res = protect(victim, shadow.images, owner.images, cfg, checkpoint_dir=work, progress=not args.quiet, device=device,
-                  head=args.head)
+                  head=args.head, cache_dir=default_cache_dir() / "negatives")
     t_protect = time.time() - t0
     verification = None
     if args.references:
