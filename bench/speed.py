@@ -20,7 +20,9 @@ Each figure is the median of --repeats runs. Then short protect runs, one per --
 the spec preset, the robust default, and the robust default with negatives.per_batch 1, a speed option
 that draws one negative model per trigger batch; and the robust default again with glibc's own allocator
 thresholds, "@glibc", where the others run with the CPU allocator tuned as the CLI tunes it:
-honeypotnet.allocator), each in a fresh process of its own, one after the other, at --protect-iters outer
+honeypotnet.allocator; "@cached" runs a configuration again with the negative shadows its earlier run in
+this benchmark cached on disk, protect(cache_dir=), as a later protection of the same victim and images
+gets them; every other run starts from an empty cache), each in a fresh process of its own, one after the other, at --protect-iters outer
 iterations on --n shadow and --n owner images on --device, side by side: the wall time of each step as protect's callback gives
 it (ProtectEvent.seconds) and each run's total as a multiple of the first's. Output: markdown tables on
 stdout and OUT/speed.md, OUT/speed.json (default runs/speed[-quick]).
@@ -28,6 +30,9 @@ stdout and OUT/speed.md, OUT/speed.json (default runs/speed[-quick]).
     python -m bench.speed --n 2000 --protect-iters 2 --skip-decode --configs spec robust
     python -m bench.speed --n 10000 --protect-iters 8 --protect-only --configs spec robust
                                             # the CIFAR-10 protocol's protect, spec against the default
+    python -m bench.speed --n 10000 --protect-iters 8 --protect-only \
+        --configs spec "robust:negatives.once=24" "robust:negatives.once=24@cached"
+                                            # ... and a second protection that loads the cached negatives
 """
 from __future__ import annotations
 
@@ -62,6 +67,7 @@ NAME = "speed"
 
 
 GLIBC_SUFFIX = "@glibc"
+CACHED_SUFFIX = "@cached"
 
 
 def median_time(fn, repeats: int) -> float:
@@ -88,17 +94,19 @@ def train_epoch(model, images, targets, channels_last: bool, batch: int = 128) -
         opt.step()
 
 
-def protect_steps(victim, shadow: torch.Tensor, owner: torch.Tensor, cfg: ProtectConfig, device: torch.device) -> dict:
+def protect_steps(victim, shadow: torch.Tensor, owner: torch.Tensor, cfg: ProtectConfig, device: torch.device,
+                  cache_dir: str | None = None) -> dict:
     """Wall time of each step of protect per outer iteration, from protect's own callback."""
     events: list[ProtectEvent] = []
+    cached = sorted(p.name for p in Path(cache_dir).glob("*.safetensors")) if cache_dir else []
     t = time.perf_counter()
-    protect(victim, shadow, owner, cfg, progress=False, device=device, callback=events.append)
+    protect(victim, shadow, owner, cfg, progress=False, device=device, callback=events.append, cache_dir=cache_dir)
     total = time.perf_counter() - t
     steps: dict[str, float] = {}
     for e in events:
         for k, v in e.seconds.items():
             steps[k] = steps.get(k, 0.0) + v
-    return {"iterations": len(events), "total_s": round(total, 3), "steps_s": {k: round(v, 3) for k, v in steps.items()},
+    return {"iterations": len(events), "cached_before": cached, "total_s": round(total, 3), "steps_s": {k: round(v, 3) for k, v in steps.items()},
             "per_iteration": [{k: round(v, 3) for k, v in e.seconds.items()} for e in events]}
 
 
@@ -109,7 +117,7 @@ def protect_images(cifar_root: str, tin_root: str, n: int) -> tuple[torch.Tensor
 
 
 def _protect_child(queue, spec: str, iters: int, n: int, cifar_root: str, tin_root: str, victim_path: str,
-                   device: str) -> None:
+                   device: str, cache_dir: str | None) -> None:
     try:
         set_threads()  # tunes the allocator unless the parent set HONEYPOTNET_MALLOC=0 (an @glibc run)
         torch.manual_seed(0)
@@ -117,21 +125,24 @@ def _protect_child(queue, spec: str, iters: int, n: int, cifar_root: str, tin_ro
         victim = create_model("resnet20", 10, pretrained=victim_path).eval()
         queue.put({"config": spec, "device": device, "shadow": len(shadow), "owner": len(owner),
                    "allocator": allocator.tune_allocator(),
-                   **protect_steps(victim, shadow, owner, config_of(spec, iters), torch.device(device))})
+                   **protect_steps(victim, shadow, owner, config_of(spec, iters), torch.device(device), cache_dir)})
     except BaseException as e:  # the parent reports it
         queue.put({"config": spec, "error": f"{type(e).__name__}: {e}"})
 
 
-def fresh_protect(spec: str, iters: int, n: int, cifar_root: str, tin_root: str, victim_path: str, device: str) -> dict:
+def fresh_protect(spec: str, iters: int, n: int, cifar_root: str, tin_root: str, victim_path: str, device: str,
+                  cache_dir: str | None = None) -> dict:
     """One protect run in a fresh process (spawned, run alone), so that no run inherits another's warm caches
-    or heap, and an "@glibc" run gets glibc's own allocator (HONEYPOTNET_MALLOC=0 in its environment)."""
+    or heap, and an "@glibc" run gets glibc's own allocator (HONEYPOTNET_MALLOC=0 in its environment).
+    cache_dir: protect's cache of negative shadows (None: none)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     saved = os.environ.get("HONEYPOTNET_MALLOC")
     if glibc_run(spec):
         os.environ["HONEYPOTNET_MALLOC"] = "0"
     try:
-        p = ctx.Process(target=_protect_child, args=(queue, spec, iters, n, cifar_root, tin_root, victim_path, device))
+        p = ctx.Process(target=_protect_child,
+                        args=(queue, spec, iters, n, cifar_root, tin_root, victim_path, device, cache_dir))
         p.start()
     finally:
         os.environ.pop("HONEYPOTNET_MALLOC", None)
@@ -172,10 +183,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--protect-only", action="store_true",
                     help="only the protect runs side by side, none of the before/after comparisons (minutes at --n 10000)")
     ap.add_argument("--configs", nargs="+", default=["spec", "robust", "robust@glibc", "robust:negatives.per_batch=1"],
-                    metavar="PRESET[:KEY=VALUE,...][@glibc]",
-                    help="protect runs timed side by side: a preset, optionally with --set style changes, and "
-                         "@glibc for glibc's own allocator thresholds instead of the tuned ones (default: spec "
-                         "robust robust@glibc robust:negatives.per_batch=1; the first is the ratios' base)")
+                    metavar="PRESET[:KEY=VALUE,...][@glibc][@cached]",
+                    help="protect runs timed side by side: a preset, optionally with --set style changes, "
+                         "@glibc for glibc's own allocator thresholds instead of the tuned ones, and @cached for a "
+                         "second run of an earlier entry's configuration that loads the negative shadows that "
+                         "run cached (default: spec robust robust@glibc robust:negatives.per_batch=1; the first is "
+                         "the ratios' base)")
     ap.add_argument("--protect-iters", type=int, help="outer iterations of the protect run (default 2; quick 1; 0 skips it)")
     args = finish_common_args(ap.parse_args(argv), NAME)
     args.n = args.n or (500 if args.quick else 4000)
@@ -185,20 +198,52 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.protect_iters = 1 if args.quick else 2
     try:
         args.protect_configs = [(c, config_of(c, args.protect_iters)) for c in args.configs]
+        args.cache_from = cache_sources(args.protect_configs)
     except (ValueError, KeyError) as e:
         ap.error(f"--configs: {e}")
     return args
 
 
+def run_flags(spec: str) -> tuple[str, set[str]]:
+    """A --configs entry without its trailing run flags ("@glibc", "@cached", in any order), and the flags."""
+    flags: set[str] = set()
+    while True:
+        for suffix in (GLIBC_SUFFIX, CACHED_SUFFIX):
+            if spec.endswith(suffix):
+                spec, flags = spec.removesuffix(suffix), flags | {suffix}
+                break
+        else:
+            return spec, flags
+
+
 def glibc_run(spec: str) -> bool:
     """Whether a --configs entry asks for glibc's own allocator thresholds (a trailing "@glibc")."""
-    return spec.endswith(GLIBC_SUFFIX)
+    return GLIBC_SUFFIX in run_flags(spec)[1]
+
+
+def cache_sources(configs: list[tuple[str, ProtectConfig]]) -> list[int | None]:
+    """Per --configs entry, the index of the earlier entry whose negative-shadow cache an "@cached" entry
+    reads (the last earlier run of the same configuration that is not itself @cached), else None (the run
+    starts from an empty cache). ValueError when an @cached entry has no such run before it."""
+    out: list[int | None] = []
+    for i, (spec, cfg) in enumerate(configs):
+        if CACHED_SUFFIX not in run_flags(spec)[1]:
+            out.append(None)
+            continue
+        if not cfg.negative_once:
+            raise ValueError(f"{spec}: only negatives.once > 0 caches negative shadows")
+        earlier = [j for j in range(i) if configs[j][1] == cfg and out[j] is None]
+        if not earlier:
+            raise ValueError(f"{spec} needs a run of the same configuration without @cached earlier in --configs "
+                             "(the run that fills the cache)")
+        out.append(earlier[-1])
+    return out
 
 
 def config_of(spec: str, outer_iters: int) -> ProtectConfig:
-    """"robust" or "robust:negatives.per_batch=1,trigger.passes=1" -> the preset with those changes (a
-    trailing "@glibc" is the allocator's, not the config's: glibc_run)."""
-    preset, _, sets = spec.removesuffix(GLIBC_SUFFIX).partition(":")
+    """"robust" or "robust:negatives.per_batch=1,trigger.passes=1" -> the preset with those changes (the
+    trailing "@glibc" and "@cached" are the run's, not the config's: run_flags)."""
+    preset, _, sets = run_flags(spec)[0].partition(":")
     cfg = ProtectConfig.preset(preset, outer_iters=outer_iters)
     return cfg.override([a for a in sets.split(",") if a]) if sets else cfg
 
@@ -283,11 +328,16 @@ def main(argv=None) -> dict:
     if args.protect_iters:
         device = torch.device(args.device)
         victim_path = str(find_victim(args))
-        for name, _ in args.protect_configs:
-            r = fresh_protect(name, args.protect_iters, args.n, str(cifar_root), str(tin_root), victim_path, str(device))
-            runs.append(r)
-            log(f"protect {name} (T={r['iterations']}, {r['shadow']} + {r['owner']} images, {device}): {r['total_s']:.1f} s: "
-                + ", ".join(f"{k} {v:.1f} s" for k, v in r["steps_s"].items()))
+        with tempfile.TemporaryDirectory(prefix="speed-negatives-") as caches:
+            for i, (name, _) in enumerate(args.protect_configs):
+                source = args.cache_from[i]  # an @cached run reads the cache its source run filled
+                cache_dir = str(Path(caches) / f"run{i if source is None else source}")
+                r = fresh_protect(name, args.protect_iters, args.n, str(cifar_root), str(tin_root), victim_path,
+                                  str(device), cache_dir)
+                r["cache_from"] = None if source is None else args.protect_configs[source][0]
+                runs.append(r)
+                log(f"protect {name} (T={r['iterations']}, {r['shadow']} + {r['owner']} images, {device}): "
+                    f"{r['total_s']:.1f} s: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["steps_s"].items()))
         md += protect_table(runs, args.protect_iters, runs[0]["shadow"], runs[0]["owner"], device)
     table = "\n".join(md)
     out = {"benchmark": "bench.speed", "mode": "quick" if args.quick else "full", "command": command_line("bench.speed", argv),

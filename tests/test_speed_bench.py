@@ -13,6 +13,15 @@ def test_configs_are_presets_with_set_style_changes():
     # "@glibc" picks the allocator of the run's process, not a config field
     assert speed.config_of("robust:negatives.per_batch=1@glibc", 2) == speed.config_of("robust:negatives.per_batch=1", 2)
     assert [n for n, _ in speed.parse_args([]).protect_configs][:3] == ["spec", "robust", "robust@glibc"]
+    # "@cached" reads the negative shadows the last earlier plain run of the same configuration cached
+    once = "robust:negatives.once=24"
+    args = speed.parse_args(["--configs", "spec", once, once + "@glibc", once + "@cached", once + "@cached@glibc"])
+    assert args.cache_from == [None, None, None, 2, 2]
+    assert speed.run_flags(once + "@cached@glibc") == (once, {"@cached", "@glibc"}) and speed.glibc_run(once + "@cached@glibc")
+    assert speed.config_of(once + "@glibc@cached", 2) == speed.config_of(once, 2)
+    for bad in (["--configs", "spec", once + "@cached"], ["--configs", "robust", "robust@cached"]):
+        with pytest.raises(SystemExit):  # no run fills its cache / nothing to cache without negatives.once
+            speed.parse_args(bad)
     for bad in (["--configs", "fast"], ["--configs", "robust:negatives.nope=1"], ["--configs", "robust:negatives.per_batch=-1"]):
         with pytest.raises(SystemExit):
             speed.parse_args(bad)
@@ -30,9 +39,15 @@ def test_protect_only_times_the_protect_runs_alone(shared_dir, cifar10_jpeg_root
     """--protect-only runs the side-by-side protect (a fresh process per config, real data) and none of the
     before/after comparisons."""
     out = tmp_path / "speed"
-    r = speed.main(["--quick", "--protect-only", "--protect-iters", "1", "--n", "200", "--configs", "spec",
-                    "--shared", str(shared_dir), "--cifar-root", str(cifar10_jpeg_root), "--tin-root", str(tinyimagenet_root),
-                    "--device", "cpu", "--out", str(out)])
-    assert r["rows"] == [] and [p["config"] for p in r["protect"]] == ["spec"]
+    once = "spec:negatives.weight=1,negatives.archs=cnn_small,negatives.once=2,trigger.passes=1,head.steps=20"
+    r = speed.main(["--quick", "--protect-only", "--protect-iters", "1", "--n", "200", "--configs", "spec", once,
+                    once + "@cached", "--shared", str(shared_dir), "--cifar-root", str(cifar10_jpeg_root),
+                    "--tin-root", str(tinyimagenet_root), "--device", "cpu", "--out", str(out)])
+    assert r["rows"] == [] and [p["config"] for p in r["protect"]] == ["spec", once, once + "@cached"]
     assert r["protect"][0]["total_s"] > 0 and r["protect"][0]["shadow"] == r["protect"][0]["owner"] == 200
+    # the second protection of the same configuration loads the negative shadow its first run trained
+    cold, warm = r["protect"][1], r["protect"][2]
+    assert cold["cache_from"] is None and warm["cache_from"] == once
+    assert cold["cached_before"] == [] and len(warm["cached_before"]) == 1
+    assert warm["cached_before"][0].startswith("negative-cnn_small-")
     assert "| total (protect call) |" in (out / "speed.md").read_text()
