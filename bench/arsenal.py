@@ -68,7 +68,7 @@ from .benchlib.data import Data, load_data, resolve_roots
 from .benchlib.oracle import PoolOracle
 from .benchlib.protocol import FULL as PROTOCOL_FULL
 from .benchlib.protocol import QUICK as PROTOCOL_QUICK
-from .benchlib.units import Units
+from .benchlib.units import Units, code_summary
 
 NAME = "arsenal"
 MODES = {"probs": OutputMode("probs"), "top1": OutputMode("topk", k=1), "top3": OutputMode("topk", k=3),
@@ -718,7 +718,8 @@ def main(argv=None) -> dict:
         "units": bench.units.timings,
     }
     table = (f"Protected model: bench.reproduce's seed{args.reproduce_seed}/protect-{args.protection} bundle, "
-             f"tau0 {100 * bench.bundle.tau0:.2f}%.\n\n" + format_tables(bench.rows, plan, bench.bundle.tau0, timings, bench.skipped))
+             f"tau0 {100 * bench.bundle.tau0:.2f}%.\n\n" + format_tables(bench.rows, plan, bench.bundle.tau0, timings, bench.skipped)
+             + "\n\n" + code_summary(bench.units.timings))
     written = save_report(out, "results", results, table, record=args.record, folder=NAME)
     log("")
     log(table)

@@ -61,6 +61,7 @@ from .benchlib.common import (command_line, jsonable, log, machine_info, pct, sa
 from .benchlib.data import POOLS, find_victim, load_data
 from .benchlib.protocol import (FULL, PROTECTION_COLUMNS, QUICK, SUBSTITUTE_COLUMNS, Reproduction, base_config,
                                  preset_overrides)
+from .benchlib.units import code_summary
 
 NAME = "reproduce"
 ROBUST = preset_overrides("robust")  # the library's default preset, as overrides of the protocol's spec base
@@ -284,7 +285,7 @@ def main(argv=None) -> dict:
         "units": rep.units.timings,
     }
     stem = f"ablation-{args.ablation}" if args.ablation else "results"
-    table = format_tables(protections, rep.substitutes, timings)
+    table = format_tables(protections, rep.substitutes, timings) + "\n\n" + code_summary(rep.units.timings)
     written = save_report(out, stem, results, table, record=args.record, folder=NAME)
     log("")
     log(table)

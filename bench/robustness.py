@@ -88,7 +88,7 @@ from .benchlib.args import add_common_args, add_data_args, default_out, finish_c
 from .benchlib.common import command_line, jsonable, load_results, log, machine_info, save_report, set_threads
 from .benchlib.data import POOLS, Data, find_victim, load_data, subset
 from .benchlib.protocol import FULL, QUICK, Protocol, Reproduction
-from .benchlib.units import DeadlineReached
+from .benchlib.units import DeadlineReached, code_summary
 from .reproduce import pool_thieves
 
 NAME = "robustness"
@@ -839,7 +839,9 @@ def write_results(args, command: str, rob: Robustness, budget: int, labelled_n: 
                "substitutes": substitutes, "goals": checks,
                "thief_picks": [{"variant": k[0], "oracle": k[1], **v} for k, v in picks.items()],
                "victim_cta": victim_cta,
-               "seconds": round(time.time() - t0, 1), "stopped_at_deadline": stopped, "error": error}
+               "seconds": round(time.time() - t0, 1), "stopped_at_deadline": stopped, "error": error,
+               "units": rob.rep.units.timings}
+    table += "\n\n" + code_summary(rob.rep.units.timings)
     save(Path(args.out), results, table, t0, args.record)
     return results
 

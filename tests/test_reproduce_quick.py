@@ -23,6 +23,7 @@ import torch
 from bench import reproduce
 from bench.benchlib import index, protocol
 from bench.benchlib.oracle import PoolOracle
+from bench.benchlib.units import Units, key_of
 from honeypotnet.verify import stolen_verdict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,6 +92,29 @@ print(json.dumps({{"value": rec["value"], "resumed": rec["resumed"]}}))
     assert all(p.returncode == 0 for p in procs)
     assert (tmp_path / "calls.txt").read_text().count("call") == 1
     assert sorted(o["resumed"] for o in outs) == [False, True] and all(o["value"] == 42 for o in outs)
+
+
+def test_units_record_the_code_that_computed_them(tmp_path):
+    """A unit's key is its parameters, not the code, so finished work survives a code change; each unit records
+    the commit that computed it (and +dirty), resumed units report it again, and older units count as unrecorded."""
+    from bench.benchlib.units import UNRECORDED, code_revision, code_summary
+
+    code = code_revision()
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    assert (code or "").removesuffix("+dirty") == head  # None only where git cannot read the checkout
+    units = Units(tmp_path, resume=True)
+    assert units.run("seed0/a", {"p": 1}, lambda d: {"v": 1}, "s")["code"] == code
+    assert json.loads((tmp_path / "seed0" / "a" / "unit.json").read_text())["code"] == code
+    old = tmp_path / "seed0" / "b"
+    old.mkdir()
+    (old / "unit.json").write_text(json.dumps({"v": 2, "key": key_of({"p": 2}), "seconds": 1.0}))  # before the field
+    again = Units(tmp_path, resume=True)
+    again.run("seed0/a", {"p": 1}, lambda d: pytest.fail("resumed units are not run"), "s")
+    again.run("seed0/b", {"p": 2}, lambda d: pytest.fail("resumed units are not run"), "s")
+    assert [u["code"] for u in again.timings] == [code, None]
+    line = code_summary(again.timings)
+    assert f"{code or UNRECORDED} (1 unit)" in line and f"{UNRECORDED} (1 unit)" in line
 
 
 def test_results_index_keeps_the_prose_and_lists_every_result(tmp_path):

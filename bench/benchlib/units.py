@@ -2,13 +2,42 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import shutil
+import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 
-from .common import write_json
+from .common import REPO, write_json
+
+UNRECORDED = "unrecorded"  # a unit made before units recorded their code
+
+
+@functools.lru_cache(maxsize=1)
+def code_revision() -> str | None:
+    """The code a unit is computed with: the checkout's commit (12 hex digits), with "+dirty" when src/ or
+    bench/ differ from it; None outside a git checkout. A unit's key is its parameters, not its code (so a
+    code change does not recompute finished work): this records which code made it, for the report."""
+    try:
+        def git(*a: str) -> str:
+            return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+        commit = git("rev-parse", "--short=12", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "src", "bench")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "") if commit else None
+
+
+def code_summary(unit_timings: list[dict]) -> str:
+    """One line for a report: how many of its units each code revision computed."""
+    counts = Counter(u.get("code") or UNRECORDED for u in unit_timings)
+    parts = [f"{code} ({n} unit{'s' if n != 1 else ''})" for code, n in sorted(counts.items())]
+    return ("Units by the code that computed them (git commit; +dirty = uncommitted changes in src/ or bench/; "
+            f"{UNRECORDED} = made before units recorded it): " + (", ".join(parts) or "none") + ".")
 
 
 def key_of(params: dict) -> str:
@@ -50,7 +79,8 @@ class Units:
             if rec.get("key") == key:
                 rec["resumed"] = True
                 self.finished[rel] = rec
-                self.timings.append({"unit": rel, "stage": stage, "seconds": rec.get("seconds", 0.0), "resumed": True})
+                self.timings.append({"unit": rel, "stage": stage, "seconds": rec.get("seconds", 0.0), "resumed": True,
+                                     "code": rec.get("code")})
                 return dict(rec)
         if self.deadline is not None and time.time() > self.deadline:  # before anything on disk is removed
             raise DeadlineReached(rel)
@@ -61,9 +91,10 @@ class Units:
         (d / "unit.key").write_text(key)
         t = time.time()
         rec = fn(d)
-        rec.update(key=key, seconds=round(time.time() - t, 2), params=params)
+        rec.update(key=key, seconds=round(time.time() - t, 2), params=params, code=code_revision())
         write_json(done, rec)
         rec["resumed"] = False
         self.finished[rel] = rec
-        self.timings.append({"unit": rel, "stage": stage, "seconds": rec["seconds"], "resumed": False})
+        self.timings.append({"unit": rel, "stage": stage, "seconds": rec["seconds"], "resumed": False,
+                             "code": rec["code"]})
         return dict(rec)
