@@ -17,13 +17,12 @@ What is compared (before -> after):
   stamping   stamping a UAP on a batch: per image in a Python loop -> one broadcast over the batch
 
 Each figure is the median of --repeats runs. Then short protect runs, one per --configs entry (default:
-the spec preset, the robust default, and the robust default with negatives.per_batch 1, a speed option
-that draws one negative model per trigger batch; and the robust default again with glibc's own allocator
-thresholds, "@glibc", where the others run with the CPU allocator tuned as the CLI tunes it:
-honeypotnet.allocator; "@cached" runs a configuration again with the negative shadows its earlier run in
-this benchmark cached on disk, protect(cache_dir=), as a later protection of the same victim and images
-gets them; every other run starts from an empty cache), each in a fresh process of its own, one after the other, at --protect-iters outer
-iterations on --n shadow and --n owner images on --device, side by side: the wall time of each step as protect's callback gives
+the spec preset, the robust default, and the robust default again with the negative shadows its first run
+cached on disk, "@cached", as a later protection of the same victim and images gets them: protect(cache_dir=);
+every other run starts from an empty cache; "@glibc" runs one with glibc's own allocator thresholds, where
+the others run with the CPU allocator tuned as the CLI tunes it: honeypotnet.allocator), each in a fresh
+process of its own, one after the other, at --protect-iters outer iterations on --n shadow and --n owner
+images on --device, side by side: the wall time of each step as protect's callback gives
 it (ProtectEvent.seconds) and each run's total as a multiple of the first's. Output: markdown tables on
 stdout and OUT/speed.md, OUT/speed.json (default runs/speed[-quick]).
 
@@ -182,13 +181,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--skip-decode", action="store_true", help="skip the JPEG decode comparison (about a minute)")
     ap.add_argument("--protect-only", action="store_true",
                     help="only the protect runs side by side, none of the before/after comparisons (minutes at --n 10000)")
-    ap.add_argument("--configs", nargs="+", default=["spec", "robust", "robust@glibc", "robust:negatives.per_batch=1"],
+    ap.add_argument("--configs", nargs="+", default=["spec", "robust", "robust@cached"],
                     metavar="PRESET[:KEY=VALUE,...][@glibc][@cached]",
                     help="protect runs timed side by side: a preset, optionally with --set style changes, "
                          "@glibc for glibc's own allocator thresholds instead of the tuned ones, and @cached for a "
                          "second run of an earlier entry's configuration that loads the negative shadows that "
-                         "run cached (default: spec robust robust@glibc robust:negatives.per_batch=1; the first is "
-                         "the ratios' base)")
+                         "run cached (default: spec robust robust@cached; the first is the ratios' base)")
     ap.add_argument("--protect-iters", type=int, help="outer iterations of the protect run (default 2; quick 1; 0 skips it)")
     args = finish_common_args(ap.parse_args(argv), NAME)
     args.n = args.n or (500 if args.quick else 4000)

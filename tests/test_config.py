@@ -11,8 +11,9 @@ def test_presets_are_files_and_the_default_is_robust():
     assert ProtectConfig() == ProtectConfig.preset("robust") == ProtectConfig.from_file(PRESET_DIR / "robust.toml")
     spec = ProtectConfig.preset("spec")
     changed = {k for k, *_ in config_fields() if getattr(spec, ProtectConfig.field_of(k)) != getattr(ProtectConfig(), ProtectConfig.field_of(k))}
-    assert changed == {"trigger.eps", "trigger.blur", "thief.finetune_epochs", "negatives.weight", "negatives.archs",
-                       "negatives.finetune_epochs", "negatives.noise"}
+    assert changed == {"trigger.eps", "trigger.blur", "trigger.blur_split", "thief.finetune_epochs", "negatives.weight",
+                       "negatives.archs", "negatives.finetune_epochs", "negatives.noise", "negatives.per_batch",
+                       "negatives.once"}
     assert spec.eps == 16 / 255 and ProtectConfig().eps == 24 / 255
 
 

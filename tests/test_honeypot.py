@@ -85,8 +85,8 @@ def test_trigger_step_split_into_chunks_is_the_same_step():
     torch.manual_seed(0)
     images = (torch.rand(300, 3, 32, 32) * 255).to(torch.uint8)
     models = [create_model(a, 10).eval() for a in ("cnn", "cnn", "resnet20", "cnn")]
-    cfg = ProtectConfig().override({"trigger.passes": 1, "trigger.batch": 300})
-    assert cfg.trigger_blur > 0 and cfg.negative_noise > 0
+    cfg = ProtectConfig().override({"trigger.passes": 1, "trigger.batch": 300, "trigger.blur_split": False})
+    assert cfg.trigger_blur > 0 and cfg.negative_noise > 0 and cfg.negative_per_batch == 1
 
     def step(chunk):
         return generate_trigger(models[:2], Trigger.uap(32, cfg.eps), images, cfg, 0, models[2:], chunk=chunk).pattern
@@ -96,8 +96,8 @@ def test_trigger_step_split_into_chunks_is_the_same_step():
     assert torch.equal(step(300), whole)
     for chunk in (64, 7):  # sign steps: at most a rounding-level gradient entry may flip
         assert (step(chunk) != whole).float().mean() < 0.01
-    # trigger.blur_split blurs the batch's second half instead of adding a blurred copy: the same rows are
-    # blurred whatever the chunks, and it is another step than the default's
+    # trigger.blur_split (the default) blurs the batch's second half instead of adding a blurred copy: the same
+    # rows are blurred whatever the chunks, and it is another step than the blurred copy's
     cfg = cfg.override({"trigger.blur_split": True})
     split = step(None)
     assert torch.equal(step(300), split) and (split != whole).float().mean() > 0.01
@@ -436,8 +436,11 @@ def test_negatives_once_trains_the_innocent_models_once_and_resumes(tmp_path):
     every = protect(victim, shadow, owner, SPEC(outer_iters=3, **kw), progress=False)
     assert not torch.allclose(every.trigger.pattern, full.trigger.pattern)
     # a new option set to its old behaviour leaves the hash (checkpoints, benchmark units) of earlier runs as it was
-    assert ProtectConfig().hash() == "3b71f7a320caa484" and SPEC().hash() == "58d3313fa6a74fc8"
-    assert "once" not in ProtectConfig().identity()["negatives"] and cfg.identity()["negatives"]["once"] == 2
+    # (the robust preset before it extracted its negatives once: its checkpoints and units stay valid)
+    before = ProtectConfig.preset("robust", negative_once=0, negative_per_batch=0, trigger_blur_split=False)
+    assert before.hash() == "3b71f7a320caa484" and SPEC().hash() == "58d3313fa6a74fc8"
+    assert "once" not in before.identity()["negatives"] and cfg.identity()["negatives"]["once"] == 2
+    assert ProtectConfig().identity()["negatives"]["once"] == 24
     assert "blur_split" in SPEC(trigger_blur_split=True).identity()["trigger"]
     assert cfg.hash() != SPEC(outer_iters=3, **kw).hash() != SPEC(trigger_blur_split=True).hash()
     with pytest.raises(ValueError, match="negatives.once"):

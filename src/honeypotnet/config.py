@@ -52,7 +52,7 @@ class ProtectConfig:
     trigger_batch: int = _f(256, "trigger", "batch", "images per trigger step")
     trigger_blur: float = _f(0.75, "trigger", "blur", "largest Gaussian blur σ (pixels) the trigger is optimised "
                                                       "through, σ ~ U(σ/4, σ); 0 = off")
-    trigger_blur_split: bool = _f(False, "trigger", "blur_split", "blur half of each trigger batch instead of adding "
+    trigger_blur_split: bool = _f(True, "trigger", "blur_split", "blur half of each trigger batch instead of adding "
                                                                   "a blurred copy of it (the blur at no extra "
                                                                   "cost: half the trigger step's passes)")
     # [head] ----------------------------------------------------------------------------------------------
@@ -97,10 +97,10 @@ class ProtectConfig:
     negative_finetune_lr: float = _f(0.05, "negatives", "finetune_lr", "learning rate of those copies")
     negative_noise: float = _f(0.2, "negatives", "noise", "relative std of the weight noise on negative models "
                                                           "per trigger batch; 0 = off")
-    negative_per_batch: int = _f(0, "negatives", "per_batch", "negative models (of the shadows and their "
+    negative_per_batch: int = _f(1, "negatives", "per_batch", "negative models (of the shadows and their "
                                                                "fine-tuned copies) drawn per trigger batch, their "
                                                                "term scaled to stay unbiased; 0 = all of them")
-    negative_once: int = _f(0, "negatives", "once", "extract the negative shadows once, this many epochs, before "
+    negative_once: int = _f(24, "negatives", "once", "extract the negative shadows once, this many epochs, before "
                                                     "the first iteration, and fine-tune their copies once (they "
                                                     "never depend on the honeypot); 0 = shadow.epochs more every "
                                                     "iteration and fresh copies every iteration")

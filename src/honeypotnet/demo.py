@@ -47,8 +47,8 @@ def demo_config(sz: DemoSizes, seed: int = 0, preset: str = "spec") -> ProtectCo
     """The demo's protect settings: the "spec" preset with ε = 24/255 and L_norm on shadow-set images
     weighted 0.2 (owner images 1), chosen by the ablation on the embedded data (docs/research/reproduction.md),
     so the whole chain runs in a few minutes; preset="robust" is the library default (ε 24 too) at the
-    demo's sizes, which adds a fine-tuned shadow, CNN and ResNet-20 negative shadows and their fine-tuned
-    copies to every iteration (README: its time and table on this data)."""
+    demo's sizes, which adds a fine-tuned shadow to every iteration and CNN and ResNet-20 negative shadows
+    with their fine-tuned copies, made once (README: its time and table on this data)."""
     return ProtectConfig.preset(preset, shadow_arch="cnn_small", outer_iters=sz.outer_iters,
                                 shadow_epochs=sz.shadow_epochs, honeypot_steps=sz.honeypot_steps, eps=24 / 255,
                                 shadow_norm_weight=0.2, seed=seed)

@@ -36,7 +36,7 @@ def add(sub) -> None:
     s.add_argument("--target", type=int, default=None, help="target class y_t (default the config's, 0)")
     s.add_argument("--preset", choices=list_presets(), default="robust",
                    help="'robust' (default: keeps the backdoor through a thief's fine-tuning, pruning and "
-                        "purification) or 'spec' (the paper's settings, ~10x faster to protect)")
+                        "purification) or 'spec' (the paper's settings, ~3x faster to protect)")
     s.add_argument("--config", default=None, metavar="FILE", help="a config file (TOML/JSON) instead of --preset")
     s.add_argument("--set", dest="assign", action="append", default=[], metavar="FIELD=VALUE",
                    help="change one config field, e.g. trigger.eps=16/255 (repeatable)")
