@@ -906,6 +906,10 @@ def merge(paths: list[str], out: str, command: str = "", record: str | None = No
                "thief_picks": [{"variant": k[0], "oracle": k[1], **v} for k, v in thief_picks(rows).items()],
                "victim_cta": first["victim_cta"], "seconds": round(sum(r["seconds"] for _, r in runs), 1),
                "stopped_at_deadline": None, "error": None}
+    if any("units" in r for _, r in runs):  # runs made before units recorded their code have no list
+        units = list({u["unit"]: u for _, r in reversed(runs) for u in r.get("units", [])}.values())
+        results["units"] = units
+        table += "\n\n" + code_summary(units)
     save(Path(out), results, table, t0, record)
     return results
 
