@@ -163,6 +163,9 @@ VARIANTS: dict[str, dict] = {
     # robust-fast's innocence goals failed (seed 0: clean copies 11.9%, tau0 17.4%) with negatives trained 6 epochs:
     # here extracted once for as long as the default's end up (24 epochs: 3 per iteration x 8; docs/research/speed.md)
     "robust-fast-once24": {**NEGCRFT_W1_NOISE, "negative_once": 24, "negative_per_batch": 1, "trigger_blur_split": True},
+    # the default since 2026-12-06 (robust-fast-once24) with head.owner_lean 0.5, the in-distribution thieves' option
+    "robust-once24-lean0.5": {**NEGCRFT_W1_NOISE, "negative_once": 24, "negative_per_batch": 1, "trigger_blur_split": True,
+                              "owner_lean": 0.5},
 }
 
 # the library default (ProtectConfig(), the "robust" preset; tests/test_robustness_quick.py checks they agree):
