@@ -98,6 +98,9 @@ NEGCRFT_BLUR = {"eps": 24 / 255, "negative_weight": 0.25, "negative_archs": "cnn
                 "negative_finetune_epochs": 2, "trigger_blur": 0.75}
 # ... at weight 1 with noisy negatives: the robust preset's overrides, which its option variants start from
 NEGCRFT_W1_NOISE = {**NEGCRFT_BLUR, "negative_weight": 1.0, "negative_noise": 0.2}
+# ... with the negatives extracted once (24 epochs), one per trigger batch, half of each batch blurred:
+# robust-fast-once24, the robust preset since 2026-12-06, which its option variants start from
+ONCE24 = {**NEGCRFT_W1_NOISE, "negative_once": 24, "negative_per_batch": 1, "trigger_blur_split": True}
 
 # Protection variants: name -> ProtectConfig overrides of benchlib.protocol.base_config (the "spec" preset; the
 # robustness study made negcrft-w1-noise-eps24-ft2-blur the "robust" preset, the library default, and then
@@ -162,10 +165,9 @@ VARIANTS: dict[str, dict] = {
     "robust-fast": {**NEGCRFT_W1_NOISE, "negative_once": 6, "negative_per_batch": 1, "trigger_blur_split": True},
     # robust-fast's innocence goals failed (seed 0: clean copies 11.9%, tau0 17.4%) with negatives trained 6 epochs:
     # here extracted once for as long as the default's end up (24 epochs: 3 per iteration x 8; docs/research/speed.md)
-    "robust-fast-once24": {**NEGCRFT_W1_NOISE, "negative_once": 24, "negative_per_batch": 1, "trigger_blur_split": True},
+    "robust-fast-once24": ONCE24,
     # the default since 2026-12-06 (robust-fast-once24) with head.owner_lean 0.5, the in-distribution thieves' option
-    "robust-once24-lean0.5": {**NEGCRFT_W1_NOISE, "negative_once": 24, "negative_per_batch": 1, "trigger_blur_split": True,
-                              "owner_lean": 0.5},
+    "robust-once24-lean0.5": {**ONCE24, "owner_lean": 0.5},
 }
 
 # the library default (ProtectConfig(), the "robust" preset; tests/test_robustness_quick.py checks they agree):

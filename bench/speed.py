@@ -29,8 +29,7 @@ stdout and OUT/speed.md, OUT/speed.json (default runs/speed[-quick]).
     python -m bench.speed --n 2000 --protect-iters 2 --skip-decode --configs spec robust
     python -m bench.speed --n 10000 --protect-iters 8 --protect-only --configs spec robust
                                             # the CIFAR-10 protocol's protect, spec against the default
-    python -m bench.speed --n 10000 --protect-iters 8 --protect-only \
-        --configs spec "robust:negatives.once=24" "robust:negatives.once=24@cached"
+    python -m bench.speed --n 10000 --protect-iters 8 --protect-only --configs spec robust robust@cached
                                             # ... and a second protection that loads the cached negatives
 """
 from __future__ import annotations

@@ -77,8 +77,7 @@ class NegativeCache:
         return True
 
     def save(self, model: nn.Module, key: str, arch: str) -> None:
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+        try:  # atomic_path makes the directory
             state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
             with atomic_path(self.path(key, arch)) as tmp:
                 save_file(state, str(tmp), metadata={"key": key, "arch": arch})
