@@ -241,14 +241,24 @@ def test_protect_caches_the_negatives_once_extracted_and_a_later_run_loads_them(
     rc, _, err = call(capsys, *args, "--output", tmp_path / "a")
     assert rc == 0, err
     (entry,) = (tmp_path / "cache" / "negatives").glob("*.safetensors")
-    written = entry.stat().st_mtime_ns
+    written = entry.stat().st_ino  # a write replaces the file (atomically), a load only marks it used
     rc, _, err = call(capsys, *args, "--target", "3", "--output", tmp_path / "b")
     assert rc == 0, err
     rc, _, err = call(capsys, *args, "--output", tmp_path / "c")
     assert rc == 0, err
-    assert entry.stat().st_mtime_ns == written and len(list(entry.parent.iterdir())) == 1
+    assert entry.stat().st_ino == written and len(list(entry.parent.iterdir())) == 1
     first, again = (load_file(str(tmp_path / b / "trigger.safetensors")) for b in ("a", "c"))
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    # --negatives-cache DIR caches there instead, '' nowhere
+    rc, _, err = call(capsys, *args, "--negatives-cache", tmp_path / "mine", "--output", tmp_path / "d")
+    assert rc == 0, err
+    assert len(list((tmp_path / "mine").glob("*.safetensors"))) == 1
+    rc, _, err = call(capsys, *args, "--negatives-cache", "", "--output", tmp_path / "e")
+    assert rc == 0, err
+    assert entry.stat().st_ino == written and len(list(entry.parent.iterdir())) == 1
+    assert len(list((tmp_path / "mine").glob("*.safetensors"))) == 1
+    third = load_file(str(tmp_path / "e" / "trigger.safetensors"))
+    assert all(torch.equal(first[k], third[k]) for k in first)  # trained again, the same protection
 
 
 def test_verify_refuses_data_of_another_task(tmp_path, capsys):

@@ -41,10 +41,10 @@ def test_a_run_that_loads_the_negatives_is_the_run_that_trained_them(setup, tmp_
     plain = protect(victim, shadow, owner, cfg, progress=False)
     first = protect(victim, shadow, owner, cfg, progress=False, cache_dir=tmp_path)
     (entry,) = tmp_path.glob("negative-cnn_small-*.safetensors")
-    written = entry.stat().st_mtime_ns
+    written = entry.stat().st_ino  # a write replaces the file (atomically), a load only marks it used
     second = protect(victim, shadow, owner, cfg, progress=False, cache_dir=tmp_path)
     assert _same(plain, first) and _same(first, second)
-    assert entry.stat().st_mtime_ns == written  # read, not written again
+    assert entry.stat().st_ino == written  # read, not written again
     # what the second run used is the file: other weights under its name make another protection
     torch.manual_seed(123)
     from safetensors.torch import save_file
@@ -124,3 +124,23 @@ def test_an_unwritable_cache_costs_time_not_the_run(setup, tmp_path):
     with pytest.warns(RuntimeWarning, match="could not cache"):
         neg = _extract(setup, SPEC(**KW), cache)
     assert neg.cached == [False]
+
+
+def test_the_cache_keeps_the_most_recently_used_entries(setup, tmp_path):
+    """A machine that protects many victims keeps `keep` entries: writing one more deletes the least
+    recently used, and a load counts as a use."""
+    import os
+
+    cache = NegativeCache(tmp_path, "data", len(setup[0]), 10, CPU, keep=2)
+    model = create_model("cnn_small", 10)
+    for i, key in enumerate(("a", "b")):
+        cache.save(model, key, "cnn_small")
+        os.utime(cache.path(key, "cnn_small"), ns=(10**18 + i, 10**18 + i))  # a written before b
+    assert cache.entries() == [cache.path("b", "cnn_small"), cache.path("a", "cnn_small")]
+    assert cache.load(create_model("cnn_small", 10), "a", "cnn_small")  # a is now the most recent
+    cache.save(model, "c", "cnn_small")
+    assert sorted(p.name for p in cache.entries()) == sorted(cache.path(k, "cnn_small").name for k in ("a", "c"))
+    assert not cache.path("b", "cnn_small").exists()
+    assert cache.prune() == []  # within the bound
+    with pytest.raises(ValueError, match="keep"):
+        NegativeCache(tmp_path, "data", 1, 10, CPU, keep=0)

@@ -38,13 +38,20 @@ class NegativeCache:
     weights and the images (`data`: state.fingerprint), how many of them the shadows query, the number of
     classes, and the settings the extraction reads (seed, shadow.batch, shadow.lr, negatives.once, the
     model's architecture and position), with torch's version and the device type. An unreadable or
-    mismatching file is ignored with a warning and rewritten; a file is written atomically."""
+    mismatching file is ignored with a warning and rewritten; a file is written atomically. The directory
+    keeps the `keep` most recently used entries (a load marks its file used): older ones are deleted when
+    a new one is written, so the cache of a machine that protects many victims stays bounded."""
+
+    KEEP = 64  # entries (a CIFAR-size CNN or ResNet-20 is 1-3 MB)
 
     def __init__(self, directory: str | os.PathLike, data: str, n_query: int, num_classes: int,
-                 device: torch.device) -> None:
+                 device: torch.device, keep: int = KEEP) -> None:
+        if keep < 1:
+            raise ValueError(f"NegativeCache keep must be at least 1, got {keep}")
         self.directory = Path(directory).expanduser()
         self.data, self.n_query, self.num_classes = data, int(n_query), int(num_classes)
         self.device_type = torch.device(device).type
+        self.keep = int(keep)
 
     def key(self, cfg: ProtectConfig, arch: str, index: int) -> str:
         what = {"cache": CACHE_VERSION, "config": CONFIG_VERSION, "torch": torch.__version__.split("+")[0],
@@ -74,6 +81,10 @@ class NegativeCache:
                           "training it again", RuntimeWarning, stacklevel=3)
             return False
         model.load_state_dict(state)
+        try:  # mark it used, for prune's order
+            os.utime(path)
+        except OSError:
+            pass
         return True
 
     def save(self, model: nn.Module, key: str, arch: str) -> None:
@@ -81,9 +92,29 @@ class NegativeCache:
             state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
             with atomic_path(self.path(key, arch)) as tmp:
                 save_file(state, str(tmp), metadata={"key": key, "arch": arch})
+            self.prune(spare=self.path(key, arch))
         except OSError as e:  # a read-only or full disk costs the next run time, not this run
             warnings.warn(f"could not cache the negative shadow in {str(self.directory)!r}: {e}", RuntimeWarning,
                           stacklevel=3)
+
+    def entries(self) -> list[Path]:
+        """The cached negative shadows, most recently used first."""
+        found = []
+        for p in self.directory.glob("negative-*.safetensors"):
+            try:
+                found.append((p.stat().st_mtime_ns, p))
+            except OSError:  # removed meanwhile
+                continue
+        return [p for _, p in sorted(found, key=lambda t: t[0], reverse=True)]
+
+    def prune(self, spare: Path | None = None) -> list[Path]:
+        """Delete the entries past the `keep` most recently used, never `spare` (the entry just written, which
+        counts as the newest); returns the deleted paths."""
+        old = [p for p in self.entries() if p != spare]
+        gone = old[self.keep - (spare is not None):]
+        for p in gone:
+            p.unlink(missing_ok=True)
+        return gone
 
 
 class NegativeShadows:

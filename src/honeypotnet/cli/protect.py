@@ -36,7 +36,7 @@ def add(sub) -> None:
     s.add_argument("--target", type=int, default=None, help="target class y_t (default the config's, 0)")
     s.add_argument("--preset", choices=list_presets(), default="robust",
                    help="'robust' (default: keeps the backdoor through a thief's fine-tuning, pruning and "
-                        "purification) or 'spec' (the paper's settings, ~3x faster to protect)")
+                        "purification) or 'spec' (the paper's settings, 2-3x faster to protect)")
     s.add_argument("--config", default=None, metavar="FILE", help="a config file (TOML/JSON) instead of --preset")
     s.add_argument("--set", dest="assign", action="append", default=[], metavar="FIELD=VALUE",
                    help="change one config field, e.g. trigger.eps=16/255 (repeatable)")
@@ -50,6 +50,11 @@ def add(sub) -> None:
                    help="write the bundle even if it fails the gate (fidelity >= 90%%, the protected model's own "
                         "ASR >= 50%%, tau0 below its cap)")
     s.add_argument("--work-dir", default=None, help="checkpoint dir for resuming (default OUTPUT.work)")
+    s.add_argument("--negatives-cache", default=None, metavar="DIR",
+                   help="where the innocent (negative) models extracted once (negatives.once) are cached, so a later "
+                        "protection of the same victim on the same images skips their training; keeps the 64 most "
+                        "recently used (default $HONEYPOTNET_CACHE/negatives, "
+                        "~/.cache/honeypotnet/negatives; '' to cache nothing)")
     s.set_defaults(func=run)
 
 
@@ -161,8 +166,9 @@ def run(args) -> int:
     t0 = time.time()
     # negatives.once's innocent models are cached beside the decoded images, so a later protection of this
     # victim on these images (another trigger, target or loop setting) does not train them again
+    cache = default_cache_dir() / "negatives" if args.negatives_cache is None else args.negatives_cache or None
     res = protect(victim, shadow.images, owner.images, cfg, checkpoint_dir=work, progress=not args.quiet, device=device,
-                  head=args.head, cache_dir=default_cache_dir() / "negatives")
+                  head=args.head, cache_dir=cache)
     t_protect = time.time() - t0
     verification = None
     if args.references:
