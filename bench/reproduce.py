@@ -90,7 +90,13 @@ ABLATIONS: dict[str, list[tuple[str, dict]]] = {
                         # (head.owner_lean; top-1 kept), alone and with the shadows querying owner images
                         ("robust-lean0.5", {**ROBUST_EVERY, "owner_lean": 0.5}),
                         ("robust-lean1", {**ROBUST_EVERY, "owner_lean": 1.0}),
-                        ("robust-lean1-owner0.5", {**ROBUST_EVERY, "owner_lean": 1.0, "shadow_owner_share": 0.5})],
+                        ("robust-lean1-owner0.5", {**ROBUST_EVERY, "owner_lean": 1.0, "shadow_owner_share": 0.5}),
+                        # the default since 2026-12-06 (negatives extracted once) and owner_lean on it; the names and
+                        # configurations of bench.robustness's variants, so the two share their units
+                        ("robust-fast-once24", ROBUST),
+                        ("robust-once24-lean0.2", {**ROBUST, "owner_lean": 0.2}),
+                        ("robust-once24-lean0.3", {**ROBUST, "owner_lean": 0.3}),
+                        ("robust-once24-lean0.5", {**ROBUST, "owner_lean": 0.5})],
 }
 # the thieves each protection also meets, besides the Tiny ImageNet grid: (pool, output) at the largest budget
 EXTRA_POOL_THIEVES = [("cifar", "probs"), ("cifar", "label"), ("mixed", "probs")]

@@ -168,6 +168,9 @@ VARIANTS: dict[str, dict] = {
     "robust-fast-once24": ONCE24,
     # the default since 2026-12-06 (robust-fast-once24) with head.owner_lean 0.5, the in-distribution thieves' option
     "robust-once24-lean0.5": {**ONCE24, "owner_lean": 0.5},
+    # ... at smaller strengths: where the victim's cost and the in-distribution thieves' ASR meet
+    "robust-once24-lean0.2": {**ONCE24, "owner_lean": 0.2},
+    "robust-once24-lean0.3": {**ONCE24, "owner_lean": 0.3},
 }
 
 # the library default (ProtectConfig(), the "robust" preset; tests/test_robustness_quick.py checks they agree):
@@ -305,7 +308,7 @@ class Robustness:
             params |= {"purified": purify, "purified_max_drop": PURIFY_USABLE_DROP}
         return self.rep.units.run(f"{prot['rel']}/calibration-widened", params, run, "calibration (widened)")
 
-    def run(self, seeds, variants, arch: str, budget: int, goals: bool, cross: str = "resnet20",
+    def run(self, seeds, variants, *, arch: str, budget: int, goals: bool, cross: str = "resnet20",
             clean_goal_thieves: bool = False, goals_first: bool = False, pools=("tin",), do_sweeps: bool = True) -> None:
         for seed in seeds:
             for v in variants:
@@ -803,8 +806,9 @@ def main(argv=None) -> dict:
     stopped = None
     try:
         rob.rep.victim()
-        rob.run(args.seeds, args.variants, args.substitute, budget, args.goals, args.cross_substitute, args.clean_goal_thieves,
-                args.goals_first, args.pools, args.sweeps)
+        rob.run(args.seeds, args.variants, arch=args.substitute, budget=budget, goals=args.goals,
+                cross=args.cross_substitute, clean_goal_thieves=args.clean_goal_thieves, goals_first=args.goals_first,
+                pools=args.pools, do_sweeps=args.sweeps)
     except DeadlineReached as e:
         stopped = str(e)
         log(f"deadline ({args.deadline:g} s) reached before unit {stopped}: writing what finished")

@@ -48,6 +48,18 @@ def test_robust_preset_is_the_measured_variant():
                                          shadow_epochs=protocol.QUICK.shadow_epochs)
 
 
+def test_rows_named_alike_in_reproduce_and_robustness_are_one_configuration():
+    """bench.reproduce's ablation rows and bench.robustness's variants of the same name share their protection
+    units (seed<N>/protect-NAME), so they must be the same configuration."""
+    from bench import reproduce
+
+    base = protocol.base_config(protocol.FULL, 0)
+    shared = [(name, o) for rows in reproduce.ABLATIONS.values() for name, o in rows if name in rob.VARIANTS]
+    assert {"robust-lean0.5", "robust-fast-once24", "robust-once24-lean0.2"} <= {name for name, _ in shared}
+    for name, o in shared:
+        assert base.override(o) == base.override(rob.VARIANTS[name]), name
+
+
 def test_every_variant_is_a_valid_config():
     """Every variant sets existing fields only (those of removed options are gone from the table) and is
     a distinct configuration, except base, which is the protocol's own."""
