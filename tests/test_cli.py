@@ -249,11 +249,13 @@ def test_protect_caches_the_negatives_once_extracted_and_a_later_run_loads_them(
     assert entry.stat().st_ino == written and len(list(entry.parent.iterdir())) == 1
     first, again = (load_file(str(tmp_path / b / "trigger.safetensors")) for b in ("a", "c"))
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
-    # --negatives-cache DIR caches there instead, '' nowhere
-    rc, _, err = call(capsys, *args, "--negatives-cache", tmp_path / "mine", "--output", tmp_path / "d")
+    # $HONEYPOTNET_NEGATIVES_CACHE=DIR caches there instead, empty nowhere
+    monkeypatch.setenv("HONEYPOTNET_NEGATIVES_CACHE", str(tmp_path / "mine"))
+    rc, _, err = call(capsys, *args, "--output", tmp_path / "d")
     assert rc == 0, err
     assert len(list((tmp_path / "mine").glob("*.safetensors"))) == 1
-    rc, _, err = call(capsys, *args, "--negatives-cache", "", "--output", tmp_path / "e")
+    monkeypatch.setenv("HONEYPOTNET_NEGATIVES_CACHE", "")
+    rc, _, err = call(capsys, *args, "--output", tmp_path / "e")
     assert rc == 0, err
     assert entry.stat().st_ino == written and len(list(entry.parent.iterdir())) == 1
     assert len(list((tmp_path / "mine").glob("*.safetensors"))) == 1

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from .common import (log, DATASETS, dataset_args, device_arg, load_data, load_vi
                      resolve_device)
 
 NULL_KEYS = ("epochs", "finetune", "purify", "purify_max_drop")
+NEGATIVES_CACHE_ENV = "HONEYPOTNET_NEGATIVES_CACHE"  # where negatives.once's models are cached; empty: nowhere
 
 
 def add(sub) -> None:
@@ -21,7 +23,11 @@ def add(sub) -> None:
                     "verification null on clean reference models. Every setting of the loop is a config field: "
                     "--preset or --config FILE, then --set FIELD=VALUE (e.g. --set trigger.eps=16/255 --set "
                     "loop.outer_iters=4). The null's settings are --set null.epochs=N, null.finetune=N (widen it "
-                    "with references fine-tuned on N owner images), null.purify=all|NAMES, null.purify_max_drop=PT.")
+                    "with references fine-tuned on N owner images), null.purify=all|NAMES, null.purify_max_drop=PT. "
+                    "The innocent models that negatives.once extracts are cached (the 64 most recently used) in "
+                    "$HONEYPOTNET_CACHE/negatives, ~/.cache/honeypotnet/negatives by default, so a later protection of "
+                    f"the same victim on the same images skips their training: ${NEGATIVES_CACHE_ENV}=DIR caches "
+                    f"them elsewhere, ${NEGATIVES_CACHE_ENV}= (empty) nowhere.")
     s.add_argument("victim", help="model file from `train`, or a foreign checkpoint with --arch")
     s.add_argument("--arch", default=None, help="architecture of a state-dict victim: a registry name (resnet20 "
                                                 "for a CIFAR .th), torchvision:NAME or timm:NAME")
@@ -50,11 +56,6 @@ def add(sub) -> None:
                    help="write the bundle even if it fails the gate (fidelity >= 90%%, the protected model's own "
                         "ASR >= 50%%, tau0 below its cap)")
     s.add_argument("--work-dir", default=None, help="checkpoint dir for resuming (default OUTPUT.work)")
-    s.add_argument("--negatives-cache", default=None, metavar="DIR",
-                   help="where the innocent (negative) models extracted once (negatives.once) are cached, so a later "
-                        "protection of the same victim on the same images skips their training; keeps the 64 most "
-                        "recently used (default $HONEYPOTNET_CACHE/negatives, "
-                        "~/.cache/honeypotnet/negatives; '' to cache nothing)")
     s.set_defaults(func=run)
 
 
@@ -166,7 +167,8 @@ def run(args) -> int:
     t0 = time.time()
     # negatives.once's innocent models are cached beside the decoded images, so a later protection of this
     # victim on these images (another trigger, target or loop setting) does not train them again
-    cache = default_cache_dir() / "negatives" if args.negatives_cache is None else args.negatives_cache or None
+    cache = os.environ.get(NEGATIVES_CACHE_ENV)
+    cache = default_cache_dir() / "negatives" if cache is None else cache or None
     res = protect(victim, shadow.images, owner.images, cfg, checkpoint_dir=work, progress=not args.quiet, device=device,
                   head=args.head, cache_dir=cache)
     t_protect = time.time() - t0
