@@ -47,11 +47,15 @@ def test_every_verb_has_help(verb, capsys):
 
 
 def test_protect_help_shows_at_most_20_options(capsys):
+    from honeypotnet.negatives import NegativeCache
+
     _, out, _ = call(capsys, "protect", "--help")
     options = [line for line in out.splitlines() if line.startswith("  -")]
     assert len(options) <= 20, options
     for needed in ("--preset", "--config", "--set", "--references", "--device", "--output", "--work-dir"):
         assert needed in out
+    # the negatives cache's bound, told in the description (the CLI does not import the library to build it)
+    assert f"the {NegativeCache.KEEP} most recently used" in " ".join(out.split())
 
 
 def test_cli_chain_train_protect_extract_verify(tmp_path, capsys):

@@ -88,11 +88,12 @@ class NegativeCache:
         return True
 
     def save(self, model: nn.Module, key: str, arch: str) -> None:
+        path = self.path(key, arch)
         try:  # atomic_path makes the directory
             state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-            with atomic_path(self.path(key, arch)) as tmp:
+            with atomic_path(path) as tmp:
                 save_file(state, str(tmp), metadata={"key": key, "arch": arch})
-            self.prune(spare=self.path(key, arch))
+            self.prune(spare=path)
         except OSError as e:  # a read-only or full disk costs the next run time, not this run
             warnings.warn(f"could not cache the negative shadow in {str(self.directory)!r}: {e}", RuntimeWarning,
                           stacklevel=3)

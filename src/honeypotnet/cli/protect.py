@@ -165,8 +165,8 @@ def run(args) -> int:
     classes = info.get("classes") or owner.classes or [str(i) for i in range(k)]
     work = Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".work")
     t0 = time.time()
-    # negatives.once's innocent models are cached beside the decoded images, so a later protection of this
-    # victim on these images (another trigger, target or loop setting) does not train them again
+    # negatives.once's innocent models are cached (by default beside the decoded images), so a later protection
+    # of this victim on these images (another trigger, target or loop setting) does not train them again
     cache = os.environ.get(NEGATIVES_CACHE_ENV)
     cache = default_cache_dir() / "negatives" if cache is None else cache or None
     res = protect(victim, shadow.images, owner.images, cfg, checkpoint_dir=work, progress=not args.quiet, device=device,
