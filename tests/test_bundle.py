@@ -93,6 +93,16 @@ def test_model_file_round_trip_and_errors(tmp_path):
     save_file(bad, str(tmp_path / "nan.safetensors"), metadata={"format": "honeypotnet-model/1", "arch": "cnn_small", "num_classes": "10"})
     with pytest.raises(BundleError, match="NaN"):
         load_model(tmp_path / "nan.safetensors")
+    meta = {"format": "honeypotnet-model/1", "arch": "cnn_small", "num_classes": "10"}
+    wide = {k: v.clone() for k, v in model.state_dict().items()}
+    wide["fc.weight"] = torch.zeros(11, wide["fc.weight"].shape[1])  # an 11-class head in a 10-class file
+    save_file(wide, str(tmp_path / "wide.safetensors"), metadata=meta)
+    with pytest.raises(BundleError, match=r"fc\.weight has shape \(11, "):
+        load_model(tmp_path / "wide.safetensors")
+    short = {k: v.clone() for k, v in model.state_dict().items() if k != "fc.bias"}
+    save_file(short, str(tmp_path / "short.safetensors"), metadata=meta)
+    with pytest.raises(BundleError, match=r"missing \['fc\.bias'\]"):
+        load_model(tmp_path / "short.safetensors")
 
 
 # ----------------------------------------------------------------------------- integrity: the bundle hash

@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
-from .ops import atomic_path
+from .ops import save_weights, weights_fault, weights_state
 from .head import HoneypotLayer, build_protected, head_attribute
 from .models import create_model, resolve_module
 from .trigger import Trigger
@@ -108,10 +108,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, arch: str, num_classes
             "classes": json.dumps(classes or []), "info": json.dumps(info),
             "normalization": json.dumps([norm.mean.flatten().tolist(), norm.std.flatten().tolist()] if norm is not None
                                         else None)}
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=meta)
-    return path
+    return save_weights(model, path, metadata=meta)
 
 
 def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict]:
@@ -146,13 +143,10 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict]:
 
 
 def _load_state(model: nn.Module, state: dict, path) -> None:
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise BundleError(f"weights in {path} do not fit the architecture: {str(e)[:300]}") from e
-    for k, v in state.items():
-        if v.is_floating_point() and not torch.isfinite(v).all():
-            raise BundleError(f"weights in {path} contain NaN/inf ({k})")
+    fault = weights_fault(model, state)
+    if fault:
+        raise BundleError(f"weights in {path} do not fit the architecture: {fault}")
+    model.load_state_dict(state, strict=True)
 
 
 # ----------------------------------------------------------------------------- bundles
@@ -214,7 +208,7 @@ def save_bundle(path: str | os.PathLike, model: nn.Module, trigger: Trigger, *, 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".bundle-", dir=path.parent))
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+        save_file(weights_state(model), str(tmp / "model.safetensors"))
         save_file({"pattern": trigger.pattern.cpu().contiguous(), "mask": trigger.mask.cpu().contiguous()}, str(tmp / "trigger.safetensors"))
         _save_png(trigger.picture(example), tmp / "trigger.png")
         manifest = {

@@ -22,12 +22,12 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from .config import CONFIG_VERSION, ProtectConfig
 from .models import create_model
-from .ops import atomic_path
+from .ops import save_weights, weights_fault
 from .steps import finetuned_copy, simulate_extraction, stream
 
 CACHE_VERSION = 1  # bump when what a cached negative shadow is (its training) changes
@@ -70,12 +70,9 @@ class NegativeCache:
             return False
         try:
             state = load_file(str(path))
-            own = model.state_dict()
-            if set(state) != set(own) or any(state[k].shape != own[k].shape or state[k].dtype != own[k].dtype
-                                              for k in own):
-                raise ValueError("its tensors do not match the model's")
-            if any(v.is_floating_point() and not torch.isfinite(v).all() for v in state.values()):
-                raise ValueError("it holds NaN or infinite weights")
+            fault = weights_fault(model, state, same_dtypes=True)
+            if fault:
+                raise ValueError(fault)
         except Exception as e:  # noqa: BLE001 - a damaged entry is rebuilt, never half-loaded
             warnings.warn(f"ignoring the cached negative shadow {str(path)!r} ({type(e).__name__}: {e}); "
                           "training it again", RuntimeWarning, stacklevel=3)
@@ -89,10 +86,8 @@ class NegativeCache:
 
     def save(self, model: nn.Module, key: str, arch: str) -> None:
         path = self.path(key, arch)
-        try:  # atomic_path makes the directory
-            state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-            with atomic_path(path) as tmp:
-                save_file(state, str(tmp), metadata={"key": key, "arch": arch})
+        try:  # save_weights makes the directory
+            save_weights(model, path, metadata={"key": key, "arch": arch})
             self.prune(spare=path)
         except OSError as e:  # a read-only or full disk costs the next run time, not this run
             warnings.warn(f"could not cache the negative shadow in {str(self.directory)!r}: {e}", RuntimeWarning,

@@ -99,6 +99,40 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+
+# ----------------------------------------------------------------------------- weights files
+
+
+def weights_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A model's state dict as safetensors stores it: detached, on the CPU, contiguous."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """A model's weights as one safetensors file at `path`, written atomically (see atomic_path)."""
+    from safetensors.torch import save_file
+
+    state = weights_state(model)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
+    return Path(path)
+
+
+def weights_fault(model: nn.Module, state: dict[str, torch.Tensor], *, same_dtypes: bool = False) -> str | None:
+    """Why `state` may not be loaded into `model`, or None when it fits: a missing or unexpected tensor, a
+    shape (and with same_dtypes a dtype) other than the model's, or NaN / infinite values."""
+    own = model.state_dict()
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or extra:
+        return f"its tensors are not the model's (missing {missing[:3]}, unexpected {extra[:3]})"
+    for k, v in own.items():
+        if state[k].shape != v.shape:
+            return f"{k} has shape {tuple(state[k].shape)}, the model's {tuple(v.shape)}"
+        if same_dtypes and state[k].dtype != v.dtype:
+            return f"{k} is {state[k].dtype}, the model's {v.dtype}"
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    return f"{bad} holds NaN or infinite values" if bad is not None else None
+
 # ----------------------------------------------------------------------------- batched forward passes
 
 
