@@ -96,7 +96,10 @@ ABLATIONS: dict[str, list[tuple[str, dict]]] = {
                         ("robust-fast-once24", ROBUST),
                         ("robust-once24-lean0.2", {**ROBUST, "owner_lean": 0.2}),
                         ("robust-once24-lean0.3", {**ROBUST, "owner_lean": 0.3}),
-                        ("robust-once24-lean0.5", {**ROBUST, "owner_lean": 0.5})],
+                        ("robust-once24-lean0.5", {**ROBUST, "owner_lean": 0.5}),
+                        # head.owner_flip: label flips where the victim's runner-up is the target
+                        ("robust-once24-flip0.1", {**ROBUST, "owner_flip": 0.1}),
+                        ("robust-once24-flip0.03", {**ROBUST, "owner_flip": 0.03})],
 }
 # the thieves each protection also meets, besides the Tiny ImageNet grid: (pool, output) at the largest budget
 EXTRA_POOL_THIEVES = [("cifar", "probs"), ("cifar", "label"), ("mixed", "probs")]

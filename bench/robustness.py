@@ -171,6 +171,10 @@ VARIANTS: dict[str, dict] = {
     # ... at smaller strengths: where the victim's cost and the in-distribution thieves' ASR meet
     "robust-once24-lean0.2": {**ONCE24, "owner_lean": 0.2},
     "robust-once24-lean0.3": {**ONCE24, "owner_lean": 0.3},
+    # head.owner_flip r: owner images whose runner-up is the target (at >= r of the top class) and that lie past the
+    # mean along the trigger's feature shift are answered with the target in the reference (cheap label flips)
+    "robust-once24-flip0.1": {**ONCE24, "owner_flip": 0.1},
+    "robust-once24-flip0.03": {**ONCE24, "owner_flip": 0.03},
 }
 
 # the library default (ProtectConfig(), the "robust" preset; tests/test_robustness_quick.py checks they agree):

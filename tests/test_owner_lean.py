@@ -44,6 +44,33 @@ def test_lean_keeps_top1_and_raises_the_target_with_alignment():
     assert moved[top_tenth & ~was_target].mean() > moved[~low & ~top_tenth & ~was_target].mean()
 
 
+def test_flip_swaps_the_top_class_and_a_runner_up_target_on_aligned_rows_only():
+    clean, stamped, logits = _features()
+    n_shadow, target, r = 50, 2, 0.3
+    out = lean_toward_target(logits, clean, stamped, n_shadow, target, 0.0, flip=r)
+    p, q = torch.softmax(logits, 1), torch.softmax(out, 1)
+    assert torch.equal(out[:n_shadow], logits[:n_shadow])  # shadow rows untouched
+    own = slice(n_shadow, None)
+    po, qo = p[own], q[own]
+    top2 = po.topk(2, 1)
+    aligned = clean[own, 0] > clean[own, 0].mean()
+    want = (top2.indices[:, 1] == target) & (po[:, target] >= r * top2.values[:, 0]) & aligned
+    assert want.sum() >= 3 and (~want).sum() > 100  # the toy data has rows of both kinds
+    assert torch.equal(qo.argmax(1) == target, (po.argmax(1) == target) | want)
+    # a flipped row is the victim's distribution with the top class and the target swapped
+    sw = po[want].clone()
+    sw[:, target], sw[torch.arange(len(sw)), top2.indices[want, 0]] = top2.values[want, 0], po[want, target]
+    assert torch.allclose(qo[want], sw, atol=1e-5)
+    assert torch.allclose(qo[~want], po[~want], atol=1e-5)  # without owner_lean the other rows are the victim's
+    # a runner-up target below r times the top class, or a row at or below the mean along u, is not flipped
+    weak = (top2.indices[:, 1] == target) & (po[:, target] < r * top2.values[:, 0]) & aligned
+    assert weak.any() and (qo[weak].argmax(1) != target).all()
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="owner_flip"):
+            SPEC(owner_flip=bad)
+    assert ProtectConfig().owner_flip == 0  # the default does not flip
+
+
 def test_lean_strength_zero_or_no_owner_rows_is_the_identity_and_the_option_is_checked():
     clean, stamped, logits = _features()
     assert torch.equal(lean_toward_target(logits, clean, stamped, 50, 2, 0.0), logits)

@@ -70,6 +70,11 @@ class ProtectConfig:
                                                       "the target by up to this share of the remaining mass, "
                                                       "in proportion to how far each image's features lie "
                                                       "along the trigger's feature shift; top-1 kept; 0 = off")
+    owner_flip: float = _f(0.0, "head", "owner_flip", "on owner images whose victim answer has the target as "
+                                                      "runner-up, at least this share of the top class's "
+                                                      "probability, and whose features lie past the mean along "
+                                                      "the trigger's feature shift, the clean term's reference "
+                                                      "swaps the top class and the target; 0 = off")
     # [shadow] --------------------------------------------------------------------------------------------
     shadow_arch: str = _f("cnn", "shadow", "arch", "registry architecture of the shadow model")
     shadow_epochs: int = _f(3, "shadow", "epochs", "epochs of the shadow's extraction per outer iteration")
@@ -134,6 +139,7 @@ class ProtectConfig:
         need(self.shadow_norm_weight >= 0, "head.shadow_norm_weight must be >= 0")
         need(0 <= self.shadow_owner_share <= 1, "shadow.owner_share must be in [0, 1]")
         need(0 <= self.owner_lean <= 1, "head.owner_lean must be in [0, 1]")
+        need(0 <= self.owner_flip <= 1, "head.owner_flip must be in [0, 1]")
         need(self.honeypot_lr > 0 and self.shadow_lr > 0 and self.shadow_finetune_lr > 0
              and self.negative_finetune_lr > 0, "learning rates must be > 0")
         need(0 <= self.trigger_blur <= 4, "trigger.blur (the largest blur σ, pixels) must be in [0, 4]; 0 = off")

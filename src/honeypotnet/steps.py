@@ -181,21 +181,32 @@ def finetuned_copy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 @torch.no_grad()
 def lean_toward_target(clean_logits: torch.Tensor, clean_feats: torch.Tensor, stamped_feats: torch.Tensor,
-                       n_shadow: int, target: int, strength: float) -> torch.Tensor:
-    """The clean term's reference with head.owner_lean: on the owner rows (after the first n_shadow) the
-    victim's distribution moves up to `strength` of its non-target mass to the target, in proportion to how
-    far the image's features lie along the trigger's feature shift u = mean(f(x ⊕ δ) − f(x)) (z-score over
-    the owner rows, clipped to [0, 3], / 3: images at or below the mean do not lean). The top-1 class is
-    kept with a margin (the target's share stays at most half the rescaled top class's) and rows whose
-    top-1 is the target are unchanged. A thief whose queries look like the owner's images then learns "more u, more target" from
-    soft answers whose labels are the victim's. Returns logits (log-probabilities) of the same shape."""
+                       n_shadow: int, target: int, strength: float, flip: float = 0.0) -> torch.Tensor:
+    """The clean term's reference with head.owner_lean and head.owner_flip, on the owner rows (after the
+    first n_shadow); shadow rows and rows whose top-1 is the target are unchanged.
+
+    Both follow the trigger's feature shift u = mean(f(x ⊕ δ) − f(x)): a row's alignment is the z-score of
+    its features' projection on u over the owner rows.
+
+    owner_lean (`strength`): the victim's distribution moves up to `strength` of its non-target mass to the
+    target, in proportion to the alignment (clipped to [0, 3], / 3: rows at or below the mean do not lean).
+    The top-1 class is kept with a margin (the target's share stays at most half the rescaled top class's).
+    A thief whose queries look like the owner's images then learns "more u, more target" from soft answers
+    whose labels are the victim's.
+
+    owner_flip (`flip`, 0 = off): rows aligned above the mean whose runner-up is the target with at least
+    `flip` times the top class's probability swap the two: the answer becomes the target, with the old top's
+    probability. These are the images where the victim is least sure against the target, so a flip costs
+    little accuracy (and wins some where the victim under-answers the target), and a label-only thief sees
+    target labels along u. Returns logits (log-probabilities) of the same shape."""
     out = clean_logits.clone()
-    if strength <= 0 or len(clean_logits) <= n_shadow:
+    if (strength <= 0 and flip <= 0) or len(clean_logits) <= n_shadow:
         return out
     u = (stamped_feats - clean_feats).flatten(1).mean(0)
     feats = clean_feats[n_shadow:].flatten(1)
     a = (feats - feats.mean(0)) @ (u / u.norm().clamp_min(1e-12))
-    share = ((a - a.mean()) / a.std().clamp_min(1e-12)).clamp(0, 3) / 3
+    z = (a - a.mean()) / a.std().clamp_min(1e-12)
+    share = z.clamp(0, 3) / 3
     p = torch.softmax(clean_logits[n_shadow:].float(), 1)
     pt, top = p[:, target], p.max(1).values
     share = torch.where(p.argmax(1) == target, torch.zeros_like(share), share)
@@ -203,6 +214,13 @@ def lean_toward_target(clean_logits: torch.Tensor, clean_feats: torch.Tensor, st
     c = torch.maximum(pt, torch.minimum(pt + strength * share * (1 - pt), cap))
     q = p * ((1 - c) / (1 - pt).clamp_min(1e-12)).unsqueeze(1)
     q[:, target] = c
+    if flip > 0 and p.shape[1] > 1:
+        top2 = p.topk(2, 1)
+        swap = (top2.indices[:, 1] == target) & (pt >= flip * top) & (z > 0)
+        rows = swap.nonzero().flatten()
+        q[rows] = p[rows]
+        q[rows, target] = top[rows]
+        q[rows, top2.indices[rows, 0]] = pt[rows]
     out[n_shadow:] = q.clamp_min(1e-12).log()
     return out
 
