@@ -32,7 +32,7 @@ CONFIG_VERSION = 2
 GROUPS = ("trigger", "head", "shadow", "thief", "negatives", "loop")
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 # options added after CONFIG_VERSION 2, with the value that keeps the behaviour from before them (ProtectConfig.identity)
-HASH_NEUTRAL = {"trigger.blur_split": False, "negatives.once": 0}
+HASH_NEUTRAL = {"trigger.blur_split": False, "negatives.once": 0, "head.owner_flip": 0.0}
 
 
 def _f(default, group: str, key: str, doc: str):
