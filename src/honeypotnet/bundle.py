@@ -145,7 +145,7 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict]:
 def _load_state(model: nn.Module, state: dict, path) -> None:
     fault = weights_fault(model, state)
     if fault:
-        raise BundleError(f"weights in {path} do not fit the architecture: {fault}")
+        raise BundleError(f"weights in {path} cannot be loaded: {fault}")
     model.load_state_dict(state, strict=True)
 
 

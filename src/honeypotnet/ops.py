@@ -99,7 +99,6 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-
 # ----------------------------------------------------------------------------- weights files
 
 
@@ -132,6 +131,7 @@ def weights_fault(model: nn.Module, state: dict[str, torch.Tensor], *, same_dtyp
             return f"{k} is {state[k].dtype}, the model's {v.dtype}"
     bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     return f"{bad} holds NaN or infinite values" if bad is not None else None
+
 
 # ----------------------------------------------------------------------------- batched forward passes
 

@@ -203,8 +203,7 @@ def _run(victim, shadow_images, owner_images, cfg, num_classes, checkpoint_dir, 
         stamped_feats = batched_forward(features, images, transform=trigger.stamp, device=device, batch_size=bs)
         lap("stamped features")
         ref_logits = lean_toward_target(clean_logits, clean_feats, stamped_feats, n_shadow, cfg.target,
-                                        cfg.owner_lean, cfg.owner_flip) \
-            if cfg.owner_lean > 0 or cfg.owner_flip > 0 else clean_logits
+                                        cfg.owner_lean, cfg.owner_flip)  # the victim's answers when both are 0
         losses = finetune_honeypot(honeypot, opt, clean_feats, ref_logits, stamped_feats, cfg, it, n_shadow)
         lap("honeypot")
         with torch.no_grad():
