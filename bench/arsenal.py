@@ -640,6 +640,11 @@ def parse_args(argv=None):
     ap.add_argument("--families", nargs="+", metavar="ARCH",
                     help="the families part's thieves (registry names; default vgg_small mobilenetv2_small convmixer)")
     ap.add_argument("--no-art", action="store_true", help="skip ART's attacks")
+    ap.add_argument("--family-modes", nargs="+", choices=list(FAMILY_LABELS),
+                    help="the families part's answers: probs (soft) and/or label (default both)")
+    ap.add_argument("--thief-seed", type=int, default=0, metavar="N",
+                    help="the thieves' seed: which pool images a random thief buys, its initialisation and batch order "
+                         "(default 0; another seed measures a thief's variance; units are kept per seed)")
     args = ap.parse_args(argv)
     if args.from_reproduce is None:
         args.from_reproduce = str(default_out("reproduce", args.quick))
@@ -665,11 +670,9 @@ def ensure_reproduce(args) -> None:
     reproduce.main(argv)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    set_threads()
-    proto = PROTOCOL_QUICK if args.quick else PROTOCOL_FULL
-    plan = QUICK if args.quick else FULL
+def plan_from_args(args, proto) -> Plan:
+    """The run's Plan: QUICK or FULL with the command line's choices."""
+    plan = replace(QUICK if args.quick else FULL, seed=args.thief_seed)
     if args.budgets:
         plan = replace(plan, budgets=tuple(sorted({b // proto.budget_scale for b in args.budgets})))
     if args.strategies:
@@ -681,6 +684,16 @@ def main(argv=None) -> dict:
         if unknown:
             raise SystemExit(f"--families: unknown model(s) {', '.join(unknown)}; registry names: {', '.join(list_models())}")
         plan = replace(plan, families=tuple(f.lower() for f in args.families))
+    if args.family_modes:
+        plan = replace(plan, family_modes=tuple(args.family_modes))
+    return plan
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    set_threads()
+    proto = PROTOCOL_QUICK if args.quick else PROTOCOL_FULL
+    plan = plan_from_args(args, proto)
     ensure_reproduce(args)
     device = torch.device(args.device)
     out = Path(args.out)
@@ -718,7 +731,7 @@ def main(argv=None) -> dict:
         "units": bench.units.timings,
     }
     table = (f"Protected model: bench.reproduce's seed{args.reproduce_seed}/protect-{args.protection} bundle, "
-             f"tau0 {100 * bench.bundle.tau0:.2f}%.\n\n" + format_tables(bench.rows, plan, bench.bundle.tau0, timings, bench.skipped)
+             f"tau0 {100 * bench.bundle.tau0:.2f}%; thief seed {plan.seed}.\n\n" + format_tables(bench.rows, plan, bench.bundle.tau0, timings, bench.skipped)
              + "\n\n" + code_summary(bench.units.timings))
     written = save_report(out, "results", results, table, record=args.record, folder=NAME)
     log("")

@@ -113,7 +113,7 @@ def test_thieves_of_other_families_and_training_loops(arsenal):
     asserted, only that each row is a well-formed measurement."""
     _, _, _, r = arsenal
     plan, rows = r["plan"], r["families"]
-    assert plan["families"] == ["mobilenetv2_small"]
+    assert plan["families"] == ["mobilenetv2_small"] and plan["seed"] == 0
     thieves = [(plan["arch"], "fit"), *((f, "fit") for f in plan["families"]), (plan["arch"], "adam")]
     expected = {(f, t, lab, o) for f, t in thieves for lab in ("soft", "label-only") for o in ("protected", "clean")}
     keys = [(x["family"], x["trainer"], x["labels"], x["oracle"]) for x in rows]
@@ -134,6 +134,22 @@ def test_thieves_of_other_families_and_training_loops(arsenal):
     ref = by[(plan["arch"], "fit", "soft", "protected")]  # the protocol's thief: the counter-measures' own substitute
     base = next(c for c in r["counter"] if c["oracle"] == "protected" and c["measure"] == "none (stolen substitute)")
     assert (ref["cta"], ref["asr"]) == (base["cta"], base["asr"])
+
+
+def test_thief_seed_and_families_options():
+    """--thief-seed sets the seed of every thief the plan trains (and of its units' keys); --families takes registry
+    names and refuses an unknown one; --family-modes picks the families' answers."""
+    quick = arsenal_script.parse_args(["--quick", "--thief-seed", "2", "--families", "VGG_small", "--budgets", "5000",
+                                       "--family-modes", "label"])
+    plan = arsenal_script.plan_from_args(quick, arsenal_script.PROTOCOL_QUICK)
+    assert (plan.seed, plan.families, plan.budgets, plan.arch) == (2, ("vgg_small",), (500,), "cnn_small")
+    assert plan.family_modes == ("label",)
+    full = arsenal_script.plan_from_args(arsenal_script.parse_args([]), arsenal_script.PROTOCOL_FULL)
+    assert (full.seed, full.arch, full.budgets, full.family_modes) == (0, "cnn", (5000, 10000, 20000), ("probs", "label"))
+    with pytest.raises(SystemExit):
+        arsenal_script.parse_args(["--family-modes", "top3"])
+    with pytest.raises(SystemExit, match="unknown model"):
+        arsenal_script.plan_from_args(arsenal_script.parse_args(["--families", "resnet999"]), arsenal_script.PROTOCOL_FULL)
 
 
 def test_tables_plot_and_resume(arsenal):
