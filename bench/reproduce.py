@@ -99,7 +99,9 @@ ABLATIONS: dict[str, list[tuple[str, dict]]] = {
                         ("robust-once24-lean0.5", {**ROBUST, "owner_lean": 0.5}),
                         # head.owner_flip: label flips where the victim's runner-up is the target
                         ("robust-once24-flip0.1", {**ROBUST, "owner_flip": 0.1}),
-                        ("robust-once24-flip0.03", {**ROBUST, "owner_flip": 0.03})],
+                        ("robust-once24-flip0.03", {**ROBUST, "owner_flip": 0.03}),
+                        # both options together
+                        ("robust-once24-lean0.2-flip0.1", {**ROBUST, "owner_lean": 0.2, "owner_flip": 0.1})],
 }
 # the thieves each protection also meets, besides the Tiny ImageNet grid: (pool, output) at the largest budget
 EXTRA_POOL_THIEVES = [("cifar", "probs"), ("cifar", "label"), ("mixed", "probs")]
