@@ -49,7 +49,7 @@ clean labels can answer the trigger's target more often than the reference model
 calibrated on (measured: eps20, seed 2, a clean substitute went from 6.0% to 12.5-17.1% ASR
 against tau0 10.8% and was flagged). So every verdict is also given under tau0 recalibrated (same
 rule) over the references plus each reference fine-tuned on 1,000 of the owner's labelled images
-(verify.finetuned_references, 4 settings), and the goal list is checked under both nulls.
+(verify.finetuned_references, 4 settings; --quick: 2), and the goal list is checked under both nulls.
 (Measured over three seeds: it raised tau0 but removed none of eps20's false positives, which came
 from clean extracted copies, not from fine-tuned references; docs/research/null-and-false-positives.md.)
 Each of those models also joins the widened null behind every purification of the sweep that costs it at most
@@ -196,11 +196,14 @@ class Sweep:
     # the quarter-budget goal thief trains this many times the protocol's thief epochs and keeps the
     # copy with the best clean accuracy (a thief with fewer queries trains longer on them)
     quarter_epoch_factors: tuple[int, ...] = (1, 2, 4)
+    # the widened null's fine-tuned reference copies: (epochs, lr) per copy of each reference model
+    reference_finetune: tuple[tuple[int, float], ...] = FINETUNE_SETTINGS
 
 
 QUICK_SWEEP = Sweep(finetune=[(1, 0.01), (3, 0.05)], prune=[0.5], prune_finetune=(1, 0.01),
                     purify=[("jpeg-q50", {"method": "jpeg", "quality": 50}), ("blur-1.0", {"method": "blur", "sigma": 1.0})],
-                    cleanse_steps=20, cleanse_images=100, quarter_epoch_factors=(1, 2))
+                    cleanse_steps=20, cleanse_images=100, quarter_epoch_factors=(1, 2),
+                    reference_finetune=((1, 0.01), (3, 0.05)))
 
 
 class Robustness:
@@ -276,17 +279,18 @@ class Robustness:
         if seed not in self._ft_refs:
             refs = self.rep.references(seed)
             x, y = self.owner_labelled
+            settings = self.sweep.reference_finetune
             rel = f"seed{seed}/references-finetuned"
             where = Path(self.args.reproduce_out) / rel
 
             def run(d: Path) -> dict:
-                models = finetuned_references(refs, x, y, FINETUNE_SETTINGS, seed=seed)
+                models = finetuned_references(refs, x, y, settings, seed=seed)
                 for name, m in models:
                     save_model(m, d / f"{name}.safetensors", name.split("+")[0], 10, self.data.classes)
                 return {"names": [n for n, _ in models],
                         "cta": {n: accuracy(m, self.rep.eval_images, self.rep.eval_labels) for n, m in models}}
 
-            rec = self.rep.units.run(rel, {"references": self.rep._refs_key[seed], "settings": FINETUNE_SETTINGS,
+            rec = self.rep.units.run(rel, {"references": self.rep._refs_key[seed], "settings": settings,
                                            "labelled": len(x)}, run, "fine-tuned references")
             self._ft_refs[seed] = (rec["key"], [(n, load_model(where / f"{n}.safetensors")[0].to(self.device))
                                           for n in rec["names"]])
@@ -852,7 +856,10 @@ def write_results(args, command: str, rob: Robustness, budget: int, labelled_n: 
                             "sweep": {"finetune": sweep.finetune, "prune": sweep.prune, "prune_finetune": sweep.prune_finetune,
                                       "purify": sweep.purify, "cleanse_steps": sweep.cleanse_steps,
                                       "cleanse_images": sweep.cleanse_images,
-                                      "quarter_epoch_factors": sweep.quarter_epoch_factors}},
+                                      "quarter_epoch_factors": sweep.quarter_epoch_factors,
+                                      # (named only where it is not verify's: full records stay mergeable)
+                                      **({"reference_finetune": sweep.reference_finetune}
+                                         if sweep.reference_finetune != FINETUNE_SETTINGS else {})}},
                "machine": machine_info(rob.device), "protections": rob.protections, "rows": rob.rows,
                "substitutes": substitutes, "goals": checks,
                "thief_picks": [{"variant": k[0], "oracle": k[1], **v} for k, v in picks.items()],

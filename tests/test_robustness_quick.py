@@ -196,7 +196,9 @@ def test_goal_list_follows_the_measured_rows(robustness):
     # that keep their accuracy within 20 pt (JPEG q50 does on every reference measured)
     names = [x["arch"] for x in prot["widened_reference"]]
     purified = [n for n in names if n.rsplit("+", 1)[-1] in {p for p, _ in r["protocol"]["sweep"]["purify"]}]
-    assert any(n.endswith("+jpeg-q50") for n in purified) and len(names) == 10 + len(purified)
+    copies = 2 * len(r["protocol"]["sweep"]["reference_finetune"])  # each of the 2 references, fine-tuned per setting
+    assert r["protocol"]["sweep"]["reference_finetune"] == [[1, 0.01], [3, 0.05]]  # --quick: 2 of verify's 4 settings
+    assert any(n.endswith("+jpeg-q50") for n in purified) and len(names) == 2 + copies + len(purified)
     assert g["victim CTA drop"]["pass"] == (-prot["cta_delta"] <= 0.002 + 1e-9)
     subs = [s for s in r["substitutes"] if s["oracle"] == "protected" and s["budget"] == budget and s["pool"] == "tin"]
     for s in subs:

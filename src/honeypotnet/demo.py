@@ -37,10 +37,11 @@ class DemoSizes:
     outer_iters: int = 6
     shadow_epochs: int = 2
     honeypot_steps: int = 300
+    thief_arch: str = "cnn"  # the thieves' network (both: the protected API's and the unprotected victim's)
 
 
 QUICK = DemoSizes(train=4000, test=1000, shadow=3000, pool=4000, budget=3000, victim_epochs=8, thief_epochs=10,
-                  reference_epochs=8, outer_iters=4, shadow_epochs=2, honeypot_steps=200)
+                  reference_epochs=8, outer_iters=4, shadow_epochs=2, honeypot_steps=200, thief_arch="cnn_small")
 
 
 def demo_config(sz: DemoSizes, seed: int = 0, preset: str = "spec") -> ProtectConfig:
@@ -94,10 +95,12 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, sizes: DemoSizes | N
     # 3. thieves: one against the protected API, the same one against the unprotected victim
     t = time.time()
     fitc = FitConfig(epochs=sz.thief_epochs, seed=seed + 7)
-    stolen = random_extraction(ModelOracle(bundle.model), pool.images, sz.budget, "cnn", train.num_classes, fitc, seed=seed, progress=progress)
+    stolen = random_extraction(ModelOracle(bundle.model), pool.images, sz.budget, sz.thief_arch, train.num_classes, fitc, seed=seed,
+                                progress=progress)
     timings["thief (protected)"] = time.time() - t
     t = time.time()
-    clean = random_extraction(ModelOracle(victim), pool.images, sz.budget, "cnn", train.num_classes, fitc, seed=seed, progress=progress)
+    clean = random_extraction(ModelOracle(victim), pool.images, sz.budget, sz.thief_arch, train.num_classes, fitc, seed=seed,
+                                progress=progress)
     timings["thief (clean)"] = time.time() - t
 
     # 4. verification of both suspects
