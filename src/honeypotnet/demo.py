@@ -95,12 +95,12 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, sizes: DemoSizes | N
     # 3. thieves: one against the protected API, the same one against the unprotected victim
     t = time.time()
     fitc = FitConfig(epochs=sz.thief_epochs, seed=seed + 7)
-    stolen = random_extraction(ModelOracle(bundle.model), pool.images, sz.budget, sz.thief_arch, train.num_classes, fitc, seed=seed,
-                                progress=progress)
+    stolen = random_extraction(ModelOracle(bundle.model), pool.images, sz.budget, sz.thief_arch, train.num_classes, fitc,
+                               seed=seed, progress=progress)
     timings["thief (protected)"] = time.time() - t
     t = time.time()
-    clean = random_extraction(ModelOracle(victim), pool.images, sz.budget, sz.thief_arch, train.num_classes, fitc, seed=seed,
-                                progress=progress)
+    clean = random_extraction(ModelOracle(victim), pool.images, sz.budget, sz.thief_arch, train.num_classes, fitc,
+                              seed=seed, progress=progress)
     timings["thief (clean)"] = time.time() - t
 
     # 4. verification of both suspects
