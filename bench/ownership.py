@@ -336,7 +336,8 @@ def arsenal_copies(reproduce_out: Path, arsenal_out: Path) -> list[dict]:
                 arch = f"{arch}, {s['trainer']} loop"
             out.append({"seed": seed, "protection": protection, "oracle": s["oracle"], "arch": arch,
                         "budget": s["budget"], "output": s["output"], "pool": "tin", "asr": s["asr"],
-                        "stolen": s["stolen"], "rel": f"{arsenal_out.name}/{s['rel']}", "dir": str(arsenal_out / s["rel"]),
+                        "stolen": s["stolen"], **{k: s[k] for k in ("hits", "n", "paired_p_value", "alpha") if k in s},
+                        "rel": f"{arsenal_out.name}/{s['rel']}", "dir": str(arsenal_out / s["rel"]),
                         "source": f"arsenal {part}", "bundle": f"seed{seed}/protect-{protection}/bundle"})
     return out
 

@@ -222,6 +222,43 @@ def test_quick_resume_skips_every_finished_unit(quick_run):
     assert again["substitutes"] == r["substitutes"] and "resumed" in buf.getvalue()
 
 
+@pytest.mark.slow
+def test_null_of_more_families_rejudges_every_copy_and_resumes(quick_run, shared_dir, cifar10_jpeg_root,
+                                                               tinyimagenet_root, tmp_path):
+    """bench.null_study --families on the quick reproduction: one clean reference of another family trained
+    (a unit in --out; nothing written to the reproduction), tau0 with the protocol's references is the bundle's,
+    with the family it can only rise, and every copy is re-judged under both by verify's own rule."""
+    from bench import null_study
+    from honeypotnet.verify import binomial_p_value
+
+    src, _, _, r = quick_run
+    before = sorted(p.relative_to(src) for p in src.rglob("*"))
+    argv = ["--quick", "--families", "cnn_small", "--reproduce-out", str(src), "--out", str(tmp_path / "nf"),
+            "--shared", str(shared_dir), "--cifar-root", str(cifar10_jpeg_root), "--tin-root", str(tinyimagenet_root),
+            "--device", "cpu"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        res = null_study.main(argv)
+    assert sorted(p.relative_to(src) for p in src.rglob("*")) == before  # the reproduction is only read
+    (row,) = res["results"]
+    (prot,) = r["protections"]
+    assert row["protection"] == "base" and row["tau0_before"] == prot["tau0"] and row["tau0_after"] >= row["tau0_before"]
+    assert [x["arch"] for x in row["reference"]] == [*protocol.QUICK.reference_archs, "cnn_small"]
+    subs = {(s["oracle"], s["budget"], s["output"], s["pool"]): s for s in r["substitutes"]}
+    assert len(row["copies"]) == len(subs) == row["protected"]["n"] + row["clean"]["n"]
+    for j in row["copies"]:
+        assert j["before"]["stolen"] == stolen_verdict(binomial_p_value(j["hits"], j["n"], row["tau0_before"]),
+                                                       j["paired_p_value"], protocol.QUICK.alpha)
+        assert j["after"]["stolen"] == stolen_verdict(binomial_p_value(j["hits"], j["n"], row["tau0_after"]),
+                                                      j["paired_p_value"], protocol.QUICK.alpha)
+        assert j["after"]["stolen"] <= j["before"]["stolen"]  # a higher tau0 never flags more
+    assert sum(j["before"]["stolen"] for j in row["copies"]) == sum(s["stolen"] for s in subs.values())
+    assert "references → + families" in (tmp_path / "nf" / "null-families.md").read_text()
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        again = null_study.main(argv)  # the reference is a unit: resumed, the same verdicts
+    assert again["results"] == res["results"] and "reference cnn_small" in buf.getvalue() and "resumed" in buf.getvalue()
+
+
 def test_thief_pools_never_hold_the_owners_or_the_test_images(shared_dir, cifar10_jpeg_root, tinyimagenet_root):
     """The in-distribution pool is CIFAR-10 train images the owner never gave protect (nor test images:
     verification), the mixed pool half of it and half Tiny ImageNet, each as large as the Tiny ImageNet pool."""

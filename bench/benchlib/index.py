@@ -124,6 +124,9 @@ def describe(data: dict) -> str:
         parts += [f"{data.get('mode', '?')} protocol", _seeds(proto.get("seeds", []))]
         if data.get("ablation"):
             parts.append(f"ablation `{data['ablation']}`")
+    elif script == "null_study" and data.get("study") == "families":
+        parts += [f"references of {', '.join(f'`{a}`' for a in data.get('families', []))} added to the null",
+                  f"{len(data.get('results', []))} protections re-judged", f"from `{data.get('reproduce_out', '?')}`"]
     elif script == "null_study":
         parts += [f"{len(data.get('results', []))} protections re-judged",
                   f"from `{str(data.get('robustness', '?')).replace(str(REPO) + '/', '')}`"]
