@@ -33,9 +33,8 @@ from pathlib import Path
 
 import torch
 
-from honeypotnet.bundle import load_bundle, load_model
+from honeypotnet.bundle import load_bundle, load_model, save_model
 from honeypotnet.data import load_dataset
-from honeypotnet.bundle import save_model
 from honeypotnet.training import FitConfig, accuracy
 from honeypotnet.verify import binomial_p_value, calibrate_tau0, stolen_verdict, train_reference_models
 
@@ -67,10 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--arsenal-out", nargs="*", default=[], metavar="DIR",
                    help="--families: bench.arsenal runs made from the reproduction (their copies are re-judged too)")
     args = ap.parse_args(argv)
-    if args.families:
-        args.reproduce_out = args.reproduce_out or str(default_out("reproduce", args.quick))
-        return finish_common_args(args, "null-families")
     args.reproduce_out = args.reproduce_out or str(default_out("reproduce", args.quick))
+    if args.families:
+        return finish_common_args(args, "null-families")
     args.robustness = args.robustness or str(default_out("robustness", args.quick) / "robustness.json")
     return finish_common_args(args, NAME)
 
@@ -163,22 +161,20 @@ def judge(c: dict, tau0: float, alpha: float) -> dict:
 
 
 def families_main(args, argv) -> dict:
-    from .ownership import copies, label_of  # the copies' list as bench.ownership reads it
+    from .ownership import copies, label_of, verification_set  # the copies and images as bench.ownership reads them
 
     p = QUICK if args.quick else FULL
     src = Path(args.reproduce_out)
-    cifar_root, _ = resolve_roots(args)
-    test = load_dataset("imagefolder", cifar_root, "test")
-    calib, _ = split_per_class(test.labels, len(test.classes), p.calib_per_class, p.verify_per_class)
+    _, _, calib_images, calib_labels = verification_set(args, p)
     rows = [c for c in copies(src, [Path(a) for a in args.arsenal_out]) if c["seed"] == args.seed and "hits" in c]
     protections = args.protection or sorted({c["protection"] for c in rows})
-    base = [(a, m.eval()) for a, m in load_references(src, args.seed, p.reference_archs)]
+    base = load_references(src, args.seed, p.reference_archs)
     extra = family_references(args, p, src, args.seed)
     results = []
     for name in protections:
         b = load_bundle(src / f"seed{args.seed}" / f"protect-{name}" / "bundle")
-        before = calibrate_tau0(base, b.trigger, test.images[calib], test.labels[calib], b.target)
-        after = calibrate_tau0(base + extra, b.trigger, test.images[calib], test.labels[calib], b.target)
+        before = calibrate_tau0(base, b.trigger, calib_images, calib_labels, b.target)
+        after = calibrate_tau0(base + extra, b.trigger, calib_images, calib_labels, b.target)
         if abs(before.tau0 - b.tau0) > 1e-9:
             raise SystemExit(f"{name}: tau0 recomputed {before.tau0} != the bundle's {b.tau0} (other references?)")
         judged = []
