@@ -71,6 +71,7 @@ CREATE TABLE IF NOT EXISTS reservations (
 );
 """
 USAGE_SCHEMA = "CREATE TABLE usage (key TEXT PRIMARY KEY, images INTEGER NOT NULL)"
+OPEN_WAIT_S = 30.0  # how long opening the log waits for other processes opening or writing it
 DEFAULT_TIMEOUT_S = 2.0  # how long a log call waits for its turn and for SQLite's write lock
 RESERVATION_TTL_S = 3600.0  # a reservation older than this (its request long gone) no longer counts
 
@@ -125,9 +126,9 @@ class QueryLog:
                     raise ValueError(f"cannot create query log {self.path}: {e}") from e
         try:
             self._conn = sqlite3.connect(str(self.path) if self.path else ":memory:", check_same_thread=False,
-                                         isolation_level=None, timeout=30)
+                                         isolation_level=None, timeout=OPEN_WAIT_S)
             if self.path is not None:
-                mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                mode = _switch_to_wal(self._conn, OPEN_WAIT_S)
                 if str(mode).lower() != "wal":
                     raise sqlite3.OperationalError(f"could not switch to WAL mode (got {mode})")
                 self._conn.execute("PRAGMA synchronous=NORMAL")
@@ -251,6 +252,24 @@ class QueryLog:
             pass  # left to the next server's reserve (this process will be gone)
         with self._lock:
             self._conn.close()
+
+
+def _switch_to_wal(conn: sqlite3.Connection, wait_s: float) -> str:
+    """PRAGMA journal_mode=WAL, retried while another process holds the lock it needs, for up to wait_s.
+
+    SQLite answers "database is locked" to this pragma at once, without its busy wait, when another
+    connection is opening the same new file at the same moment (several server processes started
+    together); the schema statements after it do wait. Returns the journal mode SQLite reports."""
+    deadline = time.monotonic() + wait_s
+    pause = 0.002
+    while True:
+        try:
+            return str(conn.execute("PRAGMA journal_mode=WAL").fetchone()[0])
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) and "busy" not in str(e) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(0.1, 2 * pause)
 
 
 @contextmanager
