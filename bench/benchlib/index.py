@@ -87,6 +87,11 @@ def _command(data: dict) -> str:
     return cmd if len(cmd) <= 180 else cmd[:177] + "…"
 
 
+def _count(n: int, noun: str) -> str:
+    """n and the noun, plural unless n is 1: 1 protection, 4 protections."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _seeds(xs) -> str:
     xs = sorted(set(xs))
     if len(xs) > 2 and xs == list(range(xs[0], xs[-1] + 1)):
@@ -126,9 +131,10 @@ def describe(data: dict) -> str:
             parts.append(f"ablation `{data['ablation']}`")
     elif script == "null_study" and data.get("study") == "families":
         parts += [f"references of {', '.join(f'`{a}`' for a in data.get('families', []))} added to the null",
-                  f"{len(data.get('results', []))} protections re-judged", f"from `{data.get('reproduce_out', '?')}`"]
+                  _count(len(data.get('results', [])), "protection") + " re-judged",
+                  f"from `{data.get('reproduce_out', '?')}`"]
     elif script == "null_study":
-        parts += [f"{len(data.get('results', []))} protections re-judged",
+        parts += [_count(len(data.get('results', [])), "protection") + " re-judged",
                   f"from `{str(data.get('robustness', '?')).replace(str(REPO) + '/', '')}`"]
     elif script == "self_audit":
         parts.append(f"{len(data.get('rows', []))} protections audited")
