@@ -142,6 +142,7 @@ class Arsenal:
                            "clean": _file_key(src / "victim" / "victim.safetensors")}
         self.answers = {"protected": self._pool_answers("protected", seed_dir / "pool-answers" / "answers.pt"),
                         "clean": self._pool_answers("clean", src / "victim" / "pool-answers" / "answers.pt")}
+        self.verifier = _verifier_key(self.bundle)
         self.eval_images = data.test_images[data.eval_idx]
         self.eval_labels = data.test_labels[data.eval_idx]
         self.verif_images = data.test_images[data.verif]
@@ -195,6 +196,20 @@ class Arsenal:
                 "paired_p_value": v.paired_p_value, "stolen": v.stolen,
                 "verdict": v.verdict, "clean_accuracy": v.clean_accuracy, "stamped_accuracy": v.stamped_accuracy}
 
+    def verified(self, rec: dict, stage: str) -> dict:
+        """rec (a finished thief unit with its substitute.safetensors) with its evaluation taken from a unit keyed on
+        the thief's unit and this bundle's trigger, target and tau0. The thief's own unit is keyed on the model it
+        queried; for a clean twin that is the victim, which does not name the protection, so the verdict stored in
+        it may be another bundle's (a twin's unit reused against another protection of the same victim)."""
+        rel = rec["rel"]
+
+        def run(d: Path) -> dict:
+            sub, _ = load_model(self.out / rel / "substitute.safetensors")
+            return self.evaluate(sub.to(self.device))
+
+        v = self.units.run(f"{rel}/verify", {"thief": rec["key"], "verifier": self.verifier}, run, stage)
+        return {**rec, **_eval_fields(v)}
+
     # ------------------------------------------------------------------ thieves
     def thief(self, oracle: str, strategy: str, budget: int, mode: str, arch: str | None = None) -> dict:
         """One extraction (honeypotnet.active.extract) by the protocol's thief, or by a thief of `arch`."""
@@ -223,14 +238,14 @@ class Arsenal:
             rounds = [{k: v for k, v in r.items() if k in ("round", "bought", "picked_percentile", "picked_mean",
                                                           "candidates_mean", "radius_before", "radius_after",
                                                           "select_seconds")} for r in res.rounds]
-            return {"queries": len(res.indices), "rounds": rounds, **self.evaluate(res.substitute)}
+            return {"queries": len(res.indices), "rounds": rounds}  # its evaluation: verified()
 
         stage = f"thief ({oracle})" if mode == "probs" else f"thief ({oracle}, {mode})"
         if arch != p.arch:
             stage = f"thief ({oracle}, {arch}{'' if mode == 'probs' else ', ' + mode})"
         rec = self.units.run(rel, params, run, stage)
         rec.update(rel=rel, oracle=oracle, strategy=strategy, budget=budget, output=mode, arch=arch)
-        return rec
+        return self.verified(rec, "verification")
 
     def adam_thief(self, oracle: str, budget: int, mode: str) -> dict:
         """A thief whose training loop is not the project's `fit`: the random thief's images and answers
@@ -257,12 +272,12 @@ class Arsenal:
                               seed=p.seed, device=self.device, progress=self.progress)
             save_model(model, d / "substitute.safetensors", p.arch, 10, self.data.classes, oracle=oracle,
                        strategy="random", budget=budget, output=mode, trainer="adam")
-            return {"queries": orc.queries, "losses": [round(v, 4) for v in losses], **self.evaluate(model)}
+            return {"queries": orc.queries, "losses": [round(v, 4) for v in losses]}  # its evaluation: verified()
 
         stage = f"thief ({oracle}, Adam{'' if mode == 'probs' else ', ' + mode})"
         rec = self.units.run(rel, params, run, stage)
         rec.update(rel=rel, oracle=oracle, strategy="random", budget=budget, output=mode, arch=p.arch)
-        return rec
+        return self.verified(rec, "verification")
 
     def _row(self, rec: dict, **extra) -> dict:
         keep = ("oracle", "strategy", "budget", "output", "arch", "queries", "cta", "asr", "hits", "n", "unstamped_rate", "tau0",
@@ -365,8 +380,10 @@ class Arsenal:
                     return {"nc": nc.to_dict(), "target_anomaly": nc.anomaly_index[t], "target_flagged": t in nc.flagged,
                             "any_flagged": bool(nc.flagged), "target_norm_rank": sorted(nc.norms).index(nc.norms[t])}
 
+                # the verifier joins the key: the measured model is not kept, and a clean twin's key names no bundle
                 rec = self.units.run(rel, {"substitute": base["key"], "measure": cfg, "clean": p.cm_clean,
-                                           "clean_seed": 4321, "seed": p.seed}, run, f"counter-measure ({cfg['kind']})")
+                                           "clean_seed": 4321, "seed": p.seed, "verifier": self.verifier}, run,
+                                     f"counter-measure ({cfg['kind']})")
                 row = {"oracle": oracle, "measure": label, "cta_before": before["cta"], "asr_before": before["asr"],
                        "seconds": rec["seconds"], "resumed": rec.get("resumed", False), "rel": rel}
                 if cfg["kind"] == "nc":
@@ -404,11 +421,12 @@ class Arsenal:
                                       epochs=p.art_epochs, seed=p.seed, device_type=dev_type)
                     save_model(theft.substitute.cpu(), d / "substitute.safetensors", p.arch, 10, self.data.classes,
                                art_attack=attack, wrap=wrap, oracle=oracle, budget=budget)
-                    return {"queries": theft.queries, **self.evaluate(theft.substitute.to(self.device))}
+                    return {"queries": theft.queries}  # its evaluation: verified()
 
                 rec = self.units.run(rel, {"model": self.model_keys[oracle], "attack": attack, "wrap": wrap, "budget": budget,
                                            "arch": p.arch, "epochs": p.art_epochs, "seed": p.seed, "eval": len(self.eval_labels),
                                            "tau0": self.bundle.tau0}, run, f"ART ({oracle})")
+                rec = self.verified({**rec, "rel": rel}, "verification")
                 row = {"attack": attack, "wrap": wrap, "oracle": oracle, "budget": budget, "queries": rec["queries"],
                        **_eval_fields(rec), "seconds": rec["seconds"], "resumed": rec.get("resumed", False)}
                 self.rows["art"].append(row)
@@ -472,6 +490,17 @@ def _tensor_digest(t: torch.Tensor) -> str:
     import hashlib
 
     return hashlib.blake2b(t.contiguous().numpy().tobytes(), digest_size=16).hexdigest()
+
+
+def _verifier_key(bundle) -> str:
+    """Content hash of what a verdict depends on besides the suspect: the bundle's trigger, target and tau0."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in sorted(bundle.trigger.state_dict().items()):
+        h.update(name.encode() + t.detach().cpu().contiguous().numpy().tobytes())
+    h.update(repr((bundle.target, bundle.tau0)).encode())
+    return h.hexdigest()
 
 
 def _file_key(path: Path) -> str:

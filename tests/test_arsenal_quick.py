@@ -168,3 +168,48 @@ def test_tables_plot_and_resume(arsenal):
     strip = lambda rows: [{k: v for k, v in x.items() if k not in ("resumed", "seconds")} for x in rows]  # noqa: E731
     assert strip(again["strategies"]) == strip(r["strategies"]) and strip(again["counter"]) == strip(r["counter"])
     assert strip(again["art"]) == strip(r["art"]) and strip(again["families"]) == strip(r["families"])
+
+
+
+def test_a_twin_reused_against_another_protection_is_verified_with_that_protection(arsenal, tmp_path):
+    """A clean twin's training depends on the victim only, so its unit is reused by a run against another protection
+    of the same victim and tau0; its verdict must then come from that protection's trigger, not the stored one."""
+    import argparse
+    import shutil
+
+    import torch
+
+    from bench.benchlib.protocol import QUICK as PROTOCOL
+    from bench.ownership import verification_set
+    from honeypotnet.bundle import load_bundle, load_model, save_bundle
+    from honeypotnet.verify import verify
+
+    out, argv, _, r = arsenal
+    value = lambda flag: argv[argv.index(flag) + 1]  # noqa: E731
+    source = Path(value("--from-reproduce"))
+    rep = tmp_path / "reproduce"  # the same victim file (copytree keeps its modification time: its key), another trigger
+    shutil.copytree(source / "victim", rep / "victim")
+    prot = rep / "seed0" / "protect-base"
+    b = load_bundle(source / "seed0" / "protect-base" / "bundle")
+    with torch.no_grad():
+        b.trigger.pattern.copy_(-b.trigger.pattern.flip(-1))  # another trigger within the same bound
+    m = b.manifest
+    save_bundle(prot / "bundle", b.model, b.trigger, arch="resnet20", target=b.target, classes=m["classes"],
+                config=m["config"], verification=m["verification"])
+    shutil.copytree(source / "seed0" / "protect-base" / "pool-answers", prot / "pool-answers")
+    assert load_bundle(prot / "bundle").tau0 == b.tau0
+    twin = next(x for x in r["strategies"] if x["oracle"] == "clean" and x["strategy"] == "random" and x["budget"] == 500)
+    reused = tmp_path / "arsenal"
+    shutil.copytree(out / twin["rel"], reused / twin["rel"])  # the twin's units, its verify unit the first bundle's
+
+    res, _ = _run(["--quick", "--from-reproduce", str(rep), "--out", str(reused), "--shared", value("--shared"),
+                   "--cifar-root", value("--cifar-root"), "--tin-root", value("--tin-root"), "--device", "cpu",
+                   "--no-progress", "--resume", "--parts", "strategies", "--strategies", "random", "--budgets", "5000"])
+    units = {u["unit"]: u["resumed"] for u in res["units"]}
+    assert units[twin["rel"]] is True and units[twin["rel"] + "/verify"] is False  # trained once, verified again
+    row = next(x for x in res["strategies"] if x["oracle"] == "clean")
+    images, labels, _, _ = verification_set(argparse.Namespace(cifar_root=value("--cifar-root")), PROTOCOL)
+    sub, _ = load_model(reused / twin["rel"] / "substitute.safetensors")
+    v = verify(sub.eval(), load_bundle(prot / "bundle").trigger, images, labels, b.target, b.tau0, r["plan"]["alpha"])
+    assert (row["hits"], row["n"], row["stolen"]) == (v.hits, v.n, v.stolen) and row["cta"] == twin["cta"]
+    assert row["hits"] != twin["hits"]  # what the reused unit had stored: the first trigger's answers
