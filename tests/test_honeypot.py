@@ -177,6 +177,27 @@ def test_shadow_finetune_option_changes_the_trigger():
         SPEC(shadow_finetune_lr=0)
 
 
+def test_shadows_of_more_families_join_the_trigger_step_and_resume(toy_victim, tmp_path):
+    """shadow.more_archs adds shadows of other families, extracted every iteration like the shadow and optimised
+    against by the trigger step: another trigger from the same seed, their inherited ASR in the history, their state
+    in the checkpoint (1 + 1 iterations resume to the 2-iteration run); off, the configuration hashes as before."""
+    victim, shadow, owner = toy_victim
+    owner = owner.images
+    kw = dict(shadow_arch="cnn_small", shadow_epochs=1, trigger_passes=1, honeypot_steps=10, seed=4)
+    plain = protect(victim, shadow, owner, SPEC(outer_iters=2, **kw), progress=False)
+    cfg = SPEC(outer_iters=2, shadow_more_archs="vgg_small", **kw)
+    more = protect(victim, shadow, owner, cfg, progress=False)
+    assert not torch.allclose(plain.trigger.pattern, more.trigger.pattern)
+    assert all(0 <= h["shadow1_vgg_small_asr"] <= 1 for h in more.history)
+    protect(victim, shadow, owner, cfg.override({"loop.outer_iters": 1}), checkpoint_dir=tmp_path, progress=False)
+    resumed = protect(victim, shadow, owner, cfg, checkpoint_dir=tmp_path, progress=False)
+    assert torch.allclose(more.trigger.pattern, resumed.trigger.pattern, atol=1e-6)
+    assert SPEC().hash() == SPEC(shadow_more_archs="").hash() != cfg.hash()
+    assert SPEC(shadow_more_archs=" mobilenetv2_small , cnn ").more_shadow_archs() == ["mobilenetv2_small", "cnn"]
+    with pytest.raises(ValueError, match="unknown architecture"):
+        SPEC(shadow_more_archs="cnn,no_such_net")
+
+
 def test_blur_in_the_trigger_step_makes_the_trigger_survive_a_blur(near_copy):
     """trigger_blur=b also feeds each batch Gaussian-blurred (σ ~ U(b/4, b)) to the model: the trigger
     moves blurred stamped images (purify, σ 0.5) to the target clearly more often than the plain UAP

@@ -32,7 +32,7 @@ CONFIG_VERSION = 2
 GROUPS = ("trigger", "head", "shadow", "thief", "negatives", "loop")
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 # options added after CONFIG_VERSION 2, with the value that keeps the behaviour from before them (ProtectConfig.identity)
-HASH_NEUTRAL = {"trigger.blur_split": False, "negatives.once": 0, "head.owner_flip": 0.0}
+HASH_NEUTRAL = {"trigger.blur_split": False, "negatives.once": 0, "head.owner_flip": 0.0, "shadow.more_archs": ""}
 
 
 def _f(default, group: str, key: str, doc: str):
@@ -86,6 +86,10 @@ class ProtectConfig:
                                                                   "negative shadows also query and the trigger is "
                                                                   "optimised on (a thief with images like the "
                                                                   "owner's); 0 = the shadow set only")
+    shadow_more_archs: str = _f("", "shadow", "more_archs", "comma-separated architectures of further shadows, each "
+                                                            "extracted like the shadow every iteration and joining "
+                                                            "the trigger step (thieves of other families); '' = the "
+                                                            "one shadow")
     # [thief] ---------------------------------------------------------------------------------------------
     shadow_finetune_epochs: int = _f(2, "thief", "finetune_epochs", "epochs a copy of the shadow is fine-tuned on "
                                                                      "owner images each iteration; 0 = off")
@@ -150,7 +154,7 @@ class ProtectConfig:
              "negatives.finetune_epochs > 0 fine-tunes the negative shadows: it needs negatives.weight > 0")
         known = list_models()
         listed = [a.strip() for a in self.negative_archs.split(",") if a.strip()]  # checked even while off
-        bad = [a for a in [self.shadow_arch, *listed] if a not in known]
+        bad = [a for a in [self.shadow_arch, *listed, *self.more_shadow_archs()] if a not in known]
         need(not bad, f"unknown architecture(s) {bad}; known: {known}")
 
     # ----------------------------------------------------------------------------------- derived
@@ -159,6 +163,10 @@ class ProtectConfig:
         if not self.negative_weight > 0:
             return []
         return [a.strip() for a in self.negative_archs.split(",") if a.strip()] or [self.shadow_arch]
+
+    def more_shadow_archs(self) -> list[str]:
+        """The architectures of the further shadows (shadow.more_archs; [] by default)."""
+        return [a.strip() for a in self.shadow_more_archs.split(",") if a.strip()]
 
     def simulates_finetuning(self) -> bool:
         """Whether the loop fine-tunes copies of the shadows on the simulated thief's labelled set."""

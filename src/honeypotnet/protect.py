@@ -145,6 +145,10 @@ def _run(victim, shadow_images, owner_images, cfg, num_classes, checkpoint_dir, 
     trigger = (Trigger.uap(size, cfg.eps) if cfg.trigger == "uap"
                else Trigger.patch(size, cfg.patch_size, seed=cfg.seed)).to(device)
     shadow = create_model(cfg.shadow_arch, k).to(device)
+    more = []  # shadow.more_archs: shadows of other families, extracted like the shadow
+    for i, arch in enumerate(cfg.more_shadow_archs()):
+        torch.manual_seed(stream(cfg, "shadow-more-init", 0, i))
+        more.append(create_model(arch, k).to(device))
     if digest is None:
         data = fingerprint(victim, shadow_images, owner_images)
     else:  # the pixels' hash stands for the images (so a checkpoint of the same images as tensors differs)
@@ -159,6 +163,8 @@ def _run(victim, shadow_images, owner_images, cfg, num_classes, checkpoint_dir, 
         opt.load_state_dict(state["opt"])
         trigger.load_state_dict(state["trigger"])
         shadow.load_state_dict(state["shadow"])
+        for m, sd in zip(more, state.get("shadow_more", [])):
+            m.load_state_dict(sd)
         negatives.load_state_dict(state)
         history = state["history"]
 
@@ -179,6 +185,11 @@ def _run(victim, shadow_images, owner_images, cfg, num_classes, checkpoint_dir, 
             torch.manual_seed(stream(cfg, "shadow-init", it))
             shadow = create_model(cfg.shadow_arch, k).to(device)
         simulate_extraction(shadow, honeypot, query_images, query_feats, cfg, it, progress=progress)
+        for i, arch in enumerate(cfg.more_shadow_archs()):
+            if not cfg.shadow_warm_start and it > 0:
+                torch.manual_seed(stream(cfg, "shadow-more-init", it, i))
+                more[i] = create_model(arch, k).to(device)
+            simulate_extraction(more[i], honeypot, query_images, query_feats, cfg, it, index=i + 1, progress=progress)
         inherited = attack_success_rate(shadow, trigger, shadow_images, cfg.target, n=1000, batch_size=bs)
         lap("shadow")
         negatives.extract(head, query_images, query_feats, it, progress)
@@ -189,12 +200,16 @@ def _run(victim, shadow_images, owner_images, cfg, num_classes, checkpoint_dir, 
             shadows.append(finetuned_copy(shadow, ft_images, ft_labels, epochs=cfg.shadow_finetune_epochs,
                                           lr=cfg.shadow_finetune_lr, seed=stream(cfg, "shadow-ft", it),
                                           progress=progress, desc=f"shadow fine-tune {it + 1}"))
+        shadows += more
         neg_ft = negatives.finetuned(ft_images, ft_labels, it, progress)
         lap("fine-tuned copies")
         # 2. the trigger
         generate_trigger(shadows, trigger, query_images, cfg, it, negatives.models + neg_ft, chunk=bs)
         lap("trigger")
         extra = {}
+        for i, (arch, m) in enumerate(zip(cfg.more_shadow_archs(), more)):
+            extra[f"shadow{i + 1}_{arch}_asr"] = attack_success_rate(m, trigger, shadow_images, cfg.target, n=1000,
+                                                                     batch_size=bs)
         for name, m in zip(negatives.names(), neg_ft):
             extra[name + "_ft_asr"] = attack_success_rate(m, trigger, shadow_images, cfg.target, n=1000, batch_size=bs)
         for name, m in zip(negatives.names(), negatives.models):
@@ -215,7 +230,8 @@ def _run(victim, shadow_images, owner_images, cfg, num_classes, checkpoint_dir, 
         history.append(record)
         save_state(checkpoint_dir, key, it + 1, history,
                    {"honeypot": honeypot.state_dict(), "opt": opt.state_dict(), "trigger": trigger.state_dict(),
-                    "shadow": shadow.state_dict(), **negatives.state_dict()})
+                    "shadow": shadow.state_dict(), **negatives.state_dict(),
+                    **({"shadow_more": [m.state_dict() for m in more]} if more else {})})
         lap("checkpoint")
         bar.update(1)
         bar.set_postfix(inherited=f"{inherited:.2f}", shadow_asr=f"{record['shadow_asr']:.2f}", fidelity=f"{fidelity:.3f}")
