@@ -142,7 +142,7 @@ class Arsenal:
                            "clean": _file_key(src / "victim" / "victim.safetensors")}
         self.answers = {"protected": self._pool_answers("protected", seed_dir / "pool-answers" / "answers.pt"),
                         "clean": self._pool_answers("clean", src / "victim" / "pool-answers" / "answers.pt")}
-        self.verifier = _verifier_key(self.bundle)
+        self.verifier = self.bundle.bundle_hash  # its trigger, target and tau0 among the rest: what a verdict depends on
         self.eval_images = data.test_images[data.eval_idx]
         self.eval_labels = data.test_labels[data.eval_idx]
         self.verif_images = data.test_images[data.verif]
@@ -198,9 +198,9 @@ class Arsenal:
 
     def verified(self, rec: dict, stage: str) -> dict:
         """rec (a finished thief unit with its substitute.safetensors) with its evaluation taken from a unit keyed on
-        the thief's unit and this bundle's trigger, target and tau0. The thief's own unit is keyed on the model it
-        queried; for a clean twin that is the victim, which does not name the protection, so the verdict stored in
-        it may be another bundle's (a twin's unit reused against another protection of the same victim)."""
+        the thief's unit and this bundle's hash (which covers its trigger, target and tau0). The thief's own unit is
+        keyed on the model it queried; for a clean twin that is the victim, which does not name the protection, so
+        the verdict stored in it may be another bundle's (a twin's unit reused against another protection)."""
         rel = rec["rel"]
 
         def run(d: Path) -> dict:
@@ -490,17 +490,6 @@ def _tensor_digest(t: torch.Tensor) -> str:
     import hashlib
 
     return hashlib.blake2b(t.contiguous().numpy().tobytes(), digest_size=16).hexdigest()
-
-
-def _verifier_key(bundle) -> str:
-    """Content hash of what a verdict depends on besides the suspect: the bundle's trigger, target and tau0."""
-    import hashlib
-
-    h = hashlib.blake2b(digest_size=16)
-    for name, t in sorted(bundle.trigger.state_dict().items()):
-        h.update(name.encode() + t.detach().cpu().contiguous().numpy().tobytes())
-    h.update(repr((bundle.target, bundle.tau0)).encode())
-    return h.hexdigest()
 
 
 def _file_key(path: Path) -> str:

@@ -170,7 +170,6 @@ def test_tables_plot_and_resume(arsenal):
     assert strip(again["art"]) == strip(r["art"]) and strip(again["families"]) == strip(r["families"])
 
 
-
 def test_a_twin_reused_against_another_protection_is_verified_with_that_protection(arsenal, tmp_path):
     """A clean twin's training depends on the victim only, so its unit is reused by a run against another protection
     of the same victim and tau0; its verdict must then come from that protection's trigger, not the stored one."""
