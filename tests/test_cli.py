@@ -40,6 +40,30 @@ def test_the_installed_console_script_and_the_module_run_as_processes():
         assert all(verb in r.stdout for verb in VERBS), r.stdout
 
 
+def test_help_and_option_errors_answer_without_importing_torch():
+    """Building the parser (every verb's --help, a mistyped option) and `import honeypotnet` import neither torch nor
+    the libraries it pulls in, so they answer at once; the package's names still resolve to what they were."""
+    code = f"""
+import sys
+import honeypotnet
+from honeypotnet.cli import main
+for argv in [["--help"], *[[verb, "--help"] for verb in {list(VERBS)!r}], ["train", "--frobnicate"]]:
+    try:
+        main(argv)
+    except SystemExit as e:
+        assert e.code == (2 if "--frobnicate" in argv else 0), (argv, e.code)
+heavy = sorted({{m.split(".")[0] for m in sys.modules}} & {{"torch", "torchvision", "scipy", "numpy", "fastapi"}})
+print("HEAVY", heavy)
+from honeypotnet import protect, verify
+import honeypotnet.protect
+print("NAMES", type(protect).__name__, type(honeypotnet.protect).__name__, type(honeypotnet.verify).__name__)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "HEAVY []" in r.stdout, r.stdout[-500:]
+    assert "NAMES function function function" in r.stdout
+
+
 @pytest.mark.parametrize("verb", VERBS)
 def test_every_verb_has_help(verb, capsys):
     rc, out, err = call(capsys, verb, "--help")

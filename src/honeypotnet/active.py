@@ -44,11 +44,11 @@ from tqdm.auto import tqdm
 
 from . import attacks as _attacks
 from .models import create_model, split_classifier
+from .names import STRATEGIES
 from .oracles import Oracle
 from .ops import atomic_torch_save, batched_forward, to_float
 from .training import FitConfig, fit, predict_logits
 
-STRATEGIES = ("random", "entropy", "kcenter", "dfal")
 STATE_VERSION = 1
 
 

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .names import OUTPUT_MODES
 from .ops import to_float
 from .training import predict_logits
 
-OUTPUT_MODES = ("probs", "topk", "rounded", "label")
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,6 @@ import re
 import sys
 from pathlib import Path
 
-import torch
-
-from ..ops import atomic_write_json
-
 log = logging.getLogger("honeypotnet")
 
 
@@ -97,6 +93,8 @@ def load_data(args, prefix: str, size: int | None = None, split: str | None = No
     stream: a file dataset (imagefolder, folder, tinyimagenet) larger than stream_threshold() comes as a
     FileSource read batch by batch instead (the same images, with the same attributes: images, labels,
     classes, name)."""
+    import torch
+
     from ..data import ImageSource, load_dataset
 
     name, default_split, limit = dataset_spec(args, prefix)
@@ -120,6 +118,8 @@ def load_data(args, prefix: str, size: int | None = None, split: str | None = No
 
 
 def write_json(path: str | Path, obj) -> None:
+    from ..ops import atomic_write_json
+
     atomic_write_json(path, obj)
 
 
@@ -140,7 +140,9 @@ def device_arg(p: argparse.ArgumentParser) -> None:
                    help="where to compute (default auto: a GPU when there is one)")
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str) -> "torch.device":
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -197,6 +199,8 @@ def load_victim(path: str, arch: str | None, normalize: str = "imagenet"):
 
 def infer_num_classes(arch: str, path: str) -> int:
     """The number of classes of a state-dict victim: the rows of its last Linear's weight."""
+    import torch
+
     from ..models import create_model, find_head
 
     if path.endswith(".th"):  # a CIFAR ResNet checkpoint: its loader checks and reports the classes

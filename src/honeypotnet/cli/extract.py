@@ -9,8 +9,7 @@ from .common import log, DATASETS, dataset_args, device_arg, load_any_model, loa
 
 
 def add(sub) -> None:
-    from ..active import STRATEGIES
-    from ..oracles import OUTPUT_MODES
+    from ..names import OUTPUT_MODES, STRATEGIES
 
     s = sub.add_parser("extract", help="simulate a thief: query an oracle, train a substitute", epilog=DATASETS)
     s.add_argument("oracle", help="bundle directory or model file the thief queries, or an http(s) URL "

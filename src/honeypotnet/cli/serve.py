@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from ..oracles import OUTPUT_MODES
+from ..names import OUTPUT_MODES
 from .common import write_json
 
 

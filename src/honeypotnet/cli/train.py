@@ -4,8 +4,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
-
 from .common import log, DATASETS, dataset_args, device_arg, load_data, resolve_device, write_json
 
 
@@ -26,6 +24,8 @@ def add(sub) -> None:
 
 
 def run(args) -> int:
+    import torch
+
     from ..bundle import save_model
     from ..models import create_model
     from ..training import FitConfig, accuracy, fit
