@@ -20,6 +20,8 @@ from honeypotnet.data.files import unpack_archive_once
 
 tune_allocator()  # as the CLI's compute verbs and the benchmarks do: the suite trains torch models in-process
 
+pytest_plugins = ("pytester",)  # tests/test_bundle.py runs a small pytest session of this conftest in-process
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REQUIRE_SHARED_ENV = "HONEYPOTNET_REQUIRE_SHARED"
 

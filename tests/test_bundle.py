@@ -329,44 +329,38 @@ def test_own_file(missing_shared):
 '''
 
 
-def _run_with_shared(tmp_path, shared, require: str | None) -> tuple[int, dict, str]:
-    """A tiny pytest run (tests/conftest.py and three tests that need shared data) in a subprocess, with
-    HONEYPOTNET_SHARED=`shared`; returns (exit status, {outcome: count}, output)."""
-    import os
-    import re
-    import subprocess
-    import sys
+def _run_with_shared(pytester, monkeypatch, tmp_path, shared, require: str | None) -> tuple[int, dict, str]:
+    """A tiny pytest session (a copy of tests/conftest.py and three tests that need shared data), run in this
+    process by pytester, with HONEYPOTNET_SHARED=`shared`; returns (exit status, {outcome: count}, output)."""
     from pathlib import Path
 
-    root = tmp_path / "suite"
-    root.mkdir(parents=True)
-    shutil.copy(Path(__file__).with_name("conftest.py"), root / "conftest.py")
-    (root / "test_needs_shared.py").write_text(_NEEDS_SHARED)
-    env = {k: v for k, v in os.environ.items() if k != "HONEYPOTNET_REQUIRE_SHARED"}
-    env.update(HONEYPOTNET_SHARED=str(shared), HONEYPOTNET_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
-    if require is not None:
-        env["HONEYPOTNET_REQUIRE_SHARED"] = require
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "--rootdir", str(root), str(root)],
-                          capture_output=True, text=True, env=env, cwd=root, timeout=600)
-    out = proc.stdout + proc.stderr
-    summary = out.strip().splitlines()[-1]
-    counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|errors?|skipped)", summary)}
-    return proc.returncode, {("error" if k == "errors" else k): v for k, v in counts.items()}, out
+    pytester.makeconftest(Path(__file__).with_name("conftest.py").read_text())
+    pytester.makepyfile(test_needs_shared=_NEEDS_SHARED)
+    monkeypatch.setenv("HONEYPOTNET_SHARED", str(shared))
+    monkeypatch.setenv("HONEYPOTNET_CACHE", str(tmp_path / "cache"))
+    if require is None:
+        monkeypatch.delenv("HONEYPOTNET_REQUIRE_SHARED", raising=False)
+    else:
+        monkeypatch.setenv("HONEYPOTNET_REQUIRE_SHARED", require)
+    res = pytester.runpytest_inprocess("-q", "-rA", "-p", "no:cacheprovider")
+    out = str(res.stdout) + str(res.stderr)
+    counts = {k: v for k, v in res.parseoutcomes().items() if v}
+    return int(res.ret), {("error" if k == "errors" else k): v for k, v in counts.items()}, out
 
 
-def test_required_shared_data_fails_instead_of_skipping(tmp_path):
+def test_required_shared_data_fails_instead_of_skipping(pytester, monkeypatch, tmp_path):
     empty = tmp_path / "empty-shared"
     empty.mkdir()
-    rc, counts, out = _run_with_shared(tmp_path, empty, "1")
+    rc, counts, out = _run_with_shared(pytester, monkeypatch, tmp_path, empty, "1")
     # the folder is there, its tarball and the weights are not: one pass, the two others fail (not skip)
     assert rc == 1 and counts == {"passed": 1, "failed": 1, "error": 1}, out
     assert "cifar10-jpeg.tar.gz not present (HONEYPOTNET_REQUIRE_SHARED=1" in out and "no resnet99 weights here" in out
 
 
-def test_missing_shared_folder_fails_when_required_and_skips_otherwise(tmp_path):
+def test_missing_shared_folder_fails_when_required_and_skips_otherwise(pytester, monkeypatch, tmp_path):
     absent = tmp_path / "no-shared"
-    rc, counts, out = _run_with_shared(tmp_path / "required", absent, "1")
+    rc, counts, out = _run_with_shared(pytester, monkeypatch, tmp_path / "required", absent, "1")
     assert rc == 1 and counts == {"failed": 1, "error": 2}, out
     assert f"shared folder {absent} not present" in out
-    rc, counts, out = _run_with_shared(tmp_path / "optional", absent, None)
+    rc, counts, out = _run_with_shared(pytester, monkeypatch, tmp_path / "optional", absent, None)
     assert rc == 0 and counts == {"skipped": 3}, out
