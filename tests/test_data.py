@@ -337,6 +337,31 @@ def test_dispatcher_shapes():
     assert ds.images.shape == (16, 3, 24, 24) and ds.labels.shape == (16,)
 
 
+def test_shapes_made_once_per_process_each_caller_with_its_own_copy(monkeypatch):
+    """A split asked for again comes from the process's store, the same pixels, in tensors of the caller's own (what
+    one caller writes into them the next does not see); other sizes, seeds and lengths are made anew; the store
+    drops its least recently used splits beyond its byte budget."""
+    from honeypotnet.data import synthetic
+
+    monkeypatch.setattr(synthetic, "_CACHE", synthetic._Generated())
+    a = load_dataset("shapes", split="train", n=40, size=16)
+    b = load_dataset("shapes", split="train", n=40, size=16)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert a.images.data_ptr() != b.images.data_ptr() and a.labels.data_ptr() != b.labels.data_ptr()
+    a.images.zero_()
+    a.labels.fill_(3)
+    c = load_dataset("shapes", split="train", n=40, size=16)
+    assert torch.equal(c.images, b.images) and torch.equal(c.labels, b.labels)
+    assert not torch.equal(load_dataset("shapes", split="train", n=40, size=16, seed=1).images, c.images)
+    assert len(synthetic._CACHE.entries) == 2
+    one = 40 * 3 * 16 * 16
+    monkeypatch.setattr(synthetic._Generated, "CACHE_BYTES", 2 * one)  # room for two such splits
+    load_dataset("shapes", split="train", n=40, size=16)  # the seed-0 split, now the most recently used
+    load_dataset("shapes", split="shadow", n=40, size=16)
+    assert [k[0] for k in synthetic._CACHE.entries] == ["train", "shadow"]  # seed 1's split went first
+    assert synthetic._CACHE.entries.keys() == {("train", 40, 11, 16), ("shadow", 40, 37, 16)}
+
+
 # ----------------------------------------------------------------------------- real data (optional)
 
 
