@@ -185,6 +185,7 @@ VARIANTS: dict[str, dict] = {
     # are not the owner's task, and 1 -> 0.2 is what took the label-only CNN thief from 47.7% to 90.3%; aimed at the
     # label-only thieves of other families (MobileNetV2 16.8%, ConvMixer 75.6-95.7%)
     "robust-once24-snw0.05": {**ONCE24, "shadow_norm_weight": 0.05},
+    "robust-once24-snw0": {**ONCE24, "shadow_norm_weight": 0.0},  # the shadow set's answers left free
 }
 
 # the library default (ProtectConfig(), the "robust" preset; tests/test_robustness_quick.py checks they agree):
