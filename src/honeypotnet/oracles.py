@@ -15,7 +15,6 @@ from .ops import to_float
 from .training import predict_logits
 
 
-
 @dataclass(frozen=True)
 class OutputMode:
     """What the API returns: full probabilities, top-k probabilities (rest zero, renormalised

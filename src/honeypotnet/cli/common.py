@@ -7,6 +7,10 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where a verb runs, never to build the parser
+    import torch
 
 log = logging.getLogger("honeypotnet")
 
@@ -140,7 +144,7 @@ def device_arg(p: argparse.ArgumentParser) -> None:
                    help="where to compute (default auto: a GPU when there is one)")
 
 
-def resolve_device(name: str) -> "torch.device":
+def resolve_device(name: str) -> torch.device:
     import torch
 
     if name == "auto":

@@ -152,7 +152,11 @@ def make_shapes(split: str = "train", n: int | None = None, seed: int = 0, size:
     if n <= 0 or size < 8:
         raise DatasetError(f"'shapes' needs n > 0 and size >= 8, got n={n}, size={size}")
     key = (split, n, split_seed + 1000 * int(seed), int(size))
-    images, lab = _CACHE.get(key) or _generate(*key)
+    made = _CACHE.get(key)
+    if made is None:
+        made = _generate(*key)
+        _CACHE.put(key, made)
+    images, lab = made
     # each caller gets tensors of its own (a clone costs milliseconds, generating 8,000 images seconds)
     return ImageDataset(images.clone(), None if lab is None else lab.clone(), list(CLASSES), f"shapes/{split}")
 
@@ -192,6 +196,4 @@ def _generate(split: str, n: int, seed: int, size: int) -> tuple[torch.Tensor, t
         else:
             img = _clutter(m, seed + start, size)
         chunks.append(np.clip(np.rint(img * 255), 0, 255).astype(np.uint8))
-    value = (torch.from_numpy(np.concatenate(chunks)), torch.from_numpy(np.concatenate(labels)).long() if labels else None)
-    _CACHE.put((split, n, seed, size), value)
-    return value
+    return torch.from_numpy(np.concatenate(chunks)), torch.from_numpy(np.concatenate(labels)).long() if labels else None
