@@ -21,11 +21,14 @@ def step():
     a = torch.empty(16 << 20, dtype=torch.float32)  # 64 MiB, like a batch's activations
     a.fill_(1.0)
     return float(a[::4096].sum())
-step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(20):
+for _ in range(5):  # the heap's top settles in the first few steps
     step()
-print(json.dumps({"state": state, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
+faults = []
+for _ in range(20):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    step()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"state": state, "faults": faults}))
 """
 
 glibc = pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
@@ -43,11 +46,14 @@ def probe(mode: str, **env) -> dict:
 def test_tuned_allocator_reuses_freed_tensors():
     default, tuned = probe("default"), probe("tune")
     assert tuned["state"] == "tuned"
-    # 20 × 64 MiB: with glibc's defaults each allocation is a fresh mmap, faulted in page by page (≈ 16k pages
-    # of 4 KiB each time, 20 times); tuned, the heap keeps the freed block, faulted in a few times at most
-    # (measured: 0 to 3 blocks' worth, as the heap's top grows)
-    assert default["faults"] > 20 * 8000, default
-    assert tuned["faults"] < default["faults"] / 4, (default, tuned)
+    # 20 steps of 64 MiB each: with glibc's defaults every allocation is a fresh mmap, faulted in page by page
+    # (≈ 16k pages of 4 KiB, every step); tuned, the heap keeps the freed block and most steps fault nothing.
+    # Counted step by step, not in total: a few steps of the tuned run may fault the block in again (seen on a CI
+    # machine: 6 blocks' worth of 20, as the heap's top grows, or when the kernel's NUMA balancing unmaps pages to
+    # sample them), which says nothing about reuse; the typical step does.
+    block = 8000
+    assert sum(f > block for f in default["faults"]) >= 18, default
+    assert sum(f < block // 8 for f in tuned["faults"]) >= 12, (default, tuned)
 
 
 def test_environment_choice_wins(monkeypatch):
