@@ -106,6 +106,7 @@ class Plan:
     blur_sigmas: tuple[float, ...] = (0.5, 1.0)
     families: tuple[str, ...] = ("vgg_small", "mobilenetv2_small", "convmixer")  # thieves' archs the protection never uses
     family_modes: tuple[str, ...] = ("probs", "label")
+    family_epochs: int | None = None  # the other families' thieves (None: `epochs`, as the protocol's thief)
     adam_lr: float = 1e-3  # the plain Adam thief (the protocol's arch, its own training loop)
     adam_batch: int = 128
     art_budget: int = 5000
@@ -117,8 +118,8 @@ class Plan:
 FULL = Plan()
 QUICK = Plan(budgets=(500, 1000, 2000), arch="cnn_small", epochs=3, rounds=2, round_epochs=1, mode_budget=500,
              cm_budget=2000, cm_clean=200, finetune_grid=((0.01, 2),), prune_ratios=(0.5,), prune_finetune_epochs=2,
-             nc_steps=15, nc_images=64, nc_batch=32, jpeg_qualities=(50,), blur_sigmas=(1.0,), art_budget=500,
-             art_epochs=3)
+             nc_steps=15, nc_images=64, nc_batch=32, jpeg_qualities=(50,), blur_sigmas=(1.0,), family_epochs=1,
+             art_budget=500, art_epochs=3)
 
 
 # ============================================================================ the benchmark
@@ -182,8 +183,8 @@ class Arsenal:
             self._clean_set = (train.images[idx].contiguous(), train.labels[idx].contiguous())
         return self._clean_set
 
-    def fit_config(self) -> FitConfig:
-        return FitConfig(epochs=self.plan.epochs, seed=self.plan.seed)
+    def fit_config(self, epochs: int | None = None) -> FitConfig:
+        return FitConfig(epochs=epochs or self.plan.epochs, seed=self.plan.seed)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, model: torch.nn.Module) -> dict:
@@ -211,17 +212,19 @@ class Arsenal:
         return {**rec, **_eval_fields(v)}
 
     # ------------------------------------------------------------------ thieves
-    def thief(self, oracle: str, strategy: str, budget: int, mode: str, arch: str | None = None) -> dict:
-        """One extraction (honeypotnet.active.extract) by the protocol's thief, or by a thief of `arch`."""
+    def thief(self, oracle: str, strategy: str, budget: int, mode: str, arch: str | None = None,
+              epochs: int | None = None) -> dict:
+        """One extraction (honeypotnet.active.extract) by the protocol's thief, or by a thief of `arch`
+        (trained `epochs`; default the plan's)."""
         p, pool = self.plan, self.data.pool
         arch = arch or p.arch
         if strategy != "random" and budget >= len(pool):
-            rec = dict(self.thief(oracle, "random", budget, mode, arch))
+            rec = dict(self.thief(oracle, "random", budget, mode, arch, epochs))
             rec.update(strategy=strategy, note="budget = pool: every strategy buys the whole pool (= random)")
             return rec
         rel = f"thief-{oracle}-{strategy}-{budget}-{mode}" + ("" if arch == p.arch else f"-{arch}")
         om = MODES[mode]
-        fitc = self.fit_config()
+        fitc = self.fit_config(epochs)
         params = {"model": self.model_keys[oracle], "strategy": strategy, "budget": budget, "mode": asdict(om),
                   "arch": arch, "fit": asdict(fitc), "rounds": p.rounds, "round_epochs": p.round_epochs,
                   "seed": p.seed, "pool": len(pool), "eval": len(self.eval_labels), "tau0": self.bundle.tau0}
@@ -325,7 +328,8 @@ class Arsenal:
                     if trainer == "adam":
                         rec = self.adam_thief(oracle, budget, mode)
                     else:
-                        rec = self.thief(oracle, "random", budget, mode, family)
+                        rec = self.thief(oracle, "random", budget, mode, family,
+                                         None if family == p.arch else p.family_epochs)
                     row = self._row(rec, family=family, trainer=trainer, labels=FAMILY_LABELS.get(mode, mode),
                                     parameters=size, reference=(family, trainer) == (p.arch, "fit"))
                     self.rows["families"].append(row)
@@ -565,7 +569,9 @@ def format_tables(rows: dict[str, list[dict]], plan: Plan, tau0: float, timings:
         out.append("")
     pairs = _pairs(rows.get("families", []), ("family", "trainer", "labels"))
     if pairs:
-        out += [f"### Thieves of other network families (random thief, {plan.cm_budget} queries)", "",
+        fam = plan.family_epochs
+        trained = f"; the other families trained {fam} epoch{'s' * (fam != 1)}" if fam and fam != plan.epochs else ""
+        out += [f"### Thieves of other network families (random thief, {plan.cm_budget} queries{trained})", "",
                 "| family | training loop | labels | CTA protected (clean) | ASR protected (clean) | verdict protected / clean "
                 "| p (protected) | p (clean) |",
                 "| --- | --- | --- | --- | --- | --- | --- | --- |"]

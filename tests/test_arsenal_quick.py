@@ -40,7 +40,7 @@ def arsenal(request, shared_dir, cifar10_jpeg_root, tinyimagenet_root, tmp_path_
     argv = ["--quick", "--from-reproduce", str(source), "--out", str(out), "--shared", str(shared_dir),
             "--cifar-root", str(cifar10_jpeg_root), "--tin-root", str(tinyimagenet_root), "--device", "cpu", "--no-progress",
             "--budgets", "5000", "20000",  # quick: 500 (< the pool: active picks) and 2000 (the whole pool)
-            "--families", "mobilenetv2_small",  # the fastest family of the three (~12 s a quick thief; VGG ~30 s)
+            "--families", "mobilenetv2_small",  # the fastest family of the three (quick: one epoch, ~5 s a thief)
             "--family-modes", "probs"]  # soft answers only (label-only: the outputs part; its families rows cost 30 s more)
     res, stdout = _run(argv)
     assert res["benchmark"] == "bench.arsenal" and res["parts"] == list(arsenal_script.PARTS)  # every part, by default
@@ -116,7 +116,7 @@ def test_thieves_of_other_families_and_training_loops(arsenal):
     plan, rows = r["plan"], r["families"]
     assert plan["families"] == ["mobilenetv2_small"] and plan["seed"] == 0
     thieves = [(plan["arch"], "fit"), *((f, "fit") for f in plan["families"]), (plan["arch"], "adam")]
-    assert plan["family_modes"] == ["probs"]
+    assert plan["family_modes"] == ["probs"] and plan["family_epochs"] == 1  # quick: the other families train 1 epoch
     expected = {(f, t, "soft", o) for f, t in thieves for o in ("protected", "clean")}
     keys = [(x["family"], x["trainer"], x["labels"], x["oracle"]) for x in rows]
     assert len(keys) == len(set(keys)) and set(keys) == expected
@@ -160,6 +160,7 @@ def test_tables_plot_and_resume(arsenal):
     for head in ("### Query strategies", "### What the API returns", "### A thief who suspects a backdoor",
                  "### Neural Cleanse", "### Thieves of other network families", "### ART's attacks"):
         assert head in md and head in stdout
+    assert "2000 queries; the other families trained 1 epoch)" in md
     png = (out / "budget_curve.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     _run(argv + ["--resume"])

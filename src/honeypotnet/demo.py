@@ -41,7 +41,7 @@ class DemoSizes:
 
 
 QUICK = DemoSizes(train=4000, test=1000, shadow=3000, pool=4000, budget=3000, victim_epochs=8, thief_epochs=10,
-                  reference_epochs=8, outer_iters=4, shadow_epochs=2, honeypot_steps=200, thief_arch="cnn_small")
+                  reference_epochs=4, outer_iters=4, shadow_epochs=2, honeypot_steps=200, thief_arch="cnn_small")
 
 
 def demo_config(sz: DemoSizes, seed: int = 0, preset: str = "spec") -> ProtectConfig:
