@@ -186,6 +186,10 @@ VARIANTS: dict[str, dict] = {
     # label-only thieves of other families (MobileNetV2 16.8%, ConvMixer 75.6-95.7%)
     "robust-once24-snw0.05": {**ONCE24, "shadow_norm_weight": 0.05},
     "robust-once24-snw0": {**ONCE24, "shadow_norm_weight": 0.0},  # the shadow set's answers left free
+    # thief.prune_ratio: a fine-pruned copy of the shadow (half its last feature channels, the least active, masked, then
+    # fine-tuned) joins the trigger step, for the thief's fine-pruning, the goal weight 0.05 missed on seed 1 (47.4%)
+    "robust-once24-snw0.05-prune0.5": {**ONCE24, "shadow_norm_weight": 0.05, "shadow_prune_ratio": 0.5},
+    "robust-once24-prune0.5": {**ONCE24, "shadow_prune_ratio": 0.5},
 }
 
 # the library default (ProtectConfig(), the "robust" preset; tests/test_robustness_quick.py checks they agree):

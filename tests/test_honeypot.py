@@ -177,6 +177,36 @@ def test_shadow_finetune_option_changes_the_trigger():
         SPEC(shadow_finetune_lr=0)
 
 
+def test_shadow_prune_option_aims_the_trigger_at_a_fine_pruned_copy(toy_victim):
+    """thief.prune_ratio r > 0: a copy of the shadow with the share r of its last feature channels masked (the least
+    active on the labelled set, as countermeasures.fine_prune) and fine-tuned joins the trigger step: another trigger
+    from the same seed, within eps; the copy's masked columns are exactly zero and the shadow is untouched; off, the
+    configuration hashes as before the option existed; a ratio outside [0, 1) or no owner images is refused."""
+    from honeypotnet.models import split_classifier
+    from honeypotnet.steps import finetuned_copy
+
+    victim, shadow, owner = toy_victim
+    images, labels = owner.images[:200], owner.labels[:200]
+    before = {k: v.clone() for k, v in victim.state_dict().items()}
+    copy_ = finetuned_copy(victim, images, labels, epochs=1, lr=0.02, seed=0, prune_ratio=0.5)
+    weight = split_classifier(copy_)[1].weight
+    zero = (weight == 0).all(0)
+    assert int(zero.sum()) == round(0.5 * weight.shape[1])
+    assert all(torch.equal(v, victim.state_dict()[k]) for k, v in before.items())
+    kw = dict(outer_iters=1, shadow_arch="cnn_small", shadow_epochs=1, trigger_passes=1, honeypot_steps=10, seed=2,
+              shadow_finetune_epochs=1, shadow_finetune_images=100)
+    plain = protect(victim, shadow, owner.images, SPEC(**kw), progress=False)
+    pruned = protect(victim, shadow, owner.images, SPEC(shadow_prune_ratio=0.3, **kw), progress=False)
+    assert not torch.allclose(plain.trigger.pattern, pruned.trigger.pattern)
+    assert pruned.trigger.pattern.abs().max() <= pruned.config.eps + 1e-6
+    assert SPEC().hash() == SPEC(shadow_prune_ratio=0.0).hash() != SPEC(shadow_prune_ratio=0.2).hash()
+    assert ProtectConfig().override({"thief.prune_ratio": 0.2}).shadow_prune_ratio == 0.2
+    with pytest.raises(ValueError, match="prune_ratio"):
+        SPEC(shadow_prune_ratio=1.0)
+    with pytest.raises(ValueError, match="owner_images"):
+        protect(victim, shadow, None, SPEC(shadow_prune_ratio=0.2, outer_iters=1), progress=False)
+
+
 def test_shadows_of_more_families_join_the_trigger_step_and_resume(toy_victim, tmp_path):
     """shadow.more_archs adds shadows of other families, extracted every iteration like the shadow and optimised
     against by the trigger step: another trigger from the same seed, their inherited ASR in the history, their state

@@ -32,7 +32,8 @@ CONFIG_VERSION = 2
 GROUPS = ("trigger", "head", "shadow", "thief", "negatives", "loop")
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 # options added after CONFIG_VERSION 2, with the value that keeps the behaviour from before them (ProtectConfig.identity)
-HASH_NEUTRAL = {"trigger.blur_split": False, "negatives.once": 0, "head.owner_flip": 0.0, "shadow.more_archs": ""}
+HASH_NEUTRAL = {"trigger.blur_split": False, "negatives.once": 0, "head.owner_flip": 0.0, "shadow.more_archs": "",
+                "thief.prune_ratio": 0.0}
 
 
 def _f(default, group: str, key: str, doc: str):
@@ -96,6 +97,10 @@ class ProtectConfig:
     shadow_finetune_lr: float = _f(0.02, "thief", "finetune_lr", "learning rate of that fine-tuning")
     shadow_finetune_images: int = _f(1000, "thief", "finetune_images", "owner images (victim's labels) the "
                                                                         "simulated thief fine-tunes on")
+    shadow_prune_ratio: float = _f(0.0, "thief", "prune_ratio", "share of the shadow's last feature channels a further "
+                                                                 "copy has pruned (the least active on the labelled "
+                                                                 "set) before that fine-tuning, joining the trigger "
+                                                                 "step (the thief's fine-pruning, simulated); 0 = off")
     # [negatives] -----------------------------------------------------------------------------------------
     negative_weight: float = _f(1.0, "negatives", "weight", "weight of −log(1 − p_target) on innocent models in "
                                                             "the trigger step; 0 = off")
@@ -144,6 +149,7 @@ class ProtectConfig:
         need(0 <= self.shadow_owner_share <= 1, "shadow.owner_share must be in [0, 1]")
         need(0 <= self.owner_lean <= 1, "head.owner_lean must be in [0, 1]")
         need(0 <= self.owner_flip <= 1, "head.owner_flip must be in [0, 1]")
+        need(0 <= self.shadow_prune_ratio < 1, "thief.prune_ratio must be in [0, 1); 0 = off")
         need(self.honeypot_lr > 0 and self.shadow_lr > 0 and self.shadow_finetune_lr > 0
              and self.negative_finetune_lr > 0, "learning rates must be > 0")
         need(0 <= self.trigger_blur <= 4, "trigger.blur (the largest blur σ, pixels) must be in [0, 4]; 0 = off")
@@ -170,7 +176,8 @@ class ProtectConfig:
 
     def simulates_finetuning(self) -> bool:
         """Whether the loop fine-tunes copies of the shadows on the simulated thief's labelled set."""
-        return bool(self.shadow_finetune_epochs or (self.negative_finetune_epochs and self.negative_shadow_archs()))
+        return bool(self.shadow_finetune_epochs or self.shadow_prune_ratio
+                    or (self.negative_finetune_epochs and self.negative_shadow_archs()))
 
     def step_size(self) -> float:
         """α of the trigger's sign steps."""

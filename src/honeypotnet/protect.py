@@ -200,6 +200,10 @@ def _run(victim, shadow_images, owner_images, cfg, num_classes, checkpoint_dir, 
             shadows.append(finetuned_copy(shadow, ft_images, ft_labels, epochs=cfg.shadow_finetune_epochs,
                                           lr=cfg.shadow_finetune_lr, seed=stream(cfg, "shadow-ft", it),
                                           progress=progress, desc=f"shadow fine-tune {it + 1}"))
+        if cfg.shadow_prune_ratio:
+            shadows.append(finetuned_copy(shadow, ft_images, ft_labels, epochs=cfg.shadow_finetune_epochs,
+                                          lr=cfg.shadow_finetune_lr, seed=stream(cfg, "shadow-prune", it),
+                                          progress=progress, prune_ratio=cfg.shadow_prune_ratio))
         shadows += more
         neg_ft = negatives.finetuned(ft_images, ft_labels, it, progress)
         lap("fine-tuned copies")

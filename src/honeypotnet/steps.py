@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ProtectConfig
+from .countermeasures import fine_prune
 from .head import HoneypotLayer
 from .ops import device_of, seed_of, take, to_float
 from .purify import purify
@@ -171,9 +172,15 @@ def finetune_set(n_shadow: int, images: torch.Tensor, clean_logits: torch.Tensor
 
 
 def finetuned_copy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epochs: int, lr: float,
-                   seed: int, progress: bool = False, desc: str = "fine-tune") -> nn.Module:
+                   seed: int, progress: bool = False, desc: str = "fine-tune", prune_ratio: float = 0.0) -> nn.Module:
     """A copy of `model` fine-tuned the way a suspicious thief would (a few epochs on a small clean labelled
-    set), for generate_trigger to aim at what survives such fine-tuning."""
+    set), for generate_trigger to aim at what survives such fine-tuning. prune_ratio > 0: fine-pruned instead
+    (that share of the last feature map's channels, the least active on `images`, masked first and kept masked;
+    countermeasures.fine_prune), for a trigger that does not live in the channels a pruning thief removes."""
+    if prune_ratio:
+        if not isinstance(images, torch.Tensor):  # an image source (a streamed owner set): the labelled set is small
+            images = torch.cat(list(images.batches(500)))
+        return fine_prune(model, images, labels, prune_ratio, epochs, lr, seed=seed, progress=progress).model
     ft = copy.deepcopy(model)
     fit(ft, images, labels, FitConfig(epochs=epochs, batch_size=64, lr=lr, seed=seed), progress=progress, desc=desc)
     return ft.eval()
