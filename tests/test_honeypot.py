@@ -199,6 +199,7 @@ def test_shadow_prune_option_aims_the_trigger_at_a_fine_pruned_copy(toy_victim):
     pruned = protect(victim, shadow, owner.images, SPEC(shadow_prune_ratio=0.3, **kw), progress=False)
     assert not torch.allclose(plain.trigger.pattern, pruned.trigger.pattern)
     assert pruned.trigger.pattern.abs().max() <= pruned.config.eps + 1e-6
+    assert 0 <= pruned.history[-1]["shadow_pruned_asr"] <= 1 and "shadow_pruned_asr" not in plain.history[-1]
     assert SPEC().hash() == SPEC(shadow_prune_ratio=0.0).hash() != SPEC(shadow_prune_ratio=0.2).hash()
     assert ProtectConfig().override({"thief.prune_ratio": 0.2}).shadow_prune_ratio == 0.2
     with pytest.raises(ValueError, match="prune_ratio"):

@@ -200,10 +200,12 @@ def _run(victim, shadow_images, owner_images, cfg, num_classes, checkpoint_dir, 
             shadows.append(finetuned_copy(shadow, ft_images, ft_labels, epochs=cfg.shadow_finetune_epochs,
                                           lr=cfg.shadow_finetune_lr, seed=stream(cfg, "shadow-ft", it),
                                           progress=progress, desc=f"shadow fine-tune {it + 1}"))
+        pruned = None
         if cfg.shadow_prune_ratio:
-            shadows.append(finetuned_copy(shadow, ft_images, ft_labels, epochs=cfg.shadow_finetune_epochs,
-                                          lr=cfg.shadow_finetune_lr, seed=stream(cfg, "shadow-prune", it),
-                                          progress=progress, prune_ratio=cfg.shadow_prune_ratio))
+            pruned = finetuned_copy(shadow, ft_images, ft_labels, epochs=cfg.shadow_finetune_epochs,
+                                    lr=cfg.shadow_finetune_lr, seed=stream(cfg, "shadow-prune", it), progress=progress,
+                                    prune_ratio=cfg.shadow_prune_ratio)
+            shadows.append(pruned)
         shadows += more
         neg_ft = negatives.finetuned(ft_images, ft_labels, it, progress)
         lap("fine-tuned copies")
@@ -211,6 +213,9 @@ def _run(victim, shadow_images, owner_images, cfg, num_classes, checkpoint_dir, 
         generate_trigger(shadows, trigger, query_images, cfg, it, negatives.models + neg_ft, chunk=bs)
         lap("trigger")
         extra = {}
+        if pruned is not None:
+            extra["shadow_pruned_asr"] = attack_success_rate(pruned, trigger, shadow_images, cfg.target, n=1000,
+                                                             batch_size=bs)
         for i, (arch, m) in enumerate(zip(cfg.more_shadow_archs(), more)):
             extra[f"shadow{i + 1}_{arch}_asr"] = attack_success_rate(m, trigger, shadow_images, cfg.target, n=1000,
                                                                      batch_size=bs)
