@@ -99,8 +99,10 @@ class ProtectConfig:
                                                                         "simulated thief fine-tunes on")
     shadow_prune_ratio: float = _f(0.0, "thief", "prune_ratio", "share of the shadow's last feature channels a further "
                                                                  "copy has pruned (the least active on the labelled "
-                                                                 "set) before that fine-tuning, joining the trigger "
-                                                                 "step (the thief's fine-pruning, simulated); 0 = off")
+                                                                 "set), then fine-tuned finetune_epochs at finetune_lr "
+                                                                 "as countermeasures.fine_prune does, joining the "
+                                                                 "trigger step (the thief's fine-pruning, simulated); "
+                                                                 "0 = off")
     # [negatives] -----------------------------------------------------------------------------------------
     negative_weight: float = _f(1.0, "negatives", "weight", "weight of −log(1 − p_target) on innocent models in "
                                                             "the trigger step; 0 = off")

@@ -176,10 +176,9 @@ def finetuned_copy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     """A copy of `model` fine-tuned the way a suspicious thief would (a few epochs on a small clean labelled
     set), for generate_trigger to aim at what survives such fine-tuning. prune_ratio > 0: fine-pruned instead
     (that share of the last feature map's channels, the least active on `images`, masked first and kept masked;
-    countermeasures.fine_prune), for a trigger that does not live in the channels a pruning thief removes."""
-    if prune_ratio:
-        if not isinstance(images, torch.Tensor):  # an image source (a streamed owner set): the labelled set is small
-            images = torch.cat(list(images.batches(500)))
+    countermeasures.fine_prune with its own fine-tuning recipe, the benchmark thief's: cosine schedule, batch 64),
+    for a trigger that does not live in the channels a pruning thief removes."""
+    if prune_ratio:  # fine_prune reads an image source (a streamed owner set) batch by batch, as fit does
         return fine_prune(model, images, labels, prune_ratio, epochs, lr, seed=seed, progress=progress).model
     ft = copy.deepcopy(model)
     fit(ft, images, labels, FitConfig(epochs=epochs, batch_size=64, lr=lr, seed=seed), progress=progress, desc=desc)
