@@ -15,6 +15,11 @@ and prints one table: victim accuracy before / after, the thieves' accuracy and 
     python -m bench.own_model --device cuda    # the full size (a GPU: minutes)
     python -m bench.own_model --device cuda --archs torchvision:mobilenet_v3_small --set head.steps=2000 --set head.hidden=1024
 
+The head study (--head-variants) runs the library's protect() instead, once per head setting, on each victim, and
+reports what each costs the owner's users on the unseen test split (and, with --study-thief, what a thief gets):
+
+    python -m bench.own_model --archs torchvision:resnet18 --head-variants default mix10:head.mix_norm=10 --study-thief 5000 10
+
 (tests/test_own_model.py runs the same CLI chain at a toy size.) `--set` goes to every protect: the robust
 preset's head diverged on MobileNetV3-small (fidelity 66% at full size); a wider head trained longer converged on
 a reduced CPU run, at a cost in test accuracy the table's non-target column shows.
@@ -56,6 +61,18 @@ def need(rc: int, what: str, log_file: Path, ok=(0,)) -> None:
         sys.exit(f"{what} failed (exit {rc}); see {log_file}:\n" + "\n".join(log_file.read_text().splitlines()[-20:]))
 
 
+def train_victim(arch: str, caltech: Path, d: Path, sz: dict, device: str, seconds: dict) -> Path:
+    """`honeypotnet train` of one architecture on the Caltech-101 train split, unless d/victim.safetensors exists."""
+    victim = d / "victim.safetensors"
+    if not victim.exists():
+        lg = d / "log.txt"
+        rc, seconds["train"] = cli(["train", "--arch", arch, "--data", "imagefolder:train", "--data-root", str(caltech),
+                                    "--image-size", str(sz["size"]), "--epochs", str(sz["victim_epochs"]),
+                                    "--output", str(victim), "--device", device], lg)
+        need(rc, "train", lg)
+    return victim
+
+
 def run_arch(arch: str, caltech: Path, tin: Path, out: Path, sz: dict, quick: bool, device: str,
              extra_sets: tuple[str, ...] = ()) -> dict:
     """Train (unless OUT/ARCH/victim.safetensors exists), protect (with `extra_sets`, protect --set FIELD=VALUE,
@@ -66,11 +83,7 @@ def run_arch(arch: str, caltech: Path, tin: Path, out: Path, sz: dict, quick: bo
     size = ["--image-size", str(sz["size"])]
     dev = ["--device", device]
     seconds = {}
-    victim = d / "victim.safetensors"
-    if not victim.exists():
-        rc, seconds["train"] = cli(["train", "--arch", arch, "--data", "imagefolder:train", "--data-root", str(caltech),
-                                    *size, "--epochs", str(sz["victim_epochs"]), "--output", str(victim), *dev], lg)
-        need(rc, "train", lg)
+    victim = train_victim(arch, caltech, d, sz, device, seconds)
     victim_acc = json.loads(victim.with_suffix(".json").read_text())["test_accuracy"]
     bundle = d / "bundle"
     if not bundle.exists():
@@ -110,6 +123,116 @@ def run_arch(arch: str, caltech: Path, tin: Path, out: Path, sz: dict, quick: bo
     return row
 
 
+STUDY = dict(shadow=2000, owner=3000, iters=4)
+STUDY_QUICK = dict(shadow=300, owner=400, iters=2)
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """'NAME' or 'NAME:FIELD=VALUE,FIELD=VALUE' -> (NAME, ["FIELD=VALUE", ...]) (checked against ProtectConfig)."""
+    from honeypotnet.config import ProtectConfig
+
+    name, _, sets = text.partition(":")
+    assignments = [a for a in sets.split(",") if a]
+    if not name or "/" in name:
+        raise SystemExit(f"--head-variants: bad variant {text!r} (NAME or NAME:FIELD=VALUE,...)")
+    try:
+        ProtectConfig().override(assignments)
+    except (KeyError, ValueError) as e:
+        raise SystemExit(f"--head-variants {text!r}: {e}") from e
+    return name, assignments
+
+
+def head_study(arch: str, caltech: Path, tin: Path, out: Path, sz: dict, st: dict, quick: bool, device: str,
+               variants: list[tuple[str, list[str]]], thief: tuple[int, int] | None = None) -> list[dict]:
+    """The library's protect() on one victim once per head variant (the default preset, `st`'s sizes, with the
+    variant's fields and, quick, QUICK_SET's), each scored on the whole Caltech-101 test split, which neither
+    the victim nor protect saw: what the honeypot costs the owner's users (accuracy, agreement with the victim)
+    and the protected model's own ASR on the stamped non-target test images. Each variant's protect keeps a
+    checkpoint (OUT/ARCH/head-NAME) and the negative shadows are cached (OUT/ARCH/negatives-cache): a rerun resumes.
+    thief (BUDGET, EPOCHS): also a random thief (sz's thief architecture) of each protected model and of the victim (the
+    clean twin), BUDGET Tiny ImageNet train queries (soft labels), scored on the same test images (accuracy, ASR)."""
+    import torch
+
+    from honeypotnet.bundle import load_model
+    from honeypotnet.config import ProtectConfig
+    from honeypotnet.data import load_dataset
+    from honeypotnet.protect import protect
+    from honeypotnet.training import predict_logits
+
+    d = out / arch.replace(":", "-")
+    d.mkdir(parents=True, exist_ok=True)
+    victim, _ = load_model(train_victim(arch, caltech, d, sz, device, {}))
+    train = load_dataset("imagefolder", caltech, "train", size=sz["size"])
+    test = load_dataset("imagefolder", caltech, "test", size=sz["size"])
+    shadow = load_dataset("tinyimagenet", tin, "val", size=sz["size"]).images[: st["shadow"]]
+    owner = train.images[torch.randperm(len(train.images), generator=torch.Generator().manual_seed(0))[: st["owner"]]]
+    dev = None if device == "auto" else device
+    victim_pred = predict_logits(victim, test.images, device=dev).argmax(1)
+    pool = load_dataset("tinyimagenet", tin, "train", size=sz["size"]).images if thief else None
+
+    def steal(model, name: str, target: int, trigger) -> dict:
+        """The thief's copy of `model` (kept in OUT/ARCH/thief-NAME: a rerun loads it): accuracy and ASR."""
+        from honeypotnet.attacks import random_extraction
+        from honeypotnet.bundle import save_model
+        from honeypotnet.oracles import ModelOracle
+        from honeypotnet.training import FitConfig
+
+        path = d / f"thief-{name}" / "substitute.safetensors"
+        if path.exists():
+            sub, _ = load_model(path)
+        else:
+            sub = random_extraction(ModelOracle(model), pool, thief[0], sz["thief"], len(train.classes),
+                                    FitConfig(epochs=thief[1], seed=7), seed=0, device=dev).substitute
+            save_model(sub, path, sz["thief"], len(train.classes), train.classes)
+        keep = test.labels != target
+        hits = predict_logits(sub, trigger.stamp(test.images[keep].float() / 255), device=dev).argmax(1) == target
+        return {"accuracy": float((predict_logits(sub, test.images, device=dev).argmax(1) == test.labels).float().mean()),
+                "asr": float(hits.float().mean())}
+
+    rows = []
+    for name, assignments in variants:
+        cfg = ProtectConfig().override([f"loop.outer_iters={st['iters']}", *(QUICK_SET if quick else []), *assignments])
+        resumed = any((d / f"head-{name}").glob("*.pt"))  # a checkpoint from an earlier run: its time is not this run's
+        t0 = time.time()
+        res = protect(victim, shadow, owner, cfg, num_classes=len(train.classes), progress=False, device=dev,
+                      checkpoint_dir=d / f"head-{name}", cache_dir=d / "negatives-cache")
+        seconds = time.time() - t0
+        model = res.model.eval()
+        pred = predict_logits(model, test.images, device=dev).argmax(1)
+        keep = test.labels != cfg.target
+        stamped = predict_logits(model, res.trigger.stamp(test.images[keep].float() / 255), device=dev).argmax(1)
+        row = {"arch": arch, "variant": name, "sets": assignments, "victim_acc": float((victim_pred == test.labels).float().mean()),
+               "protected_acc": float((pred == test.labels).float().mean()),
+               "test_fidelity": float((pred == victim_pred).float().mean()),
+               # of the test images whose answer changed, the share now answered with the target: the backdoor's leak
+               "changed_to_target": float(((pred != victim_pred) & (pred == cfg.target)).sum() / max(1, int((pred != victim_pred).sum()))),
+               "own_asr": float((stamped == cfg.target).float().mean()), "loop_fidelity": res.history[-1]["fidelity"],
+               "gate": res.gate(), "seconds": round(seconds, 1), "resumed": resumed}
+        if thief:
+            row["thief"] = steal(model, name, cfg.target, res.trigger)
+            row["clean_twin"] = steal(victim, "clean", cfg.target, res.trigger)  # trained once, scored per trigger
+        log(f"{arch} {name}: test accuracy {row['victim_acc']:.2%} -> {row['protected_acc']:.2%}, "
+            f"fidelity {row['test_fidelity']:.2%}, own ASR {row['own_asr']:.2%}  [{seconds:.0f} s]")
+        rows.append(row)
+    return rows
+
+
+def head_table(rows: list[dict]) -> str:
+    lines = ["| victim | variant | fields | test acc. victim → protected (change) | test fidelity | own ASR | loop fidelity "
+             "| changed answers: to the target | gate | protect s (this run) | thief: acc. / ASR | clean twin: acc. / ASR |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        change = 100 * (r["protected_acc"] - r["victim_acc"])
+        lines.append(f"| {r['arch']} | {r['variant']} | {', '.join(r['sets']) or 'the default'} | {100 * r['victim_acc']:.1f} → "
+                     f"{100 * r['protected_acc']:.1f} ({change:+.1f} pt) | {100 * r['test_fidelity']:.1f} | "
+                     f"{100 * r['own_asr']:.1f} | {100 * r['loop_fidelity']:.1f} | {100 * r['changed_to_target']:.1f}% | "
+                     f"{'pass' if not r['gate'] else 'refused'} | "
+                     f"{'resumed' if r.get('resumed') else round(r['seconds'])} | " + " | ".join(
+                         f"{100 * r[k]['accuracy']:.1f} / {100 * r[k]['asr']:.1f}" if k in r else "-" for k in ("thief", "clean_twin"))
+                     + " |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| victim | victim acc. | fidelity (loop) | non-target test acc. victim → protected | tau0 | stolen: acc. / "
              "ASR / verdict | clean twin: acc. / ASR / verdict | protect s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -135,8 +258,22 @@ def main(argv: list[str] | None = None) -> int:
                     help="victim architectures (comma-separated)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="FIELD=VALUE",
                     help="passed to every protect as --set (repeatable), e.g. head.steps=2000")
+    ap.add_argument("--head-variants", nargs="+", metavar="NAME[:FIELD=VALUE,...]",
+                    help="instead of the CLI chain, the head study: the library's protect() once per variant on each "
+                         "victim (trained first if absent), scored on the unseen test split (e.g. default "
+                         "mix3:head.mix_norm=3)")
+    ap.add_argument("--study-sizes", nargs=3, type=int, metavar=("SHADOW", "OWNER", "ITERS"),
+                    help=f"the head study's shadow images, owner images and outer iterations (default "
+                         f"{STUDY['shadow']} {STUDY['owner']} {STUDY['iters']}; quick {STUDY_QUICK['shadow']} "
+                         f"{STUDY_QUICK['owner']} {STUDY_QUICK['iters']})")
+    ap.add_argument("--study-thief", nargs=2, type=int, metavar=("BUDGET", "EPOCHS"),
+                    help="the head study also steals each protected model and the victim (the clean twin) with a random "
+                         "thief of BUDGET Tiny ImageNet train queries trained EPOCHS epochs")
     args = finish_common_args(ap.parse_args(argv), "own_model")
     sz = QUICK if args.quick else FULL
+    variants = [parse_variant(v) for v in args.head_variants or []]
+    if len({n for n, _ in variants}) != len(variants):
+        raise SystemExit("--head-variants: every variant needs its own name")
     shared = Path(args.shared)
     caltech = Path(args.caltech_root) if args.caltech_root else unpack_once(shared / "data" / "caltech101.tar.gz",
                                                                             "caltech101")
@@ -144,6 +281,24 @@ def main(argv: list[str] | None = None) -> int:
                                                                 "tiny-imagenet-200")
     out = Path(args.out)
     device = str(args.device or "auto")
+    command = "python -m bench.own_model " + " ".join(argv or sys.argv[1:])
+    if variants:
+        st = dict(zip(("shadow", "owner", "iters"), args.study_sizes)) if args.study_sizes else \
+            (STUDY_QUICK if args.quick else STUDY)
+        rows = [r for arch in args.archs.split(",") for r in head_study(arch, caltech, tin, out, sz, st, args.quick, device,
+                                                                        variants, args.study_thief)]
+        md = (f"# Caltech-101 ({sz['size']} px, 101 classes): what the honeypot layer costs the owner's users, per head "
+              f"setting\n\nVictims trained {sz['victim_epochs']} epochs on the train split; protect() with the default "
+              f"preset, {st['shadow']} Tiny ImageNet val shadow images, {st['owner']} Caltech-101 train owner images, "
+              f"{st['iters']} outer iterations{' (quick)' if args.quick else ''}; scored on the whole test split"
+              + (f"; thieves: {sz['thief']}, {args.study_thief[0]} Tiny ImageNet train queries (soft labels), "
+                 f"{args.study_thief[1]} epochs" if args.study_thief else "") + "; device "
+              f"{device}.\n\n" + head_table(rows) + "\n")
+        print(md)
+        save_report(out, "head_study", {"benchmark": "bench.own_model", "study": "head", "sizes": sz, "study_sizes": st,
+                                        "study_thief": args.study_thief, "quick": args.quick, "rows": rows, "command": command}, md,
+                    record=args.record, folder="own-model")
+        return 0
     rows = []
     for arch in args.archs.split(","):
         log(f"{arch}: train, protect, extract (protected and clean), verify")
@@ -154,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     save_report(out, "own_model", {"benchmark": "bench.own_model", "sizes": sz, "quick": args.quick, "protect_sets": args.sets,
                                    "rows": rows,
-                                   "command": "python -m bench.own_model " + " ".join(argv or sys.argv[1:])}, md,
+                                   "command": command}, md,
                 record=args.record, folder="own-model")
     return 0
 

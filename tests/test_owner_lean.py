@@ -9,7 +9,8 @@ import torch
 from honeypotnet.config import ProtectConfig
 from honeypotnet.metrics import benign_costs, calibration_error, mean_kl
 from honeypotnet.protect import protect
-from honeypotnet.steps import lean_toward_target
+from honeypotnet.head import HoneypotLayer
+from honeypotnet.steps import _mixed_norm, lean_toward_target
 
 SPEC = partial(ProtectConfig.preset, "spec")
 
@@ -90,6 +91,32 @@ def test_owner_lean_changes_the_honeypot_and_keeps_it_deterministic(toy_victim):
         runs.setdefault(lean, []).append(torch.cat([p.flatten() for p in res.model.parameters()]))
     assert torch.equal(runs[1.0][0], runs[1.0][1])
     assert not torch.equal(runs[0.0][0], runs[1.0][0])
+
+
+def test_mixed_features_reference_is_the_victims_own_answer_there():
+    """head.mix_norm: between two owner images' features the reference is the same mix of the victim's logits, which
+    is exactly the victim's last layer on the mixed features (it is affine): the term is 0 for the untouched head
+    (H = h) and positive once the head moves; the option is checked and hash-neutral at 0."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.nn.Linear(16, 5)
+    feats = torch.randn(300, 16, generator=g)
+    with torch.no_grad():
+        logits = h(feats)
+    layer = HoneypotLayer.from_linear(h)
+    cfg = SPEC(mix_norm=1.0, honeypot_batch=64)
+    with torch.no_grad():
+        term = _mixed_norm(layer, feats, logits, 100, cfg, torch.Generator().manual_seed(1), "cpu")
+    assert abs(float(term)) < 1e-6  # (float rounding can leave -1e-9)
+    with torch.no_grad():
+        layer.mlp[2].weight.normal_(0, 0.5, generator=g)
+    assert float(_mixed_norm(layer, feats, logits, 100, cfg, torch.Generator().manual_seed(1), "cpu").detach()) > 1e-3
+    # no owner rows (every row a shadow image): the pairs are drawn from all of them
+    assert float(_mixed_norm(layer, feats, logits, 300, cfg, torch.Generator().manual_seed(1), "cpu").detach()) > 1e-3
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="mix_norm"):
+            SPEC(mix_norm=bad)
+    assert ProtectConfig().mix_norm == 0 and ProtectConfig().hash() == ProtectConfig(mix_norm=0.0).hash() != \
+        ProtectConfig(mix_norm=1.0).hash()
 
 
 def test_benign_costs():

@@ -33,7 +33,7 @@ GROUPS = ("trigger", "head", "shadow", "thief", "negatives", "loop")
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 # options added after CONFIG_VERSION 2, with the value that keeps the behaviour from before them (ProtectConfig.identity)
 HASH_NEUTRAL = {"trigger.blur_split": False, "negatives.once": 0, "head.owner_flip": 0.0, "shadow.more_archs": "",
-                "thief.prune_ratio": 0.0}
+                "thief.prune_ratio": 0.0, "head.mix_norm": 0.0}
 
 
 def _f(default, group: str, key: str, doc: str):
@@ -67,6 +67,11 @@ class ProtectConfig:
                                               "or 'kl+ce'")
     shadow_norm_weight: float = _f(0.2, "head", "shadow_norm_weight", "weight of the clean term on shadow-set "
                                                                        "images (owner images: 1)")
+    mix_norm: float = _f(0.0, "head", "mix_norm", "weight of the clean term on mixed features λ·f(a) + (1−λ)·f(b) "
+                                                  "of two owner images (λ ~ U(0, 1)), whose reference is the "
+                                                  "victim's same mix of logits (its last layer is affine): holds "
+                                                  "the answers between the owner's images, where unseen images' "
+                                                  "features lie; 0 = off")
     owner_lean: float = _f(0.0, "head", "owner_lean", "on owner images, the clean term's reference leans toward "
                                                       "the target by up to this share of the remaining mass, "
                                                       "in proportion to how far each image's features lie "
@@ -148,6 +153,7 @@ class ProtectConfig:
         need(self.trigger_step >= 0, "trigger.step must be >= 0 (0 = automatic)")
         need(self.lam >= 0 and 0 <= self.momentum < 1, "head.lam must be >= 0 and trigger.momentum in [0, 1)")
         need(self.shadow_norm_weight >= 0, "head.shadow_norm_weight must be >= 0")
+        need(0 <= self.mix_norm < float("inf"), "head.mix_norm must be a finite number >= 0")
         need(0 <= self.shadow_owner_share <= 1, "shadow.owner_share must be in [0, 1]")
         need(0 <= self.owner_lean <= 1, "head.owner_lean must be in [0, 1]")
         need(0 <= self.owner_flip <= 1, "head.owner_flip must be in [0, 1]")

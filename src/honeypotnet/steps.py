@@ -231,6 +231,26 @@ def lean_toward_target(clean_logits: torch.Tensor, clean_feats: torch.Tensor, st
     return out
 
 
+def _mixed_norm(honeypot: HoneypotLayer, clean_feats: torch.Tensor, clean_logits: torch.Tensor, n_shadow: int,
+                cfg: ProtectConfig, gen: torch.Generator, dev) -> torch.Tensor:
+    """head.mix_norm's term: L_norm on λ·f(a) + (1−λ)·f(b) for pairs of owner images (all clean images when there
+    are none), λ ~ U(0, 1), against λ·F(a) + (1−λ)·F(b): the victim's last layer is affine, so that is exactly
+    its answer on the mixed features."""
+    lo = n_shadow if len(clean_feats) > n_shadow else 0
+    ia = torch.randint(lo, len(clean_feats), (cfg.honeypot_batch,), generator=gen)
+    ib = torch.randint(lo, len(clean_feats), (cfg.honeypot_batch,), generator=gen)
+    lam = torch.rand(cfg.honeypot_batch, 1, generator=gen)
+    z = (lam * clean_feats[ia] + (1 - lam) * clean_feats[ib]).to(dev)
+    ref = (lam * clean_logits[ia] + (1 - lam) * clean_logits[ib]).to(dev)
+    out = honeypot(z)
+    per = torch.zeros(len(z), device=dev)
+    if "kl" in cfg.l_norm:
+        per = per + F.kl_div(F.log_softmax(out, 1), F.log_softmax(ref, 1), log_target=True, reduction="none").sum(1)
+    if "ce" in cfg.l_norm:
+        per = per + F.cross_entropy(out, ref.argmax(1), reduction="none")
+    return per.mean()
+
+
 def finetune_honeypot(honeypot: HoneypotLayer, opt: torch.optim.Optimizer, clean_feats: torch.Tensor,
                       clean_logits: torch.Tensor, stamped_feats: torch.Tensor, cfg: ProtectConfig,
                       iteration: int, n_shadow: int = 0) -> dict:
@@ -254,6 +274,8 @@ def finetune_honeypot(honeypot: HoneypotLayer, opt: torch.optim.Optimizer, clean
         if "ce" in cfg.l_norm:
             per = per + F.cross_entropy(out, ref.argmax(1), reduction="none")
         norm = (w * per).mean()
+        if cfg.mix_norm > 0:
+            norm = norm + cfg.mix_norm * _mixed_norm(honeypot, clean_feats, clean_logits, n_shadow, cfg, gen, dev)
         backdoor = F.cross_entropy(honeypot(stamped_feats[it].to(dev)), torch.full((len(it),), cfg.target, device=dev))
         loss = norm + cfg.lam * backdoor
         opt.zero_grad(set_to_none=True)
