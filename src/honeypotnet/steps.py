@@ -231,6 +231,16 @@ def lean_toward_target(clean_logits: torch.Tensor, clean_feats: torch.Tensor, st
     return out
 
 
+def _clean_term(out: torch.Tensor, ref: torch.Tensor, l_norm: str) -> torch.Tensor:
+    """L_norm per row: KL from the reference's distribution, CE to its top-1, or both (head.l_norm)."""
+    per = torch.zeros(len(out), device=out.device)
+    if "kl" in l_norm:
+        per = per + F.kl_div(F.log_softmax(out, 1), F.log_softmax(ref, 1), log_target=True, reduction="none").sum(1)
+    if "ce" in l_norm:
+        per = per + F.cross_entropy(out, ref.argmax(1), reduction="none")
+    return per
+
+
 def _mixed_norm(honeypot: HoneypotLayer, clean_feats: torch.Tensor, clean_logits: torch.Tensor, n_shadow: int,
                 cfg: ProtectConfig, gen: torch.Generator, dev) -> torch.Tensor:
     """head.mix_norm's term: L_norm on λ·f(a) + (1−λ)·f(b) for pairs of owner images (all clean images when there
@@ -242,13 +252,7 @@ def _mixed_norm(honeypot: HoneypotLayer, clean_feats: torch.Tensor, clean_logits
     lam = torch.rand(cfg.honeypot_batch, 1, generator=gen)
     z = (lam * clean_feats[ia] + (1 - lam) * clean_feats[ib]).to(dev)
     ref = (lam * clean_logits[ia] + (1 - lam) * clean_logits[ib]).to(dev)
-    out = honeypot(z)
-    per = torch.zeros(len(z), device=dev)
-    if "kl" in cfg.l_norm:
-        per = per + F.kl_div(F.log_softmax(out, 1), F.log_softmax(ref, 1), log_target=True, reduction="none").sum(1)
-    if "ce" in cfg.l_norm:
-        per = per + F.cross_entropy(out, ref.argmax(1), reduction="none")
-    return per.mean()
+    return _clean_term(honeypot(z), ref, cfg.l_norm).mean()
 
 
 def finetune_honeypot(honeypot: HoneypotLayer, opt: torch.optim.Optimizer, clean_feats: torch.Tensor,
@@ -267,13 +271,7 @@ def finetune_honeypot(honeypot: HoneypotLayer, opt: torch.optim.Optimizer, clean
         it = torch.randint(0, len(stamped_feats), (cfg.honeypot_batch,), generator=gen)
         z, ref = clean_feats[ic].to(dev), clean_logits[ic].to(dev)
         w = torch.where(ic < n_shadow, cfg.shadow_norm_weight, 1.0).to(dev)
-        out = honeypot(z)
-        per = torch.zeros(len(ic), device=dev)
-        if "kl" in cfg.l_norm:
-            per = per + F.kl_div(F.log_softmax(out, 1), F.log_softmax(ref, 1), log_target=True, reduction="none").sum(1)
-        if "ce" in cfg.l_norm:
-            per = per + F.cross_entropy(out, ref.argmax(1), reduction="none")
-        norm = (w * per).mean()
+        norm = (w * _clean_term(honeypot(z), ref, cfg.l_norm)).mean()
         if cfg.mix_norm > 0:
             norm = norm + cfg.mix_norm * _mixed_norm(honeypot, clean_feats, clean_logits, n_shadow, cfg, gen, dev)
         backdoor = F.cross_entropy(honeypot(stamped_feats[it].to(dev)), torch.full((len(it),), cfg.target, device=dev))
