@@ -143,21 +143,25 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 
 def head_study(arch: str, caltech: Path, tin: Path, out: Path, sz: dict, st: dict, quick: bool, device: str,
-               variants: list[tuple[str, list[str]]], thief: tuple[int, int] | None = None) -> list[dict]:
-    """The library's protect() on one victim once per head variant (the default preset, `st`'s sizes, with the
-    variant's fields and, quick, QUICK_SET's), each scored on the whole Caltech-101 test split, which neither
-    the victim nor protect saw: what the honeypot costs the owner's users (accuracy, agreement with the victim)
+               variants: list[tuple[str, list[str]]], thief: tuple[int, int] | None = None,
+               extra_sets: tuple[str, ...] = ()) -> list[dict]:
+    """The library's protect() on one victim once per head variant (the default preset at `st`'s sizes; then, quick,
+    QUICK_SET's fields, the --set fields and the variant's), each scored on the whole Caltech-101 test split, which
+    neither the victim nor protect saw: what the honeypot costs the owner's users (accuracy, agreement with the victim)
     and the protected model's own ASR on the stamped non-target test images. Each variant's protect keeps a
     checkpoint (OUT/ARCH/head-NAME) and the negative shadows are cached (OUT/ARCH/negatives-cache): a rerun resumes.
     thief (BUDGET, EPOCHS): also a random thief (sz's thief architecture) of each protected model and of the victim (the
     clean twin), BUDGET Tiny ImageNet train queries (soft labels), scored on the same test images (accuracy, ASR)."""
     import torch
 
-    from honeypotnet.bundle import load_model
+    from honeypotnet.attacks import random_extraction
+    from honeypotnet.bundle import load_model, save_model
     from honeypotnet.config import ProtectConfig
     from honeypotnet.data import load_dataset
+    from honeypotnet.ops import attack_success_rate
+    from honeypotnet.oracles import ModelOracle
     from honeypotnet.protect import protect
-    from honeypotnet.training import predict_logits
+    from honeypotnet.training import FitConfig, accuracy, predict_logits
 
     d = out / arch.replace(":", "-")
     d.mkdir(parents=True, exist_ok=True)
@@ -167,50 +171,49 @@ def head_study(arch: str, caltech: Path, tin: Path, out: Path, sz: dict, st: dic
     shadow = load_dataset("tinyimagenet", tin, "val", size=sz["size"]).images[: st["shadow"]]
     owner = train.images[torch.randperm(len(train.images), generator=torch.Generator().manual_seed(0))[: st["owner"]]]
     dev = None if device == "auto" else device
-    victim_pred = predict_logits(victim, test.images, device=dev).argmax(1)
+    victim = victim.cpu().eval()
+    victim_pred = predict_logits(victim, test.images).argmax(1)
     pool = load_dataset("tinyimagenet", tin, "train", size=sz["size"]).images if thief else None
 
-    def steal(model, name: str, target: int, trigger) -> dict:
-        """The thief's copy of `model` (kept in OUT/ARCH/thief-NAME: a rerun loads it): accuracy and ASR."""
-        from honeypotnet.attacks import random_extraction
-        from honeypotnet.bundle import save_model
-        from honeypotnet.oracles import ModelOracle
-        from honeypotnet.training import FitConfig
+    def score(model, trigger, target: int) -> dict:
+        """Accuracy on the test split and ASR on its stamped non-target images (on the CPU, where the trigger is)."""
+        model = model.cpu().eval()
+        return {"accuracy": accuracy(model, test.images, test.labels),
+                "asr": attack_success_rate(model, trigger, test.images[test.labels != target], target)}
 
+    def steal(model, name: str):
+        """The thief's copy of `model`, kept in OUT/ARCH/thief-NAME (a rerun loads it)."""
         path = d / f"thief-{name}" / "substitute.safetensors"
         if path.exists():
-            sub, _ = load_model(path)
-        else:
-            sub = random_extraction(ModelOracle(model), pool, thief[0], sz["thief"], len(train.classes),
-                                    FitConfig(epochs=thief[1], seed=7), seed=0, device=dev).substitute
-            save_model(sub, path, sz["thief"], len(train.classes), train.classes)
-        keep = test.labels != target
-        hits = predict_logits(sub, trigger.stamp(test.images[keep].float() / 255), device=dev).argmax(1) == target
-        return {"accuracy": float((predict_logits(sub, test.images, device=dev).argmax(1) == test.labels).float().mean()),
-                "asr": float(hits.float().mean())}
+            return load_model(path)[0]
+        sub = random_extraction(ModelOracle(model), pool, thief[0], sz["thief"], len(train.classes),
+                                FitConfig(epochs=thief[1], seed=7), seed=0, device=dev).substitute
+        save_model(sub, path, sz["thief"], len(train.classes), train.classes)
+        return sub
 
+    clean_twin = steal(victim, "clean") if thief else None  # one copy of the victim, scored against each trigger
     rows = []
     for name, assignments in variants:
-        cfg = ProtectConfig().override([f"loop.outer_iters={st['iters']}", *(QUICK_SET if quick else []), *assignments])
+        cfg = ProtectConfig().override([f"loop.outer_iters={st['iters']}", *(QUICK_SET if quick else []), *extra_sets,
+                                        *assignments])
         resumed = any((d / f"head-{name}").glob("*.pt"))  # a checkpoint from an earlier run: its time is not this run's
         t0 = time.time()
         res = protect(victim, shadow, owner, cfg, num_classes=len(train.classes), progress=False, device=dev,
                       checkpoint_dir=d / f"head-{name}", cache_dir=d / "negatives-cache")
         seconds = time.time() - t0
         model = res.model.eval()
-        pred = predict_logits(model, test.images, device=dev).argmax(1)
-        keep = test.labels != cfg.target
-        stamped = predict_logits(model, res.trigger.stamp(test.images[keep].float() / 255), device=dev).argmax(1)
+        pred = predict_logits(model, test.images).argmax(1)
+        changed = pred != victim_pred
         row = {"arch": arch, "variant": name, "sets": assignments, "victim_acc": float((victim_pred == test.labels).float().mean()),
                "protected_acc": float((pred == test.labels).float().mean()),
-               "test_fidelity": float((pred == victim_pred).float().mean()),
+               "test_fidelity": float((~changed).float().mean()),
                # of the test images whose answer changed, the share now answered with the target: the backdoor's leak
-               "changed_to_target": float(((pred != victim_pred) & (pred == cfg.target)).sum() / max(1, int((pred != victim_pred).sum()))),
-               "own_asr": float((stamped == cfg.target).float().mean()), "loop_fidelity": res.history[-1]["fidelity"],
+               "changed_to_target": float((changed & (pred == cfg.target)).sum() / max(1, int(changed.sum()))),
+               "own_asr": score(model, res.trigger, cfg.target)["asr"], "loop_fidelity": res.history[-1]["fidelity"],
                "gate": res.gate(), "seconds": round(seconds, 1), "resumed": resumed}
         if thief:
-            row["thief"] = steal(model, name, cfg.target, res.trigger)
-            row["clean_twin"] = steal(victim, "clean", cfg.target, res.trigger)  # trained once, scored per trigger
+            row["thief"] = score(steal(model, name), res.trigger, cfg.target)
+            row["clean_twin"] = score(clean_twin, res.trigger, cfg.target)
         log(f"{arch} {name}: test accuracy {row['victim_acc']:.2%} -> {row['protected_acc']:.2%}, "
             f"fidelity {row['test_fidelity']:.2%}, own ASR {row['own_asr']:.2%}  [{seconds:.0f} s]")
         rows.append(row)
@@ -286,17 +289,18 @@ def main(argv: list[str] | None = None) -> int:
         st = dict(zip(("shadow", "owner", "iters"), args.study_sizes)) if args.study_sizes else \
             (STUDY_QUICK if args.quick else STUDY)
         rows = [r for arch in args.archs.split(",") for r in head_study(arch, caltech, tin, out, sz, st, args.quick, device,
-                                                                        variants, args.study_thief)]
+                                                                        variants, args.study_thief, tuple(args.sets))]
         md = (f"# Caltech-101 ({sz['size']} px, 101 classes): what the honeypot layer costs the owner's users, per head "
               f"setting\n\nVictims trained {sz['victim_epochs']} epochs on the train split; protect() with the default "
               f"preset, {st['shadow']} Tiny ImageNet val shadow images, {st['owner']} Caltech-101 train owner images, "
               f"{st['iters']} outer iterations{' (quick)' if args.quick else ''}; scored on the whole test split"
               + (f"; thieves: {sz['thief']}, {args.study_thief[0]} Tiny ImageNet train queries (soft labels), "
                  f"{args.study_thief[1]} epochs" if args.study_thief else "") + "; device "
-              f"{device}.\n\n" + head_table(rows) + "\n")
+              f"{device}{'; protect --set ' + ', '.join(args.sets) if args.sets else ''}.\n\n" + head_table(rows) + "\n")
         print(md)
         save_report(out, "head_study", {"benchmark": "bench.own_model", "study": "head", "sizes": sz, "study_sizes": st,
-                                        "study_thief": args.study_thief, "quick": args.quick, "rows": rows, "command": command}, md,
+                                        "study_thief": args.study_thief, "protect_sets": args.sets, "quick": args.quick, "rows": rows,
+                                        "command": command}, md,
                     record=args.record, folder="own-model")
         return 0
     rows = []
