@@ -57,6 +57,26 @@ def test_a_run_that_loads_the_negatives_is_the_run_that_trained_them(setup, tmp_
     assert not (tmp_path / "every").exists()
 
 
+def test_another_owner_set_reuses_the_negatives_unless_the_shadows_query_it(setup, tmp_path):
+    """The extraction reads the victim and the images the shadows query: with shadow.owner_share 0 those are the
+    shadow set alone, so a run on other owner images loads the entry, and is the run that would have trained it."""
+    shadow, owner, victim = setup
+    other_owner = load_dataset("shapes", split="train", n=200, seed=1).images
+    assert not torch.equal(other_owner, owner)
+    cfg = SPEC(outer_iters=1, **KW)
+    protect(victim, shadow, owner, cfg, progress=False, cache_dir=tmp_path)
+    (entry,) = tmp_path.glob("negative-cnn_small-*.safetensors")
+    written = entry.stat().st_ino
+    loaded = protect(victim, shadow, other_owner, cfg, progress=False, cache_dir=tmp_path)
+    assert entry.stat().st_ino == written and len(list(tmp_path.glob("*.safetensors"))) == 1  # read, nothing new
+    assert _same(loaded, protect(victim, shadow, other_owner, cfg, progress=False))  # = trained from scratch
+    # the shadows query a share of the owner images: those are read by the extraction, so they are in the key
+    shared = SPEC(outer_iters=1, **{**KW, "shadow_owner_share": 0.5})
+    protect(victim, shadow, owner, shared, progress=False, cache_dir=tmp_path)
+    protect(victim, shadow, other_owner, shared, progress=False, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 3
+
+
 def _extract(setup, cfg, cache):
     shadow, _, victim = setup
     features, head = split_classifier(victim)

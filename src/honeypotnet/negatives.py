@@ -35,7 +35,7 @@ CACHE_VERSION = 1  # bump when what a cached negative shadow is (its training) c
 
 class NegativeCache:
     """Extracted negative shadows on disk (safetensors, one file per model), keyed by content: the victim's
-    weights and the images (`data`: state.fingerprint), how many of them the shadows query, the number of
+    weights and the images the shadows query (`data`: state.fingerprint; not the owner images they do not query), how many of them the shadows query, the number of
     classes, and the settings the extraction reads (seed, shadow.batch, shadow.lr, negatives.once, the
     model's architecture and position), with torch's version and the device type. An unreadable or
     mismatching file is ignored with a warning and rewritten; a file is written atomically. The directory
