@@ -127,19 +127,49 @@ STUDY = dict(shadow=2000, owner=3000, iters=4)
 STUDY_QUICK = dict(shadow=300, owner=400, iters=2)
 
 
+# the head study's own field (not a ProtectConfig one): owner.extra=mixup|augment passes protect, besides the owner
+# images, as many images made from them that the victim never trained on, so the clean term sees features like those
+# of unseen images: mixup = λ·a + (1−λ)·b of two owner images (λ ~ U(0.2, 0.8)); augment = a random resized crop
+# (scale 0.25-1), flip and colour jitter of one
+OWNER_EXTRA = ("mixup", "augment")
+
+
 def parse_variant(text: str) -> tuple[str, list[str]]:
-    """'NAME' or 'NAME:FIELD=VALUE,FIELD=VALUE' -> (NAME, ["FIELD=VALUE", ...]) (checked against ProtectConfig)."""
+    """'NAME' or 'NAME:FIELD=VALUE,FIELD=VALUE' -> (NAME, ["FIELD=VALUE", ...]) (checked against ProtectConfig, but
+    owner.extra, the study's own field)."""
     from honeypotnet.config import ProtectConfig
 
     name, _, sets = text.partition(":")
     assignments = [a for a in sets.split(",") if a]
     if not name or "/" in name:
         raise SystemExit(f"--head-variants: bad variant {text!r} (NAME or NAME:FIELD=VALUE,...)")
+    extra = [a.partition("=")[2] for a in assignments if a.startswith("owner.extra=")]
+    if any(e not in OWNER_EXTRA for e in extra) or len(extra) > 1:
+        raise SystemExit(f"--head-variants {text!r}: owner.extra is one of {', '.join(OWNER_EXTRA)}")
     try:
-        ProtectConfig().override(assignments)
+        ProtectConfig().override([a for a in assignments if not a.startswith("owner.extra=")])
     except (KeyError, ValueError) as e:
         raise SystemExit(f"--head-variants {text!r}: {e}") from e
     return name, assignments
+
+
+def owner_extra(owner, kind: str, seed: int = 0):
+    """len(owner) images made from the owner images (OWNER_EXTRA), uint8 like them, the same for a seed."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    n = len(owner)
+    if kind == "mixup":
+        a, b = torch.randint(0, n, (n,), generator=g), torch.randint(0, n, (n,), generator=g)
+        lam = (0.2 + 0.6 * torch.rand(n, 1, 1, 1, generator=g))
+        return (lam * owner[a].float() + (1 - lam) * owner[b].float()).round().clamp(0, 255).to(torch.uint8)
+    from torchvision.transforms import v2
+
+    aug = v2.Compose([v2.RandomResizedCrop(owner.shape[-1], scale=(0.25, 1.0), antialias=True),
+                      v2.RandomHorizontalFlip(), v2.ColorJitter(0.4, 0.4, 0.4, 0.05)])
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return torch.stack([aug(x) for x in owner])
 
 
 def head_study(arch: str, caltech: Path, tin: Path, out: Path, sz: dict, st: dict, quick: bool, device: str,
@@ -194,11 +224,13 @@ def head_study(arch: str, caltech: Path, tin: Path, out: Path, sz: dict, st: dic
     clean_twin = steal(victim, "clean") if thief else None  # one copy of the victim, scored against each trigger
     rows = []
     for name, assignments in variants:
+        extra = next((a.partition("=")[2] for a in assignments if a.startswith("owner.extra=")), None)
         cfg = ProtectConfig().override([f"loop.outer_iters={st['iters']}", *(QUICK_SET if quick else []), *extra_sets,
-                                        *assignments])
+                                        *(a for a in assignments if not a.startswith("owner.extra="))])
+        owner_images = owner if extra is None else torch.cat([owner, owner_extra(owner, extra)])
         resumed = any((d / f"head-{name}").glob("*.pt"))  # a checkpoint from an earlier run: its time is not this run's
         t0 = time.time()
-        res = protect(victim, shadow, owner, cfg, num_classes=len(train.classes), progress=False, device=dev,
+        res = protect(victim, shadow, owner_images, cfg, num_classes=len(train.classes), progress=False, device=dev,
                       checkpoint_dir=d / f"head-{name}", cache_dir=d / "negatives-cache")
         seconds = time.time() - t0
         model = res.model.eval()

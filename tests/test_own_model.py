@@ -140,3 +140,21 @@ def test_caltech101_torchvision_victim_through_the_cli(caltech101_root, tmp_path
     assert rc in (0, 1) and json.loads((tmp_path / "v.json").read_text())["n"] > 250
     rc, err = call("verify", tmp_path / "bundle", victim, "--data", "shapes:test", "--tau0", "0.05")
     assert rc == 2 and "10 classes but the bundle 101" in err
+
+
+def test_head_study_variants_and_owner_extra_images():
+    """bench.own_model's head variants: ProtectConfig fields are checked, owner.extra (the study's own field) names
+    one of its kinds; the extra images are new uint8 images made from the owner's, the same for a seed."""
+    from bench.own_model import owner_extra, parse_variant
+
+    assert parse_variant("mix:head.mix_norm=3,owner.extra=mixup") == ("mix", ["head.mix_norm=3", "owner.extra=mixup"])
+    for bad in ("x:owner.extra=noise", "x:head.nope=1", "x:owner.extra=mixup,owner.extra=augment", ":head.lam=1"):
+        with pytest.raises(SystemExit):
+            parse_variant(bad)
+    owner = load_dataset("shapes", split="train", n=40).images
+    for kind in ("mixup", "augment"):
+        extra = owner_extra(owner, kind, seed=3)
+        assert extra.dtype == torch.uint8 and extra.shape == owner.shape
+        assert torch.equal(extra, owner_extra(owner, kind, seed=3)) and not torch.equal(extra, owner_extra(owner, kind, seed=4))
+        new = sum(not any(torch.equal(e, o) for o in owner) for e in extra[:10])
+        assert new >= 8, new  # made from owner images, not copies of them (a mixup may draw one image twice)
