@@ -202,7 +202,9 @@ def head_study(arch: str, caltech: Path, tin: Path, out: Path, sz: dict, st: dic
     owner = train.images[torch.randperm(len(train.images), generator=torch.Generator().manual_seed(0))[: st["owner"]]]
     dev = None if device == "auto" else device
     victim = victim.cpu().eval()
-    victim_pred = predict_logits(victim, test.images).argmax(1)
+    victim_logits = predict_logits(victim, test.images)
+    victim_pred = victim_logits.argmax(1)
+    victim_owner_logits = predict_logits(victim, owner)
     pool = load_dataset("tinyimagenet", tin, "train", size=sz["size"]).images if thief else None
 
     def score(model, trigger, target: int) -> dict:
@@ -234,7 +236,8 @@ def head_study(arch: str, caltech: Path, tin: Path, out: Path, sz: dict, st: dic
                       checkpoint_dir=d / f"head-{name}", cache_dir=d / "negatives-cache")
         seconds = time.time() - t0
         model = res.model.eval()
-        pred = predict_logits(model, test.images).argmax(1)
+        logits = predict_logits(model, test.images)
+        pred = logits.argmax(1)
         changed = pred != victim_pred
         row = {"arch": arch, "variant": name, "sets": assignments, "victim_acc": float((victim_pred == test.labels).float().mean()),
                "protected_acc": float((pred == test.labels).float().mean()),
@@ -242,7 +245,11 @@ def head_study(arch: str, caltech: Path, tin: Path, out: Path, sz: dict, st: dic
                # of the test images whose answer changed, the share now answered with the target: the backdoor's leak
                "changed_to_target": float((changed & (pred == cfg.target)).sum() / max(1, int(changed.sum()))),
                "own_asr": score(model, res.trigger, cfg.target)["asr"], "loop_fidelity": res.history[-1]["fidelity"],
-               "gate": res.gate(), "seconds": round(seconds, 1), "resumed": resumed}
+               "gate": res.gate(), "seconds": round(seconds, 1), "resumed": resumed,
+               # how far the target's logit moved toward the victim's answer's (mean over images whose answer is not the
+               # target): on the owner images the clean term trains on, and on the unseen test images
+               "target_gain_owner": target_gain(predict_logits(model, owner), victim_owner_logits, cfg.target),
+               "target_gain_test": target_gain(logits, victim_logits, cfg.target)}
         if thief:
             row["thief"] = score(steal(model, name), res.trigger, cfg.target)
             row["clean_twin"] = score(clean_twin, res.trigger, cfg.target)
@@ -252,16 +259,26 @@ def head_study(arch: str, caltech: Path, tin: Path, out: Path, sz: dict, st: dic
     return rows
 
 
+def target_gain(logits, victim_logits, target: int) -> float:
+    """Mean over the images the victim does not answer with the target of (logit_t − logit_y) − (victim_t − victim_y),
+    y the victim's answer: how many logits the target gained on the answer."""
+    y = victim_logits.argmax(1, keepdim=True)
+    gain = (logits[:, target] - logits.gather(1, y)[:, 0]) - (victim_logits[:, target] - victim_logits.gather(1, y)[:, 0])
+    return float(gain[y[:, 0] != target].mean())
+
+
 def head_table(rows: list[dict]) -> str:
     lines = ["| victim | variant | fields | test acc. victim → protected (change) | test fidelity | own ASR | loop fidelity "
-             "| changed answers: to the target | gate | protect s (this run) | thief: acc. / ASR | clean twin: acc. / ASR |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| changed answers: to the target | target's logit gain: owner / test | gate | protect s (this run) "
+             "| thief: acc. / ASR | clean twin: acc. / ASR |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         change = 100 * (r["protected_acc"] - r["victim_acc"])
         lines.append(f"| {r['arch']} | {r['variant']} | {', '.join(r['sets']) or 'the default'} | {100 * r['victim_acc']:.1f} → "
                      f"{100 * r['protected_acc']:.1f} ({change:+.1f} pt) | {100 * r['test_fidelity']:.1f} | "
                      f"{100 * r['own_asr']:.1f} | {100 * r['loop_fidelity']:.1f} | {100 * r['changed_to_target']:.1f}% | "
-                     f"{'pass' if not r['gate'] else 'refused'} | "
+                     + (f"{r['target_gain_owner']:+.1f} / {r['target_gain_test']:+.1f} | " if "target_gain_test" in r else "- | ")
+                     + f"{'pass' if not r['gate'] else 'refused'} | "
                      f"{'resumed' if r.get('resumed') else round(r['seconds'])} | " + " | ".join(
                          f"{100 * r[k]['accuracy']:.1f} / {100 * r[k]['asr']:.1f}" if k in r else "-" for k in ("thief", "clean_twin"))
                      + " |")

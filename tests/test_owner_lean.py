@@ -10,7 +10,7 @@ from honeypotnet.config import ProtectConfig
 from honeypotnet.metrics import benign_costs, calibration_error, mean_kl
 from honeypotnet.protect import protect
 from honeypotnet.head import HoneypotLayer
-from honeypotnet.steps import _mixed_norm, lean_toward_target
+from honeypotnet.steps import _answer_gain, _clean_term, _target_gain, _mixed_norm, lean_toward_target
 
 SPEC = partial(ProtectConfig.preset, "spec")
 
@@ -117,6 +117,46 @@ def test_mixed_features_reference_is_the_victims_own_answer_there():
             SPEC(mix_norm=bad)
     assert ProtectConfig().mix_norm == 0 and ProtectConfig().hash() == ProtectConfig(mix_norm=0.0).hash() != \
         ProtectConfig(mix_norm=1.0).hash()
+
+
+def test_logit_holds_count_only_gains_over_the_victims_gap():
+    """head.target_hold (head.answer_hold: the same for any class): relu of how much the target's logit gained on the reference's top-1, beyond the reference's
+    own gap; 0 where the head keeps the gap or widens it, and where the reference's answer is the target. The KL
+    barely sees a gain of 8 logits on a sure row, the hold sees all of it; checked and hash-neutral at 0."""
+    ref = torch.tensor([[10.0, 0.0, -5.0], [0.0, 10.0, -5.0], [1.0, 0.0, 0.5]])  # target 2; the last row's answer 0
+    out = ref.clone()
+    assert torch.equal(_target_gain(out, ref, 2), torch.zeros(3))
+    out[0, 2] += 8.0  # row 0: the target gains 8 on the answer (still far below it: the KL hardly moves)
+    out[1, 1] += 3.0  # row 1: the answer gains; no target gain
+    assert torch.allclose(_target_gain(out, ref, 2), torch.tensor([8.0, 0.0, 0.0]))
+    assert float(_clean_term(out[:1], ref[:1], "kl")) < 0.01
+    # head.answer_hold: the largest gain of any class on the answer (row 0: the target's 8; row 1: none)
+    assert torch.allclose(_answer_gain(out, ref), torch.tensor([8.0, 0.0, 0.0]))
+    out[1, 0] += 12.0  # row 1: class 0 up 12, the answer up 3 (above): a gain of 9 on it; class 2 nothing
+    assert torch.allclose(_answer_gain(out, ref), torch.tensor([8.0, 9.0, 0.0]))
+    assert float(_target_gain(out, ref, 2)[1]) == 0  # not the target: only the answer hold sees it
+    ref[2, 2] = 2.0  # the reference answers the target: nothing held there
+    assert float(_target_gain(out, ref, 2)[2]) == 0
+    # in the honeypot's loop: the hold makes the loss larger once the head raises the target on owner rows
+    g = torch.Generator().manual_seed(0)
+    h = torch.nn.Linear(16, 5)
+    feats = torch.randn(300, 16, generator=g)
+    with torch.no_grad():
+        logits = h(feats)
+    layer = HoneypotLayer.from_linear(h)
+    with torch.no_grad():
+        layer.linear.bias[0] += 6.0  # the target's logit up everywhere
+    cfg = SPEC(mix_norm=1.0, honeypot_batch=64, target=0)
+    plain = float(_mixed_norm(layer, feats, logits, 100, cfg, torch.Generator().manual_seed(1), "cpu").detach())
+    held = float(_mixed_norm(layer, feats, logits, 100, SPEC(mix_norm=1.0, honeypot_batch=64, target=0, target_hold=1.0),
+                             torch.Generator().manual_seed(1), "cpu").detach())
+    assert held > plain + 3  # most rows: a gain of 6, less where the answer is the target
+    for name in ("target_hold", "answer_hold"):
+        for bad in (-0.1, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match=name):
+                SPEC(**{name: bad})
+        assert getattr(ProtectConfig(), name) == 0 and ProtectConfig().hash() == ProtectConfig(**{name: 0.0}).hash() != \
+            ProtectConfig(**{name: 1.0}).hash()
 
 
 def test_benign_costs():

@@ -33,7 +33,8 @@ GROUPS = ("trigger", "head", "shadow", "thief", "negatives", "loop")
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 # options added after CONFIG_VERSION 2, with the value that keeps the behaviour from before them (ProtectConfig.identity)
 HASH_NEUTRAL = {"trigger.blur_split": False, "negatives.once": 0, "head.owner_flip": 0.0, "shadow.more_archs": "",
-                "thief.prune_ratio": 0.0, "head.mix_norm": 0.0}
+                "thief.prune_ratio": 0.0, "head.mix_norm": 0.0,
+                "head.target_hold": 0.0, "head.answer_hold": 0.0}
 
 
 def _f(default, group: str, key: str, doc: str):
@@ -72,6 +73,14 @@ class ProtectConfig:
                                                   "victim's same mix of logits (its last layer is affine): holds "
                                                   "the answers between the owner's images, where unseen images' "
                                                   "features lie; 0 = off")
+    target_hold: float = _f(0.0, "head", "target_hold", "weight of a logit-level hold on owner images (and mixed "
+                                                        "ones, with head.mix_norm): relu of how much the target's "
+                                                        "logit gains on the victim's answer's, over the victim's own "
+                                                        "gap. The KL barely sees the target's logit rise where the "
+                                                        "victim is sure, yet unseen images, less sure, flip; 0 = off")
+    answer_hold: float = _f(0.0, "head", "answer_hold", "as head.target_hold for every class: relu of the largest "
+                                                        "gain of any class's logit on the victim's answer's, over the "
+                                                        "victim's own gap; 0 = off")
     owner_lean: float = _f(0.0, "head", "owner_lean", "on owner images, the clean term's reference leans toward "
                                                       "the target by up to this share of the remaining mass, "
                                                       "in proportion to how far each image's features lie "
@@ -154,6 +163,8 @@ class ProtectConfig:
         need(self.lam >= 0 and 0 <= self.momentum < 1, "head.lam must be >= 0 and trigger.momentum in [0, 1)")
         need(self.shadow_norm_weight >= 0, "head.shadow_norm_weight must be >= 0")
         need(0 <= self.mix_norm < float("inf"), "head.mix_norm must be a finite number >= 0")
+        need(0 <= self.target_hold < float("inf"), "head.target_hold must be a finite number >= 0")
+        need(0 <= self.answer_hold < float("inf"), "head.answer_hold must be a finite number >= 0")
         need(0 <= self.shadow_owner_share <= 1, "shadow.owner_share must be in [0, 1]")
         need(0 <= self.owner_lean <= 1, "head.owner_lean must be in [0, 1]")
         need(0 <= self.owner_flip <= 1, "head.owner_flip must be in [0, 1]")

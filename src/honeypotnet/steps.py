@@ -241,6 +241,33 @@ def _clean_term(out: torch.Tensor, ref: torch.Tensor, l_norm: str) -> torch.Tens
     return per
 
 
+def _target_gain(out: torch.Tensor, ref: torch.Tensor, target: int) -> torch.Tensor:
+    """head.target_hold's per-row term: relu((out_t − out_y) − (ref_t − ref_y)), y the reference's top-1 (0 where that
+    is the target): how much the target's logit gained on the answer's. The KL to ref hardly sees it on rows where
+    ref is sure (the target's probability stays ~0), yet the same gain flips the less sure answers of unseen images."""
+    y = ref.argmax(1, keepdim=True)
+    gain = (out[:, target] - out.gather(1, y)[:, 0]) - (ref[:, target] - ref.gather(1, y)[:, 0])
+    return torch.where(y[:, 0] == target, torch.zeros_like(gain), gain.clamp_min(0))
+
+
+def _answer_gain(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """head.answer_hold's per-row term: relu of the largest (out_c − out_y) − (ref_c − ref_y) over the classes c ≠ y,
+    y the reference's top-1: how much the closest-gaining class moved toward taking the answer over."""
+    y = ref.argmax(1, keepdim=True)
+    gain = (out - out.gather(1, y)) - (ref - ref.gather(1, y))
+    return gain.scatter(1, y, float("-inf")).amax(1).clamp_min(0)
+
+
+def _holds(out: torch.Tensor, ref: torch.Tensor, cfg: ProtectConfig) -> torch.Tensor | float:
+    """head.target_hold and head.answer_hold's per-row terms, weighted (0 when both are off)."""
+    per = 0.0
+    if cfg.target_hold > 0:
+        per = per + cfg.target_hold * _target_gain(out, ref, cfg.target)
+    if cfg.answer_hold > 0:
+        per = per + cfg.answer_hold * _answer_gain(out, ref)
+    return per
+
+
 def _mixed_norm(honeypot: HoneypotLayer, clean_feats: torch.Tensor, clean_logits: torch.Tensor, n_shadow: int,
                 cfg: ProtectConfig, gen: torch.Generator, dev) -> torch.Tensor:
     """head.mix_norm's term: L_norm on λ·f(a) + (1−λ)·f(b) for pairs of owner images (all clean images when there
@@ -252,7 +279,8 @@ def _mixed_norm(honeypot: HoneypotLayer, clean_feats: torch.Tensor, clean_logits
     lam = torch.rand(cfg.honeypot_batch, 1, generator=gen)
     z = (lam * clean_feats[ia] + (1 - lam) * clean_feats[ib]).to(dev)
     ref = (lam * clean_logits[ia] + (1 - lam) * clean_logits[ib]).to(dev)
-    return _clean_term(honeypot(z), ref, cfg.l_norm).mean()
+    out = honeypot(z)
+    return (_clean_term(out, ref, cfg.l_norm) + _holds(out, ref, cfg)).mean()
 
 
 def finetune_honeypot(honeypot: HoneypotLayer, opt: torch.optim.Optimizer, clean_feats: torch.Tensor,
@@ -271,7 +299,12 @@ def finetune_honeypot(honeypot: HoneypotLayer, opt: torch.optim.Optimizer, clean
         it = torch.randint(0, len(stamped_feats), (cfg.honeypot_batch,), generator=gen)
         z, ref = clean_feats[ic].to(dev), clean_logits[ic].to(dev)
         w = torch.where(ic < n_shadow, cfg.shadow_norm_weight, 1.0).to(dev)
-        norm = (w * _clean_term(honeypot(z), ref, cfg.l_norm)).mean()
+        out = honeypot(z)
+        per = _clean_term(out, ref, cfg.l_norm)
+        if cfg.target_hold > 0 or cfg.answer_hold > 0:  # on the owner's rows (every row when there are none)
+            owner_rows = (ic >= n_shadow) if len(clean_feats) > n_shadow else torch.ones_like(ic, dtype=torch.bool)
+            per = per + owner_rows.to(dev) * _holds(out, ref, cfg)
+        norm = (w * per).mean()
         if cfg.mix_norm > 0:
             norm = norm + cfg.mix_norm * _mixed_norm(honeypot, clean_feats, clean_logits, n_shadow, cfg, gen, dev)
         backdoor = F.cross_entropy(honeypot(stamped_feats[it].to(dev)), torch.full((len(it),), cfg.target, device=dev))
