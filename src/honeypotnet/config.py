@@ -73,8 +73,8 @@ class ProtectConfig:
                                                   "victim's same mix of logits (its last layer is affine): holds "
                                                   "the answers between the owner's images, where unseen images' "
                                                   "features lie; 0 = off")
-    target_hold: float = _f(0.0, "head", "target_hold", "weight of a logit-level hold on owner images (and mixed "
-                                                        "ones, with head.mix_norm): relu of how much the target's "
+    target_hold: float = _f(0.0, "head", "target_hold", "weight of a logit-level hold on owner images (and, inside "
+                                                        "head.mix_norm's term, on mixed features): relu of how much the target's "
                                                         "logit gains on the victim's answer's, over the victim's own "
                                                         "gap. The KL barely sees the target's logit rise where the "
                                                         "victim is sure, yet unseen images, less sure, flip; 0 = off")

@@ -34,12 +34,12 @@ CACHE_VERSION = 1  # bump when what a cached negative shadow is (its training) c
 
 
 class NegativeCache:
-    """Extracted negative shadows on disk (safetensors, one file per model), keyed by content: the victim's
-    weights and the images the shadows query (`data`: state.fingerprint; not the owner images they do not query), how many of them the shadows query, the number of
-    classes, and the settings the extraction reads (seed, shadow.batch, shadow.lr, negatives.once, the
-    model's architecture and position), with torch's version and the device type. An unreadable or
-    mismatching file is ignored with a warning and rewritten; a file is written atomically. The directory
-    keeps the `keep` most recently used entries (a load marks its file used): older ones are deleted when
+    """Extracted negative shadows on disk (safetensors, one file per model), keyed by content: the victim's weights
+    and the images the shadows query (`data`: state.fingerprint; not the owner images they do not query), how many
+    of them the shadows query, the number of classes, and the settings the extraction reads (seed, shadow.batch,
+    shadow.lr, negatives.once, the model's architecture and position), with torch's version and the device type. An
+    unreadable or mismatching file is ignored with a warning and rewritten; a file is written atomically. The
+    directory keeps the `keep` most recently used entries (a load marks its file used): older ones are deleted when
     a new one is written, so the cache of a machine that protects many victims stays bounded."""
 
     KEEP = 64  # entries (a CIFAR-size CNN or ResNet-20 is 1-3 MB)

@@ -156,8 +156,8 @@ def _run(victim, shadow_images, owner_images, cfg, num_classes, checkpoint_dir, 
     key = key_of(cfg, data)
     # the negatives' extraction reads the victim and the images the shadows query, nothing else: another owner
     # set that the shadows do not query (shadow.owner_share 0) reuses them (a set read batch by batch: all its pixels)
-    queried = data if digest is not None else fingerprint(victim, query_images)
-    cache = None if cache_dir is None else NegativeCache(cache_dir, queried, n_query, k, device)
+    cache = None if cache_dir is None else \
+        NegativeCache(cache_dir, data if digest is not None else fingerprint(victim, query_images), n_query, k, device)
     negatives = NegativeShadows(cfg, k, device, cache)
     history: list[dict] = []
     state = load_state(checkpoint_dir, key, device)
