@@ -93,16 +93,22 @@ def test_owner_lean_changes_the_honeypot_and_keeps_it_deterministic(toy_victim):
     assert not torch.equal(runs[0.0][0], runs[1.0][0])
 
 
-def test_mixed_features_reference_is_the_victims_own_answer_there():
-    """head.mix_norm: between two owner images' features the reference is the same mix of the victim's logits, which
-    is exactly the victim's last layer on the mixed features (it is affine): the term is 0 for the untouched head
-    (H = h) and positive once the head moves; the option is checked and hash-neutral at 0."""
+def _linear_victim():
+    """A random last layer (16 features, 5 classes), 300 features, its logits there and an untouched honeypot layer
+    of it -> (generator, features, logits, layer)."""
     g = torch.Generator().manual_seed(0)
     h = torch.nn.Linear(16, 5)
     feats = torch.randn(300, 16, generator=g)
     with torch.no_grad():
         logits = h(feats)
-    layer = HoneypotLayer.from_linear(h)
+    return g, feats, logits, HoneypotLayer.from_linear(h)
+
+
+def test_mixed_features_reference_is_the_victims_own_answer_there():
+    """head.mix_norm: between two owner images' features the reference is the same mix of the victim's logits, which
+    is exactly the victim's last layer on the mixed features (it is affine): the term is 0 for the untouched head
+    (H = h) and positive once the head moves; the option is checked and hash-neutral at 0."""
+    g, feats, logits, layer = _linear_victim()
     cfg = SPEC(mix_norm=1.0, honeypot_batch=64)
     with torch.no_grad():
         term = _mixed_norm(layer, feats, logits, 100, cfg, torch.Generator().manual_seed(1), "cpu")
@@ -138,12 +144,7 @@ def test_logit_holds_count_only_gains_over_the_victims_gap():
     ref[2, 2] = 2.0  # the reference answers the target: nothing held there
     assert float(_target_gain(out, ref, 2)[2]) == 0
     # in the honeypot's loop: the hold makes the loss larger once the head raises the target on owner rows
-    g = torch.Generator().manual_seed(0)
-    h = torch.nn.Linear(16, 5)
-    feats = torch.randn(300, 16, generator=g)
-    with torch.no_grad():
-        logits = h(feats)
-    layer = HoneypotLayer.from_linear(h)
+    g, feats, logits, layer = _linear_victim()
     with torch.no_grad():
         layer.linear.bias[0] += 6.0  # the target's logit up everywhere
     cfg = SPEC(mix_norm=1.0, honeypot_batch=64, target=0)
