@@ -134,6 +134,14 @@ STUDY_QUICK = dict(shadow=300, owner=400, iters=2)
 OWNER_EXTRA = ("mixup", "augment")
 
 
+def split_extra(assignments: list[str]) -> tuple[str | None, list[str]]:
+    """A variant's assignments -> (its owner.extra kind or None, the ProtectConfig assignments)."""
+    extra = [a.partition("=")[2] for a in assignments if a.startswith("owner.extra=")]
+    if any(e not in OWNER_EXTRA for e in extra) or len(extra) > 1:
+        raise ValueError(f"owner.extra is one of {', '.join(OWNER_EXTRA)}, once")
+    return (extra[0] if extra else None), [a for a in assignments if not a.startswith("owner.extra=")]
+
+
 def parse_variant(text: str) -> tuple[str, list[str]]:
     """'NAME' or 'NAME:FIELD=VALUE,FIELD=VALUE' -> (NAME, ["FIELD=VALUE", ...]) (checked against ProtectConfig, but
     owner.extra, the study's own field)."""
@@ -143,11 +151,8 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     assignments = [a for a in sets.split(",") if a]
     if not name or "/" in name:
         raise SystemExit(f"--head-variants: bad variant {text!r} (NAME or NAME:FIELD=VALUE,...)")
-    extra = [a.partition("=")[2] for a in assignments if a.startswith("owner.extra=")]
-    if any(e not in OWNER_EXTRA for e in extra) or len(extra) > 1:
-        raise SystemExit(f"--head-variants {text!r}: owner.extra is one of {', '.join(OWNER_EXTRA)}")
     try:
-        ProtectConfig().override([a for a in assignments if not a.startswith("owner.extra=")])
+        ProtectConfig().override(split_extra(assignments)[1])
     except (KeyError, ValueError) as e:
         raise SystemExit(f"--head-variants {text!r}: {e}") from e
     return name, assignments
@@ -226,9 +231,9 @@ def head_study(arch: str, caltech: Path, tin: Path, out: Path, sz: dict, st: dic
     clean_twin = steal(victim, "clean") if thief else None  # one copy of the victim, scored against each trigger
     rows = []
     for name, assignments in variants:
-        extra = next((a.partition("=")[2] for a in assignments if a.startswith("owner.extra=")), None)
+        extra, fields = split_extra(assignments)
         cfg = ProtectConfig().override([f"loop.outer_iters={st['iters']}", *(QUICK_SET if quick else []), *extra_sets,
-                                        *(a for a in assignments if not a.startswith("owner.extra="))])
+                                        *fields])
         owner_images = owner if extra is None else torch.cat([owner, owner_extra(owner, extra)])
         resumed = any((d / f"head-{name}").glob("*.pt"))  # a checkpoint from an earlier run: its time is not this run's
         t0 = time.time()
@@ -260,11 +265,11 @@ def head_study(arch: str, caltech: Path, tin: Path, out: Path, sz: dict, st: dic
 
 
 def target_gain(logits, victim_logits, target: int) -> float:
-    """Mean over the images the victim does not answer with the target of (logit_t − logit_y) − (victim_t − victim_y),
-    y the victim's answer: how many logits the target gained on the answer."""
-    y = victim_logits.argmax(1, keepdim=True)
-    gain = (logits[:, target] - logits.gather(1, y)[:, 0]) - (victim_logits[:, target] - victim_logits.gather(1, y)[:, 0])
-    return float(gain[y[:, 0] != target].mean())
+    """steps.target_logit_gain's mean over the images the victim does not answer with the target: how many logits the
+    target gained on the victim's answer."""
+    from honeypotnet.steps import target_logit_gain
+
+    return float(target_logit_gain(logits, victim_logits, target)[victim_logits.argmax(1) != target].mean())
 
 
 def head_table(rows: list[dict]) -> str:

@@ -241,13 +241,19 @@ def _clean_term(out: torch.Tensor, ref: torch.Tensor, l_norm: str) -> torch.Tens
     return per
 
 
-def _target_gain(out: torch.Tensor, ref: torch.Tensor, target: int) -> torch.Tensor:
-    """head.target_hold's per-row term: relu((out_t − out_y) − (ref_t − ref_y)), y the reference's top-1 (0 where that
-    is the target): how much the target's logit gained on the answer's. The KL to ref hardly sees it on rows where
-    ref is sure (the target's probability stays ~0), yet the same gain flips the less sure answers of unseen images."""
+def target_logit_gain(out: torch.Tensor, ref: torch.Tensor, target: int) -> torch.Tensor:
+    """Per row, (out_t − out_y) − (ref_t − ref_y), y the reference's top-1: how many logits the target gained (signed)
+    on the reference's answer, e.g. a protected model's logits against the victim's."""
     y = ref.argmax(1, keepdim=True)
-    gain = (out[:, target] - out.gather(1, y)[:, 0]) - (ref[:, target] - ref.gather(1, y)[:, 0])
-    return torch.where(y[:, 0] == target, torch.zeros_like(gain), gain.clamp_min(0))
+    return (out[:, target] - out.gather(1, y)[:, 0]) - (ref[:, target] - ref.gather(1, y)[:, 0])
+
+
+def _target_gain(out: torch.Tensor, ref: torch.Tensor, target: int) -> torch.Tensor:
+    """head.target_hold's per-row term: relu(target_logit_gain) (0 where the reference's top-1 is the target). The KL
+    to ref hardly sees the gain on rows where ref is sure (the target's probability stays ~0), yet the same gain
+    flips the less sure answers of unseen images."""
+    gain = target_logit_gain(out, ref, target)
+    return torch.where(ref.argmax(1) == target, torch.zeros_like(gain), gain.clamp_min(0))
 
 
 def _answer_gain(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
