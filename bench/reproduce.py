@@ -102,7 +102,20 @@ ABLATIONS: dict[str, list[tuple[str, dict]]] = {
                         ("robust-once24-flip0.03", {**ROBUST, "owner_flip": 0.03}),
                         # both options together
                         ("robust-once24-lean0.2-flip0.1", {**ROBUST, "owner_lean": 0.2, "owner_flip": 0.1})],
+    # the head terms that took a 101-class victim's cost from 5.5 to 0.7 pt (docs/research/many-classes.md) on this
+    # protocol: the clean term on mixed features (head.mix_norm), the shadow set's answers kept as the owner's
+    # (shadow_norm_weight 1, which cost the label-only thief before: it runs here too), and a hold on every class's
+    # logit gain over the victim's answer (head.answer_hold); then the same without shadow_norm_weight 1
+    "head-hold": [("robust-fast-once24", ROBUST),
+                  ("robust-once24-mix10-snw1-any1", {**ROBUST, "mix_norm": 10.0, "shadow_norm_weight": 1.0,
+                                                     "answer_hold": 1.0}),
+                  ("robust-once24-mix10-any1", {**ROBUST, "mix_norm": 10.0, "answer_hold": 1.0}),
+                  # each of the two terms alone: which one costs the thieves their backdoor
+                  ("robust-once24-mix10", {**ROBUST, "mix_norm": 10.0}),
+                  ("robust-once24-any1", {**ROBUST, "answer_hold": 1.0})],
 }
+# ablations whose rows also meet the label-only Tiny ImageNet thief (the others: the soft one only)
+ABLATION_LABEL_ONLY = {"head-hold"}
 # the thieves each protection also meets, besides the Tiny ImageNet grid: (pool, output) at the largest budget
 EXTRA_POOL_THIEVES = [("cifar", "probs"), ("cifar", "label"), ("mixed", "probs")]
 
@@ -143,6 +156,8 @@ def run_ablation(rep: Reproduction, name: str, seeds, budgets, archs, pools=("ti
             if prot["rel"] not in done:  # a variant equal to the base configuration is one row
                 done.add(prot["rel"])
                 rep.pair(seed, prot, archs[0], max(budgets), "probs")
+                if name in ABLATION_LABEL_ONLY:
+                    rep.pair(seed, prot, archs[0], max(budgets), "label")
                 pool_thieves(rep, seed, prot, archs[0], max(budgets), pools)
 
 
@@ -215,7 +230,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="run every budget x substitute for these seeds only; the other seeds run the first "
                          "substitute at the largest budget (and the label-only thief). Default: every seed")
     ap.add_argument("--ablation", choices=sorted(ABLATIONS),
-                    help="run one ablation (base + variants, one Tiny ImageNet thief each, plus the other pools')")
+                    help="run one ablation (base + variants, one Tiny ImageNet thief each (head-hold: a label-only one too), "
+                         "plus the other pools')")
     ap.add_argument("--only", nargs="+", metavar="VARIANT",
                     help="with --ablation: run only these of its rows (base and the variants' names)")
     ap.add_argument("--pools", nargs="+", choices=sorted(POOLS), default=["tin", "cifar", "mixed"],

@@ -190,6 +190,11 @@ VARIANTS: dict[str, dict] = {
     # fine-tuned) joins the trigger step, for the thief's fine-pruning, the goal weight 0.05 missed on seed 1 (47.4%)
     "robust-once24-snw0.05-prune0.5": {**ONCE24, "shadow_norm_weight": 0.05, "shadow_prune_ratio": 0.5},
     "robust-once24-prune0.5": {**ONCE24, "shadow_prune_ratio": 0.5},
+    # the head terms that took a 101-class victim's cost from 5.5 to 0.7 pt (docs/research/many-classes.md): the clean
+    # term on mixed features, the shadow set's answers kept (shadow_norm_weight 1) and a hold on every class's logit
+    # gain over the victim's answer; bench.reproduce's head-hold ablation has the same rows
+    "robust-once24-mix10-snw1-any1": {**ONCE24, "mix_norm": 10.0, "shadow_norm_weight": 1.0, "answer_hold": 1.0},
+    "robust-once24-mix10-any1": {**ONCE24, "mix_norm": 10.0, "answer_hold": 1.0},
 }
 
 # the library default (ProtectConfig(), the "robust" preset; tests/test_robustness_quick.py checks they agree):

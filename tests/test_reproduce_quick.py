@@ -46,6 +46,7 @@ def test_every_ablation_variant_is_a_valid_config_change():
             cfg = base.override(overrides)  # ProtectConfig validates itself
             assert cfg == dataclasses.replace(base, **overrides)
             assert all(getattr(cfg, k) == v for k, v in overrides.items()), (name, label)
+    assert reproduce.ABLATION_LABEL_ONLY <= set(reproduce.ABLATIONS)
 
 
 def test_pool_oracle_answers_like_the_model_and_counts_queries():
