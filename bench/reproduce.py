@@ -112,7 +112,11 @@ ABLATIONS: dict[str, list[tuple[str, dict]]] = {
                   ("robust-once24-mix10-any1", {**ROBUST, "mix_norm": 10.0, "answer_hold": 1.0}),
                   # each of the two terms alone: which one costs the thieves their backdoor
                   ("robust-once24-mix10", {**ROBUST, "mix_norm": 10.0}),
-                  ("robust-once24-any1", {**ROBUST, "answer_hold": 1.0})],
+                  ("robust-once24-any1", {**ROBUST, "answer_hold": 1.0}),
+                  # the hold runs inside head.mix_norm's term at that term's weight (10 x 1 above): here 10 x 0.1 on the
+                  # mixed features, 0.1 on the owner's rows
+                  ("robust-once24-mix10-snw1-any0.1", {**ROBUST, "mix_norm": 10.0, "shadow_norm_weight": 1.0,
+                                                       "answer_hold": 0.1})],
 }
 # ablations whose rows also meet the label-only Tiny ImageNet thief (the others: the soft one only)
 ABLATION_LABEL_ONLY = {"head-hold"}
