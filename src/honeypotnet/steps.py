@@ -241,27 +241,30 @@ def _clean_term(out: torch.Tensor, ref: torch.Tensor, l_norm: str) -> torch.Tens
     return per
 
 
-def target_logit_gain(out: torch.Tensor, ref: torch.Tensor, target: int) -> torch.Tensor:
-    """Per row, (out_t − out_y) − (ref_t − ref_y), y the reference's top-1: how many logits the target gained (signed)
-    on the reference's answer, e.g. a protected model's logits against the victim's."""
+def _logit_gains(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Per row and class c, (out_c − out_y) − (ref_c − ref_y), y the reference's top-1: how many logits c gained
+    (signed) on the reference's answer (0 in column y)."""
     y = ref.argmax(1, keepdim=True)
-    return (out[:, target] - out.gather(1, y)[:, 0]) - (ref[:, target] - ref.gather(1, y)[:, 0])
+    return (out - out.gather(1, y)) - (ref - ref.gather(1, y))
+
+
+def target_logit_gain(out: torch.Tensor, ref: torch.Tensor, target: int) -> torch.Tensor:
+    """Per row, how many logits the target gained (signed) on the reference's answer, e.g. a protected model's logits
+    against the victim's."""
+    return _logit_gains(out, ref)[:, target]
 
 
 def _target_gain(out: torch.Tensor, ref: torch.Tensor, target: int) -> torch.Tensor:
-    """head.target_hold's per-row term: relu(target_logit_gain) (0 where the reference's top-1 is the target). The KL
-    to ref hardly sees the gain on rows where ref is sure (the target's probability stays ~0), yet the same gain
-    flips the less sure answers of unseen images."""
-    gain = target_logit_gain(out, ref, target)
-    return torch.where(ref.argmax(1) == target, torch.zeros_like(gain), gain.clamp_min(0))
+    """head.target_hold's per-row term: relu(target_logit_gain) (0 where the reference's top-1 is the target: its
+    column of the gains is 0). The KL to ref hardly sees the gain on rows where ref is sure (the target's probability
+    stays ~0), yet the same gain flips the less sure answers of unseen images."""
+    return target_logit_gain(out, ref, target).clamp_min(0)
 
 
 def _answer_gain(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """head.answer_hold's per-row term: relu of the largest (out_c − out_y) − (ref_c − ref_y) over the classes c ≠ y,
     y the reference's top-1: how much the closest-gaining class moved toward taking the answer over."""
-    y = ref.argmax(1, keepdim=True)
-    gain = (out - out.gather(1, y)) - (ref - ref.gather(1, y))
-    return gain.scatter(1, y, float("-inf")).amax(1).clamp_min(0)
+    return _logit_gains(out, ref).scatter(1, ref.argmax(1, keepdim=True), float("-inf")).amax(1).clamp_min(0)
 
 
 def _holds(out: torch.Tensor, ref: torch.Tensor, cfg: ProtectConfig) -> torch.Tensor | float:
