@@ -12,6 +12,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# Under pytest-xdist (pyproject's addopts run the suite on several workers) each worker gets an equal
+# share of the cores, set before torch is first imported: workers with every core each would slow one
+# another 5-100x. Subprocesses the tests start (the CLI, servers, benchmarks) inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 import pytest
 
 from honeypotnet.allocator import tune_allocator
@@ -24,6 +30,33 @@ pytest_plugins = ("pytester",)  # tests/test_bundle.py runs a small pytest sessi
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REQUIRE_SHARED_ENV = "HONEYPOTNET_REQUIRE_SHARED"
+# session fixtures that cost minutes, and the test files that use them: under pytest-xdist the files of
+# one fixture run on one worker, so it is made once (tests/test_architecture.py checks this list)
+SHARED_RUNS = {
+    "reproduce_quick": ("test_arsenal_quick.py", "test_reproduce_quick.py", "test_robustness_quick.py"),
+    "quick_demo": ("test_active.py", "test_art_interop.py", "test_default_e2e.py", "test_pipeline.py", "test_serve.py"),
+}
+SHARED_RUN_OF_FILE = {file: run for run, files in SHARED_RUNS.items() for file in files}
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` (pyproject's addopts): one worker per core, at most 4 (the suite's long tests come in
+    a few groups, so more workers would mostly repeat session fixtures)."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's scheduling for this suite (pyproject's addopts: `-n auto`): a test file's tests run
+    on one worker, so its module fixtures are made once, and the files of one SHARED_RUNS group run on
+    one worker, so its session fixture is made once; the largest groups start first."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedRunScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::", 1)[0]
+            return SHARED_RUN_OF_FILE.get(Path(file).name, file)
+
+    return SharedRunScheduling(config, log)
 
 
 def shared_required() -> bool:
@@ -145,3 +178,4 @@ def toy_victim():
     victim = create_model("cnn_small", 10)
     fit(victim, owner.images, owner.labels, FitConfig(epochs=1, seed=0), progress=False)
     return victim, shadow, owner
+

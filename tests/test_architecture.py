@@ -124,3 +124,15 @@ def test_the_repository_stands_alone():
             if needle.search(line) and path.name != "test_architecture.py":
                 hits.append(f"{path.relative_to(ROOT)}:{i}")
     assert not hits, f"{len(hits)} lines: {hits[:20]}"
+
+
+def test_every_user_of_a_shared_run_is_scheduled_with_it():
+    """conftest's SHARED_RUNS lists the test files of each costly session fixture, so pytest-xdist runs them on one
+    worker and makes the fixture once: a file that names the fixture and is not listed would make it again on
+    another worker (minutes). Every listed file exists and names its fixture."""
+    from conftest import SHARED_RUNS
+
+    tests = ROOT / "tests"
+    for run, listed in SHARED_RUNS.items():
+        users = {p.name for p in tests.glob("test_*.py") if re.search(rf"\b{run}\b", p.read_text())}
+        assert users == set(listed), (run, sorted(users ^ set(listed)))

@@ -377,3 +377,38 @@ def test_real_tinyimagenet_val(tinyimagenet_root, tmp_path):
     assert ds.images.shape == (10000, 3, 32, 32)
     assert ds.num_classes == 200 and ds.labels.bincount().tolist() == [50] * 200
     assert "goldfish" in ds.classes
+
+
+def test_a_process_decoding_the_same_files_is_waited_for_and_its_entry_read(tmp_path, monkeypatch):
+    """Two processes loading one dataset on a cold cache (pytest-xdist workers, two CLI jobs): the second waits
+    for the first's entry instead of decoding everything again."""
+    import subprocess
+    import sys
+    import time
+
+    root = tmp_path / "data"
+    make_imagefolder(root)
+    cache, started = tmp_path / "cache", tmp_path / "started"
+    script = (
+        "import sys, time\n"
+        "import honeypotnet.data.files as f\n"
+        "real = f.decode_images\n"
+        "def slow(*a, **k):\n"
+        f"    open({str(started)!r}, 'w').close(); time.sleep(2); return real(*a, **k)\n"
+        "f.decode_images = slow\n"
+        f"f.load_imagefolder({str(root)!r}, 'train', cache_dir={str(cache)!r})\n")
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.time() + 120
+        while not started.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert started.exists(), "the first process never started decoding"
+
+        def boom(*a, **k):
+            raise AssertionError("decoded again while another process was decoding the same files")
+
+        monkeypatch.setattr(files_mod, "decode_images", boom)
+        ds = load_imagefolder(root, "train", cache_dir=cache)
+    finally:
+        assert proc.wait(timeout=120) == 0
+    assert len(_cache_files(cache)) == 1 and len(ds) > 0

@@ -77,6 +77,25 @@ def atomic_path(path: str | os.PathLike, mode: int = 0o666):
         raise
 
 
+@contextmanager
+def exclusive(path: str | os.PathLike):
+    """Hold an advisory lock on the file `path` (created if missing) for the block, so processes that build one
+    cached artefact take turns and the later ones find it built (POSIX flock; a no-op where fcntl is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: the callers' atomic renames still keep the artefact whole
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o666) -> Path:
     with atomic_path(path, mode) as tmp:
         tmp.write_bytes(data)

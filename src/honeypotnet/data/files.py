@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..ops import atomic_path, atomic_write_bytes
+from ..ops import atomic_path, atomic_write_bytes, exclusive
 from .base import DatasetError, ImageDataset
 from .source import FileSource, decode_image
 
@@ -165,7 +165,8 @@ def unpack_archive_once(tarball: PathLike, top: str, cache_dir: PathLike | None 
 
     The destination is keyed by the tarball's name, size and mtime, so a changed archive is
     unpacked again. Extraction goes to a temporary directory renamed into place, so an interrupted
-    or concurrent run never leaves a half-unpacked tree. Raises DatasetError if ``top`` is absent.
+    run never leaves a half-unpacked tree, and a concurrent run waits for it (a file lock) instead of
+    unpacking the same archive beside it. Raises DatasetError if ``top`` is absent.
     """
     tarball = Path(tarball)
     if not tarball.is_file():
@@ -173,6 +174,15 @@ def unpack_archive_once(tarball: PathLike, top: str, cache_dir: PathLike | None 
     st = tarball.stat()
     stem = tarball.name.split(".")[0]
     dest = default_cache_dir(cache_dir) / "shared-unpacked" / f"{stem}-{st.st_size}-{st.st_mtime_ns}"
+    if not (dest / top).is_dir():
+        with exclusive(dest.parent / f".{dest.name}.lock"):  # a concurrent run waits, then finds it unpacked
+            _unpack(tarball, dest, top, stem)
+    if not (dest / top).is_dir():
+        raise DatasetError(f"{tarball} does not contain {top}/")
+    return dest / top
+
+
+def _unpack(tarball: Path, dest: Path, top: str, stem: str) -> None:
     if not (dest / top).is_dir():
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{stem}-"))
@@ -190,9 +200,6 @@ def unpack_archive_once(tarball: PathLike, top: str, cache_dir: PathLike | None 
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-    if not (dest / top).is_dir():
-        raise DatasetError(f"{tarball} does not contain {top}/")
-    return dest / top
 
 
 def default_cache_dir(cache_dir: PathLike | None = None) -> Path:
@@ -300,8 +307,17 @@ def _cached(
     ds = _read_cache(path)
     if ds is not None:
         return ds
-    ds = build()
-    _write_cache(path, ds, {"loader": loader, "root": abs_root, "split": split, "size": size, "key": key})
+    with exclusive(directory / f".{stem}.lock"):  # a process decoding the same files first: wait and read its entry
+        ds = _read_cache(path) if path.exists() else None
+        if ds is None:
+            ds = build()
+            _write_cache_and_prune(path, ds, directory, stem, key,
+                                   {"loader": loader, "root": abs_root, "split": split, "size": size, "key": key})
+    return ds
+
+
+def _write_cache_and_prune(path: Path, ds: ImageDataset, directory: Path, stem: str, key: str, info: dict) -> None:
+    _write_cache(path, ds, info)
     # Drop stale entries for the same (loader, root, split, size) made from older file versions.
     for old in directory.glob(f"{stem}-*"):
         if old.name.startswith(f"{stem}-{key}") or old.name.endswith(".tmp"):
@@ -310,7 +326,6 @@ def _cached(
             old.unlink()
         except OSError:
             pass
-    return ds
 
 
 # ----------------------------------------------------------------------------- CIFAR
