@@ -59,10 +59,10 @@ from honeypotnet.training import FitConfig, fit, predict_logits
 from honeypotnet.trigger import Trigger
 from honeypotnet.verify import calibrate_tau0, default_stolen_asr, sequential_decision, verify
 
-from .benchlib.args import add_common_args, add_data_args, finish_common_args
-from .benchlib.common import command_line, log, machine_info, save_report, set_threads
+from .benchlib.args import add_reproduction_reader_args, finish_common_args
+from .benchlib.common import command_line, log, machine_info, save_report
 from .benchlib.data import POOLS, resolve_roots, split_per_class
-from .benchlib.protocol import FULL, QUICK, base_config, load_references
+from .benchlib.protocol import base_config, load_references, open_reproduction
 
 NAME = "ownership"
 STEALTH_GOAL = 0.6  # detector AUC (either direction) the verification queries should stay under
@@ -638,13 +638,8 @@ def quiet_report(qt: list[dict], args) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench.ownership", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(ap, quick="the quick protocol's verification half (100 images per class), as bench.reproduce --quick",
-                    resume=None, device=False, progress=False)
-    add_data_args(ap, victim=False)
-    ap.add_argument("--reproduce-out", required=True, help="a finished bench.reproduce output directory (read only)")
-    ap.add_argument("--arsenal-out", nargs="*", default=[], metavar="DIR",
-                    help="bench.arsenal output directories made with --from-reproduce REPRODUCE_OUT: their thieves "
-                         "and clean twins are measured too")
+    add_reproduction_reader_args(ap, "the quick protocol's verification half (100 images per class), as bench.reproduce "
+                                     "--quick", "their thieves and clean twins are measured too")
     ap.add_argument("--alpha", type=float, default=1e-6, help="the sequential test's level (default 1e-6)")
     ap.add_argument("--orders", type=int, default=20, help="random orders of the verification images per copy")
     ap.add_argument("--batch-size", type=int, default=10, help="stamped queries per step of the test (verify's default 10)")
@@ -673,10 +668,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    set_threads()
     t0 = time.time()
-    p = QUICK if args.quick else FULL
-    src = Path(args.reproduce_out)
+    p, src = open_reproduction(args)
     vx, vy, cx, cy = verification_set(args, p)
     log(f"verification half: {len(vx)} images; the suspect's own images (calibration half): {len(cx)}")
     rows, bundles = [], {}

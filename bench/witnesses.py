@@ -48,13 +48,15 @@ from honeypotnet.trigger import Trigger
 from honeypotnet.verify import binomial_p_value, calibrate_tau0
 
 from .benchlib.args import add_common_args, add_data_args, finish_common_args
-from .benchlib.common import command_line, log, machine_info, save_report, set_threads
+from .benchlib.common import command_line, log, machine_info, save_report
 from .benchlib.data import resolve_roots
-from .benchlib.protocol import FULL, QUICK, load_references
+from .benchlib.protocol import load_references, open_reproduction, protection_bundle
 from .ownership import auc, copies, detector_scores, evade, label_of, orders, sequential_replay, softmax, summarize
 
 NAME = "witnesses"
 WITNESS_DETECTORS = ("laplacian", "uncertainty", "squeeze")
+# innocent models trained on the true labels, never on the victim's answers (SHARED = --shared)
+INDEPENDENT = [f"resnet{d}=SHARED/weights/resnet-cifar10/resnet{d}-*.th" for d in (32, 44, 56)]
 
 
 def identity_trigger(image_size: int) -> Trigger:
@@ -181,7 +183,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="the pool's other images the detectors score (a random sample of this many; default 2000)")
     ap.add_argument("--fpr", type=float, default=0.10, help="the evading suspect's false alarms on ordinary images")
     ap.add_argument("--independent", nargs="*", metavar="ARCH=GLOB",
-                    default=[f"resnet{d}=SHARED/weights/resnet-cifar10/resnet{d}-*.th" for d in (32, 44, 56)],
+                    default=INDEPENDENT,
                     help="innocent models trained without the victim (SHARED = --shared)")
     args = ap.parse_args(argv)
     if min(args.witnesses, args.orders, args.batch_size, args.others) < 1 or not 0 < args.fpr < 1:
@@ -191,11 +193,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    set_threads()
     t0 = time.time()
-    p = QUICK if args.quick else FULL
-    src = Path(args.reproduce_out)
-    bdir = src / f"seed{args.seed}" / f"protect-{args.protection}" / "bundle"
+    p, src = open_reproduction(args)
+    bdir = protection_bundle(src, args.seed, args.protection)
     bundle = load_bundle(bdir)
     target = bundle.target
     victim, _ = load_model(src / "victim" / "victim.safetensors")

@@ -33,7 +33,8 @@ REQUIRE_SHARED_ENV = "HONEYPOTNET_REQUIRE_SHARED"
 # session fixtures that cost minutes, and the test files that use them: under pytest-xdist the files of
 # one fixture run on one worker, so it is made once (tests/test_architecture.py checks this list)
 SHARED_RUNS = {
-    "reproduce_quick": ("test_arsenal_quick.py", "test_reproduce_quick.py", "test_robustness_quick.py"),
+    "reproduce_quick": ("test_arsenal_quick.py", "test_decoys_bench.py", "test_reproduce_quick.py",
+                        "test_robustness_quick.py"),
     "quick_demo": ("test_active.py", "test_art_interop.py", "test_default_e2e.py", "test_pipeline.py", "test_serve.py"),
 }
 SHARED_RUN_OF_FILE = {file: run for run, files in SHARED_RUNS.items() for file in files}

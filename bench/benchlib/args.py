@@ -65,3 +65,13 @@ def finish_common_args(args: argparse.Namespace, name: str) -> argparse.Namespac
 
 def default_out(name: str, quick: bool) -> Path:
     return REPO / "runs" / (f"{name}-quick" if quick else name)
+
+
+def add_reproduction_reader_args(ap: argparse.ArgumentParser, quick: str, arsenal_what: str = "their copies too") -> None:
+    """The arguments of a study that reads a finished bench.reproduce run (bench.ownership, bench.decoys):
+    the common ones, the data roots, --reproduce-out and --arsenal-out."""
+    add_common_args(ap, quick=quick, resume=None, device=False, progress=False)
+    add_data_args(ap, victim=False)
+    ap.add_argument("--reproduce-out", required=True, help="a finished bench.reproduce output directory (read only)")
+    ap.add_argument("--arsenal-out", nargs="*", default=[], metavar="DIR",
+                    help=f"bench.arsenal output directories made with --from-reproduce REPRODUCE_OUT: {arsenal_what}")

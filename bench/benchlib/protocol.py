@@ -39,6 +39,20 @@ from .oracle import PoolOracle
 from .units import Units
 
 
+def open_reproduction(args) -> tuple["Protocol", Path]:
+    """The start of a study that reads a finished bench.reproduce run: torch's threads set (set_threads), then
+    the run's protocol (QUICK with --quick, else FULL) and its directory (--reproduce-out)."""
+    from .common import set_threads
+
+    set_threads()
+    return (QUICK if args.quick else FULL), Path(args.reproduce_out)
+
+
+def protection_bundle(out: Path, seed: int, protection: str) -> Path:
+    """Where a reproduction in `out` keeps protection `protection`'s bundle of seed `seed`."""
+    return Path(out) / f"seed{seed}" / f"protect-{protection}" / "bundle"
+
+
 def load_references(out: Path, seed: int, archs) -> list:
     """The seed's saved reference models of a reproduction in `out`: (arch, model in eval mode) per arch, from
     OUT/seed<seed>/references/<arch>.safetensors (where Reproduction.references writes them)."""
