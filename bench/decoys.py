@@ -7,7 +7,8 @@ bench.ownership found the trigger's stamped queries easy to detect (a small CNN 
 UAPs separates them from clean queries at AUC 1.00) and a suspect that answers what it detects with its best
 non-target class is cleared like an innocent model. Decoys are the counter-measure measured here. The owner
 crafts `--decoys` targeted UAPs towards its own target class, of the trigger's family and eps, with its step
-(blur) and then its amplitude histogram, on innocent models it holds (the unprotected victim and the seed's reference models; never the honeypot or a shadow of
+(blur), then given its amplitude histogram and (`--match-roughness`) its Laplacian energy, on innocent models it
+holds (the unprotected victim and the seed's reference models; never the honeypot or a shadow of
 it), and sends every verification image (target class excluded) once with the trigger and once with a decoy.
 Both are universal L-inf perturbations of one size towards one class, so a perturbation detector flags both,
 and what an evading suspect does to one kind it does to the other:
@@ -41,6 +42,9 @@ and the randomised suspect that keeps a target answer on a flagged query with pr
 best non-target class): with a, b its honest rates on stamped and decoy images it answers a·q and b·q, so it
 keeps its share; `q_pass` lists the q (of 0.001, 0.002, ..., 1) at which the expected counts pass every test.
 
+Whether the two kinds look alike is measured: the mean-|Laplacian| detector's AUC, stamped vs decoy, and
+(`--detector`) that of bench.ownership's learned detector, trained by the suspect on UAPs it crafts on its copy.
+
 Output: OUT/decoys.json and OUT/decoys.md; `--record NAME` also docs/results/decoys/NAME.{md,json}.
 """
 from __future__ import annotations
@@ -65,7 +69,8 @@ from honeypotnet.verify import binomial_p_value, clopper_pearson_upper
 from .benchlib.args import add_reproduction_reader_args, finish_common_args
 from .benchlib.common import command_line, log, machine_info, save_report
 from .benchlib.protocol import base_config, load_references, open_reproduction, protection_bundle
-from .ownership import auc, copies, laplacian_energy, verification_set
+from .ownership import (auc, copies, laplacian_energy, learned_detector, softmax, suspect_images,
+                        verification_set)
 from .witnesses import INDEPENDENT, independent_models
 
 NAME = "decoys"
@@ -101,6 +106,35 @@ def match_amplitude(decoy: Trigger, like: Trigger) -> Trigger:
     out = torch.empty_like(d)
     out[d.abs().argsort()] = t.to(d.dtype)
     decoy.pattern.copy_((torch.sign(d) * out).view_as(decoy.pattern))
+    return decoy
+
+
+def roughness(pattern: torch.Tensor) -> float:
+    """Mean |4-neighbour Laplacian| of a perturbation (C,H,W), in units of its own values."""
+    return float(laplacian_energy(pattern[None]).item())
+
+
+def match_roughness(decoy: Trigger, like: Trigger, seed: int, steps: int = 30) -> Trigger:
+    """Flip the signs of a random fraction of the decoy's pixels (the amplitude histogram is kept) so that its
+    Laplacian energy equals the trigger's, found by bisection on the fraction; nothing when the decoy is already
+    as rough. Flipped pixels no longer push the innocent models towards the target: a price in decoy strength."""
+    want = roughness(like.pattern.detach().cpu())
+    base = decoy.pattern.detach().clone()
+    order = torch.randperm(base.numel(), generator=torch.Generator().manual_seed(seed))
+
+    def flipped(f: float) -> torch.Tensor:
+        out = base.flatten().clone()
+        idx = order[: round(f * base.numel())]
+        out[idx] = -out[idx]
+        return out.view_as(base)
+
+    lo, hi = 0.0, 0.5  # at one half the signs are random: iid signs are as rough as it gets
+    if roughness(base) >= want:
+        return decoy
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if roughness(flipped(mid)) < want else (lo, mid)
+    decoy.pattern.copy_(flipped(hi))
     return decoy
 
 
@@ -153,6 +187,14 @@ def q_pass(a: float, b: float, n: int, tau0: float, beta0: float, pi0: float, al
     return [float(min(ok)), float(max(ok))] if ok else None
 
 
+def make_decoy(models, images, target: int, eps: float, p, seed: int, args) -> Trigger:
+    """A decoy crafted on `models` with the trigger's step (args.recipe), given the trigger's (args.like)
+    amplitude histogram and, with --match-roughness, its Laplacian energy."""
+    d = match_amplitude(craft(models, images, target, eps, p, seed=seed, passes=args.passes, recipe=args.recipe),
+                        args.like)
+    return match_roughness(d, args.like, seed) if args.match_roughness else d
+
+
 def floor(models: list[tuple[str, torch.nn.Module]], images, x_verif, x_stamped, target, eps, p, args) -> dict:
     """beta0 and pi0 by leaving each crafting model out: a decoy crafted on the others, its target rate on the one
     left out (beta0), and that model's share of target answers on the stamped images `x_stamped` (pi0)."""
@@ -160,8 +202,7 @@ def floor(models: list[tuple[str, torch.nn.Module]], images, x_verif, x_stamped,
     n = len(x_verif)
     for i, (name, m) in enumerate(models):
         others = [mm for j, (_, mm) in enumerate(models) if j != i]
-        d = match_amplitude(craft(others, images, target, eps, p, seed=10_000 + i, passes=args.passes,
-                                  recipe=args.recipe), args.like)
+        d = make_decoy(others, images, target, eps, p, 10_000 + i, args)
         hd = int((predict_logits(m, d.stamp(x_verif)).argmax(1) == target).sum())
         hs = int((predict_logits(m, x_stamped).argmax(1) == target).sum())
         k = hs + hd
@@ -202,8 +243,7 @@ def main(argv=None) -> dict:
     beta0, pi0 = fl["beta0"], fl["pi0"]
     models = [m for _, m in crafters]
     parts = torch.arange(len(craft_images)) % args.decoys
-    decoys = [match_amplitude(craft(models, craft_images[parts == k], target, eps, p, seed=20_000 + k,
-                                    passes=args.passes, recipe=args.recipe), bundle.trigger) for k in range(args.decoys)]
+    decoys = [make_decoy(models, craft_images[parts == k], target, eps, p, 20_000 + k, args) for k in range(args.decoys)]
     which = torch.arange(n) % args.decoys  # verification image i gets decoy i mod K
     xd = torch.empty_like(x)
     for k, d in enumerate(decoys):
@@ -250,6 +290,17 @@ def main(argv=None) -> dict:
         rows.append(row)
         log(f"{kind:>11} {rel}: " + "  ".join(f"{s} {100 * v['asr']:.1f}/{100 * v['decoy_rate']:.1f}% {v['verdict']}"
                                              for s, v in row["strategies"].items()))
+    detector = None
+    first = next((c for c in suspects if c["oracle"] == "protected" and c["pool"] == "tin"), None)
+    if args.detector and first is not None:  # the suspect's own learned detector (bench.ownership's (d))
+        model, _ = load_model(Path(first["dir"]) / "substitute.safetensors")
+        own = suspect_images(cx, args.seed)[1]
+        det, _ = learned_detector(model.eval(), own, eps, p, seed=args.seed, avoid=target)
+        sc = {k: softmax(det, v)[:, 1].numpy() for k, v in (("clean", x), ("stamped", xs), ("decoy", xd))}
+        detector = {"copy": first["rel"], "stamped_vs_decoy": auc(sc["stamped"], sc["decoy"]),
+                    "stamped_vs_clean": auc(sc["stamped"], sc["clean"]), "decoy_vs_clean": auc(sc["decoy"], sc["clean"])}
+        log(f"learned detector on {first['rel']}: AUC stamped vs decoy {detector['stamped_vs_decoy']:.3f}, "
+            f"stamped vs clean {detector['stamped_vs_clean']:.3f}")
     summary = summarize(rows)
     results = {"benchmark": "bench.decoys", "mode": "quick" if args.quick else "full",
                "what": "Decoy UAPs crafted on the owner's innocent models, sent beside the trigger: does a suspect that "
@@ -260,8 +311,10 @@ def main(argv=None) -> dict:
                             "eps": eps, "alpha": args.alpha, "decoys": args.decoys, "passes": args.passes,
                             "craft_images": len(craft_images), "verification_images": n,
                             "independent": args.independent, "beta_factor": args.beta_factor,
-                            "recipe": args.recipe},
-               "floor": fl, "laplacian_auc": look, "machine": machine_info(torch.device("cpu")), "summary": summary, "copies": rows,
+                            "recipe": args.recipe, "match_roughness": args.match_roughness,
+                            "roughness": {"trigger": roughness(bundle.trigger.pattern.detach().cpu()),
+                                          "decoys": [roughness(d.pattern) for d in decoys]}},
+               "floor": fl, "laplacian_auc": look, "learned_detector": detector, "machine": machine_info(torch.device("cpu")), "summary": summary, "copies": rows,
                "seconds": round(time.time() - t0, 1)}
     md = report(results)
     written = save_report(Path(args.out), NAME, results, md, record=args.record, folder=NAME)
@@ -314,7 +367,15 @@ def report(res: dict) -> str:
     out += ["", f"Can a suspect tell the two kinds apart by their texture? The mean-|Laplacian| detector's AUC: stamped vs "
             f"decoy {lk['stamped_vs_decoy']:.3f} (stamped vs clean {lk['stamped_vs_clean']:.3f}, decoy vs clean "
             f"{lk['decoy_vs_clean']:.3f}). Decoys are crafted with the trigger's own step ({pr['recipe']}) and given "
-            "its amplitude histogram (each pixel keeps its sign and rank)."]
+            "its amplitude histogram (each pixel keeps its sign and rank)"
+            + (", then its Laplacian energy (signs of a random fraction of pixels flipped)" if pr["match_roughness"] else "")
+            + f"; pattern roughness (mean |Laplacian| / value): trigger {pr['roughness']['trigger'] / pr['eps']:.2f}, decoys "
+            + ", ".join(f"{r / pr['eps']:.2f}" for r in pr["roughness"]["decoys"]) + "."]
+    det = res["learned_detector"]
+    if det:
+        out += ["", f"The suspect's learned detector (bench.ownership's (d): a small CNN trained on UAPs the suspect crafts on "
+                f"its copy {det['copy']}) scores stamped vs decoy at AUC {det['stamped_vs_decoy']:.3f} (stamped vs clean "
+                f"{det['stamped_vs_clean']:.3f}, decoy vs clean {det['decoy_vs_clean']:.3f})."]
     s = res["summary"]
     out += ["", "Verdicts per kind of suspect and strategy (flagged / evading / cleared):", ""]
     for kind in ("stolen", "clean twin", "independent"):
@@ -336,6 +397,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--passes", type=int, default=10, help="passes of the UAP step over the crafting images (default 10)")
     ap.add_argument("--craft-images", type=int, default=2000,
                     help="owner's calibration images the decoys are crafted on (default 2000; 0: all)")
+    ap.add_argument("--match-roughness", action=argparse.BooleanOptionalAction, default=False,
+                    help="give each decoy the trigger's Laplacian energy too, by random sign flips (default off: "
+                         "measured, it hides the decoys from the Laplacian, not from the learned detector, and "
+                         "weakens them)")
+    ap.add_argument("--detector", action=argparse.BooleanOptionalAction, default=True,
+                    help="train the suspect's learned detector on the first stolen copy and score stamped vs decoy "
+                         "(default on; a few minutes on the full protocol)")
     ap.add_argument("--alpha", type=float, default=1e-6, help="level of both tests (default 1e-6)")
     ap.add_argument("--beta-factor", type=float, default=0.5,
                     help="beta0 = this x the smallest lower bound of the held-out decoy rates (default 0.5)")

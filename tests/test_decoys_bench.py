@@ -59,7 +59,7 @@ def test_served_answers_per_strategy():
 def test_quick_run_judges_every_copy_and_innocent_model(reproduce_quick, shared_dir, cifar10_jpeg_root, tmp_path):
     src = reproduce_quick[0]
     argv = ["--quick", "--reproduce-out", str(src), "--out", str(tmp_path / "out"), "--shared", str(shared_dir),
-            "--cifar-root", str(cifar10_jpeg_root), "--passes", "1", "--craft-images", "200", "--independent"]
+            "--cifar-root", str(cifar10_jpeg_root), "--passes", "1", "--craft-images", "200", "--no-detector", "--independent"]
     with contextlib.redirect_stdout(io.StringIO()):
         res = decoys.main(argv)
     saved = json.loads((tmp_path / "out" / "decoys.json").read_text())
@@ -95,3 +95,21 @@ def test_a_decoy_takes_the_triggers_amplitudes_and_keeps_its_signs_and_ranks():
     assert torch.equal(dec.pattern.sign(), before.sign())
     smallest = before.abs().flatten().argsort()[:16]  # the trigger's 16 half-amplitude pixels go to these
     assert torch.allclose(dec.pattern.flatten()[smallest].abs(), torch.full((16,), 8 / 255))
+
+
+def test_a_smooth_decoy_is_made_as_rough_as_the_trigger_by_sign_flips_alone():
+    from honeypotnet.trigger import Trigger
+
+    g = torch.Generator().manual_seed(0)
+    trig, dec = Trigger.uap(32, 24 / 255), Trigger.uap(32, 24 / 255)
+    trig.pattern.copy_(torch.randn(3, 32, 32, generator=g).sign() * 24 / 255)  # iid signs: as rough as it gets
+    smooth = torch.nn.functional.avg_pool2d(torch.randn(1, 3, 36, 36, generator=g), 5, 1)[0]
+    dec.pattern.copy_(smooth.sign() * 24 / 255)
+    before = dec.pattern.clone()
+    assert decoys.roughness(before) < 0.6 * decoys.roughness(trig.pattern)
+    decoys.match_roughness(dec, trig, seed=0)
+    assert decoys.roughness(dec.pattern) == pytest.approx(decoys.roughness(trig.pattern), rel=0.03)
+    assert torch.equal(dec.pattern.abs(), before.abs())  # amplitudes untouched, some signs flipped
+    assert 0 < (dec.pattern != before).float().mean() <= 0.5
+    rough = dec.pattern.clone()
+    assert torch.equal(decoys.match_roughness(dec, Trigger.uap(32, 24 / 255), seed=0).pattern, rough)  # rough enough
