@@ -56,7 +56,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.stats import beta as beta_dist
 from scipy.stats import binom
 
 from honeypotnet.bundle import load_bundle, load_model
@@ -64,7 +63,7 @@ from honeypotnet.ops import to_float
 from honeypotnet.steps import generate_trigger
 from honeypotnet.training import predict_logits
 from honeypotnet.trigger import Trigger
-from honeypotnet.verify import binomial_p_value, clopper_pearson_upper
+from honeypotnet.verify import binomial_p_value, clopper_pearson_lower, clopper_pearson_upper
 
 from .benchlib.args import add_reproduction_reader_args, finish_common_args
 from .benchlib.common import command_line, log, machine_info, save_report
@@ -77,11 +76,6 @@ NAME = "decoys"
 STRATEGIES = ("honest", "refuse", "purify", "switch")
 CONFIDENCE = 0.999  # of the Clopper-Pearson bounds behind beta0 and pi0 (as calibrate_tau0's upper bounds)
 PI0_FLOOR, PI0_CAP = 0.1, 0.5  # pi0's floor and cap (the innocent share of target answers on stamped images)
-
-
-def clopper_pearson_lower(hits: int, n: int, confidence: float = CONFIDENCE) -> float:
-    """One-sided lower confidence bound for a binomial proportion."""
-    return 0.0 if hits <= 0 else float(beta_dist.ppf(1 - confidence, hits, n - hits + 1))
 
 
 def below_p_value(hits: int, n: int, beta0: float) -> float:
@@ -206,8 +200,9 @@ def floor(models: list[tuple[str, torch.nn.Module]], images, x_verif, x_stamped,
         hd = int((predict_logits(m, d.stamp(x_verif)).argmax(1) == target).sum())
         hs = int((predict_logits(m, x_stamped).argmax(1) == target).sum())
         k = hs + hd
-        held.append({"left_out": name, "rate": hd / n, "lower": clopper_pearson_lower(hd, n), "asr": hs / n,
-                     "share": hs / k if k else 0.0, "share_upper": clopper_pearson_upper(hs, k, CONFIDENCE) if k else 1.0})
+        held.append({"left_out": name, "rate": hd / n, "lower": clopper_pearson_lower(hd, n, CONFIDENCE),
+                     "asr": hs / n, "share": hs / k if k else 0.0,
+                     "share_upper": clopper_pearson_upper(hs, k, CONFIDENCE) if k else 1.0})
         log(f"floor: decoy crafted without {name}: {100 * hd / n:.1f}% target answers on it (trigger {100 * hs / n:.1f}%)")
     beta0 = args.beta_factor * min(h["lower"] for h in held)
     pi0 = min(PI0_CAP, max(PI0_FLOOR, 2 * max(h["share_upper"] for h in held)))
@@ -256,11 +251,9 @@ def main(argv=None) -> dict:
 
     suspects = [c for c in copies(src, args.arsenal_out) if c["seed"] == args.seed
                 and c["protection"] == args.protection]
-    seen, rows, answered = set(), [], {}
-    for c in suspects:
-        if c["rel"] in seen:
-            continue
-        seen.add(c["rel"])
+    by_rel = {c["rel"]: c for c in suspects}  # copies() lists each (rel, protection, seed) once
+    rows, answered = [], {}
+    for c in by_rel.values():
         model, _ = load_model(Path(c["dir"]) / "substitute.safetensors")
         answered[c["rel"]] = {"stamped": answers(model.eval(), xs, target), "decoy": answers(model, xd, target)}
     for name, m in independent_models(args):
@@ -272,14 +265,14 @@ def main(argv=None) -> dict:
                 t[k] == c[k] for k in ("arch", "budget", "output", "pool", "source"))), None)
             twin_of[c["rel"]] = twin["rel"] if twin else None
     for rel, ans in answered.items():
-        c = next((s for s in suspects if s["rel"] == rel), None)
+        c = by_rel.get(rel)
         kind = "independent" if c is None else "stolen" if c["oracle"] == "protected" else "clean twin"
         backup_rel = twin_of.get(rel)
         row = {"copy": rel, "kind": kind, "arch": rel.split("/")[-1] if c is None else c["arch"],
                "pool": None if c is None else c["pool"], "output": None if c is None else c["output"],
                "budget": None if c is None else c["budget"], "backup": backup_rel, "strategies": {}}
+        backup = answered[backup_rel] if backup_rel else None
         for s in STRATEGIES:
-            backup = answered[backup_rel] if backup_rel else None
             st, de = served(s, ans["stamped"], backup and backup["stamped"]), served(s, ans["decoy"], backup and backup["decoy"])
             if st is None:
                 continue

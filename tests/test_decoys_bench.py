@@ -12,12 +12,13 @@ import torch
 from scipy.stats import binomtest
 
 from bench import decoys
+from honeypotnet.verify import clopper_pearson_lower
 
 
 def test_lower_bound_and_p_value_are_exact_binomial_ones():
-    lo = decoys.clopper_pearson_lower(30, 100, 0.999)
+    lo = clopper_pearson_lower(30, 100, 0.999)
     assert binomtest(30, 100, lo, alternative="greater").pvalue == pytest.approx(0.001, rel=1e-3)
-    assert decoys.clopper_pearson_lower(0, 100) == 0.0
+    assert clopper_pearson_lower(0, 100, 0.999) == 0.0
     assert decoys.below_p_value(3, 100, 0.2) == pytest.approx(binomtest(3, 100, 0.2, alternative="less").pvalue)
 
 

@@ -33,7 +33,7 @@ from honeypotnet.state import STATE_FILE, run_key
 from honeypotnet.training import FitConfig, accuracy, fit, predict_logits
 from honeypotnet.verify import calibrate_tau0, train_reference_models, verify
 
-from .common import jsonable, log
+from .common import jsonable, log, set_threads
 from .data import Data
 from .oracle import PoolOracle
 from .units import Units
@@ -42,8 +42,6 @@ from .units import Units
 def open_reproduction(args) -> tuple["Protocol", Path]:
     """The start of a study that reads a finished bench.reproduce run: torch's threads set (set_threads), then
     the run's protocol (QUICK with --quick, else FULL) and its directory (--reproduce-out)."""
-    from .common import set_threads
-
     set_threads()
     return (QUICK if args.quick else FULL), Path(args.reproduce_out)
 

@@ -37,6 +37,13 @@ def clopper_pearson_upper(hits: int, n: int, confidence: float) -> float:
     return float(beta_dist.ppf(confidence, hits + 1, n - hits))
 
 
+def clopper_pearson_lower(hits: int, n: int, confidence: float) -> float:
+    """One-sided lower confidence bound for a binomial proportion."""
+    if hits <= 0:
+        return 0.0
+    return float(beta_dist.ppf(1 - confidence, hits, n - hits + 1))
+
+
 def paired_p_value(gained: int, lost: int) -> float:
     """The exact one-sided sign test that the trigger *adds* target answers: of the images whose answer is the
     target with the trigger or without it but not both, `gained` are target only when stamped and `lost` only

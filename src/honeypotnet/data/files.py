@@ -308,7 +308,7 @@ def _cached(
     if ds is not None:
         return ds
     with exclusive(directory / f".{stem}.lock"):  # a process decoding the same files first: wait and read its entry
-        ds = _read_cache(path) if path.exists() else None
+        ds = _read_cache(path)
         if ds is None:
             ds = build()
             _write_cache_and_prune(path, ds, directory, stem, key,
